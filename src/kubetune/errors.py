@@ -1,0 +1,33 @@
+"""Errors a user can fix. The CLI prints their message on one line and exits non-zero, no traceback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class UserError(Exception):
+    """Bad input: the message names the field, shows the value and says what to do."""
+
+    exit_code = 2
+
+    def __init__(self, field: str, value: Any, fix: str):
+        self.field = field
+        self.value = value
+        self.fix = fix
+        super().__init__(f"{field} = {value!r}: {fix}")
+
+
+class ConfigError(UserError):
+    """A config value is missing, unknown, of the wrong type or impossible."""
+
+
+class DataError(UserError):
+    """The data does not exist or does not match what the config says about it."""
+
+
+class ModelError(UserError):
+    """The model cannot be found, quantized or adapted as configured."""
+
+
+class ServiceError(UserError):
+    """MLflow or the object store does not answer or refuses the request."""
