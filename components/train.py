@@ -1,0 +1,14 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from kubetune.images import CUDA_IMAGE
+
+
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
+def train(config_json: str, run_id: str, tokenized: Input[Dataset], prepared_model: Input[Model],
+          tuned_model: Output[Model]):
+    """Trains with the transformers Trainer; writes the adapter and tokenizer."""
+    from kubetune import stages
+
+    summary = stages.train(config_json, run_id, tokenized.path, prepared_model.path, tuned_model.path)
+    tuned_model.metadata.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})

@@ -1,0 +1,191 @@
+"""Read a data source, normalise it to one schema per task kind, split it and describe it.
+
+Sources: .json (array of records, or an object holding one), .jsonl, .csv, .tsv, .txt (one record
+per non-empty line, field `text`), or a directory of such files; local paths or s3:// URIs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import random
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from kubetune.config import DataConfig
+from kubetune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
+TEXT_FILE_FIELD = "text"
+
+
+@dataclass
+class Splits:
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    stats: dict[str, Any]
+
+
+def source_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        if not files:
+            raise DataError("data.path", str(path), f"the directory holds no {'/'.join(SUFFIXES)} files")
+        return files
+    if not path.exists():
+        raise DataError("data.path", str(path), "no such file or directory; check the path (relative paths "
+                        "are read from the directory you run kubetune in)")
+    if path.suffix.lower() not in SUFFIXES:
+        raise DataError("data.path", str(path), f"unsupported file type; use one of {', '.join(SUFFIXES)}")
+    return [path]
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError("data.path", str(path), f"not valid JSON ({exc}); fix the file or use .jsonl") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError("data.path", str(path), "a JSON object must hold exactly one list of records")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError("data.path", str(path), "expected a JSON array of records")
+    return data
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError("data.path", f"{path}:{number}", f"not valid JSON ({exc})") from None
+    return rows
+
+
+def _read_delimited(path: Path, delimiter: str) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle, delimiter=delimiter))
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """All records of one local file, as dicts."""
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        rows = _read_json(path)
+    elif suffix == ".jsonl":
+        rows = _read_jsonl(path)
+    elif suffix in (".csv", ".tsv"):
+        rows = _read_delimited(path, "," if suffix == ".csv" else "\t")
+    else:
+        rows = [{TEXT_FILE_FIELD: line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise DataError("data.path", str(path), f"record {bad} is not an object with fields")
+    return rows
+
+
+def fetch(path_or_uri: str, endpoint_url: Optional[str] = None) -> Path:
+    """A local path for the source; s3:// sources are downloaded to a temporary folder first."""
+    if path_or_uri.startswith("s3://"):
+        from kubetune.storage import download_uri
+
+        dest = Path(tempfile.mkdtemp(prefix="kubetune-data-"))
+        return download_uri(path_or_uri, dest / Path(path_or_uri.rstrip("/")).name, endpoint_url=endpoint_url)
+    return Path(path_or_uri).expanduser()
+
+
+def content_hash(files: Iterable[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def load_records(cfg: DataConfig, endpoint_url: Optional[str] = None) -> tuple[list[dict[str, Any]], str]:
+    """Every record of the source and its content hash."""
+    files = source_files(fetch(cfg.path, endpoint_url))
+    rows: list[dict[str, Any]] = []
+    for path in files:
+        rows.extend(read_records(path))
+    if not rows:
+        raise DataError("data.path", cfg.path, "the source holds no records")
+    return rows, content_hash(files)
+
+
+def check_fields(rows: list[dict[str, Any]], cfg: DataConfig) -> None:
+    fields = sorted({key for row in rows[:100] for key in row})
+    for name, value in (("data.text_field", cfg.text_field), ("data.label_field", cfg.label_field)):
+        if value is not None and value not in fields:
+            raise DataError(name, value, f"not a field of the data; fields found: {', '.join(fields)}")
+    missing = sum(1 for row in rows if not str(row.get(cfg.text_field) or "").strip())
+    if missing == len(rows):
+        raise DataError("data.text_field", cfg.text_field, "every record has an empty value in this field")
+
+
+def normalise(rows: list[dict[str, Any]], cfg: DataConfig, task: str) -> list[dict[str, Any]]:
+    """One schema per task kind. causal_lm: {"text"}; empty texts are dropped."""
+    if task != "causal_lm":
+        raise DataError("task", task, "only causal_lm data is supported by this version")
+    out = []
+    for row in rows:
+        text = str(row.get(cfg.text_field) or "").strip()
+        if text:
+            out.append({"text": text})
+    return out
+
+
+def split(rows: list[dict[str, Any]], cfg: DataConfig, seed: int) -> tuple[list, list]:
+    """Shuffle with the run's seed, cap at max_rows, hold out validation_fraction (at least one row)."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    if cfg.max_rows is not None:
+        rows = rows[: cfg.max_rows]
+    n_val = max(1, round(len(rows) * cfg.validation_fraction))
+    if len(rows) - n_val < 1:
+        raise DataError("data.path", cfg.path, f"only {len(rows)} usable records; need at least 2 (more for "
+                        "a useful fine-tune)")
+    return rows[n_val:], rows[:n_val]
+
+
+def length_stats(rows: list[dict[str, Any]]) -> dict[str, float]:
+    lengths = [len(row["text"]) for row in rows]
+    return {"chars_mean": round(statistics.fmean(lengths), 1), "chars_min": min(lengths),
+            "chars_max": max(lengths)}
+
+
+def prepare(cfg: DataConfig, task: str, seed: int, endpoint_url: Optional[str] = None) -> Splits:
+    rows, digest = load_records(cfg, endpoint_url)
+    check_fields(rows, cfg)
+    normalised = normalise(rows, cfg, task)
+    train, validation = split(normalised, cfg, seed)
+    stats = {"rows_source": len(rows), "rows_usable": len(normalised), "rows_train": len(train),
+             "rows_validation": len(validation), "content_sha256": digest,
+             **{f"train_{k}": v for k, v in length_stats(train).items()}}
+    log.info("data: %d train / %d validation rows (sha256 %s)", len(train), len(validation), digest[:12])
+    return Splits(train=train, validation=validation, stats=stats)
+
+
+def save_splits(splits: Splits, out_dir: Path) -> None:
+    """JSONL per split plus stats.json: readable, diffable and small for CPU-sized data."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "validation"):
+        with (out_dir / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
+            for row in getattr(splits, name):
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (out_dir / "stats.json").write_text(json.dumps(splits.stats, indent=2))
+
+
+def load_split(data_dir: Path, name: str) -> list[dict[str, Any]]:
+    return _read_jsonl(Path(data_dir) / f"{name}.jsonl")

@@ -1,0 +1,285 @@
+"""Model preparation: quantized loading, freezing, LoRA, and counting what trains.
+
+The classic PEFT recipe (opt-6.7b): load the base in 8-bit with bitsandbytes, freeze every base
+weight, keep 1-D parameters (layer norms) in fp32, enable gradient checkpointing, cast the output
+logits to fp32, then add LoRA adapters to the attention projections.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+from kubetune.config import ModelConfig
+from kubetune.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+INITIAL_ADAPTER = "adapter_init"
+# Module classes LoRA can wrap and bitsandbytes can quantize, by class name so no import is needed.
+LINEAR_CLASSES = {"Linear", "Conv1D", "Linear8bitLt", "Linear4bit"}
+
+
+def quiet_bitsandbytes() -> None:
+    # On the CPU bitsandbytes warns about the fp16 cast on every forward; once is enough.
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+    warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
+
+
+def device_kind() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype():
+    """fp32 on the CPU; bf16 on GPUs that support it, else fp16."""
+    import torch
+
+    if device_kind() != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def quantization_config(quantization: str, skip_modules: Optional[list[str]] = None):
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype(), llm_int8_skip_modules=skip_modules)
+    return None
+
+
+def _cpu_4bit_workaround(model) -> None:
+    # On the CPU, a no-grad forward through Linear4bit with this flag set breaks later training in
+    # place ("a view of a leaf Variable ..."); see ARCHITECTURE.md, measured with bitsandbytes 0.50.2.
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_base_model(model_dir: Path, quantization: str):
+    """The causal LM at model_dir, quantized as asked, on the GPU if there is one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quiet_bitsandbytes()
+    kwargs: dict[str, Any] = {"dtype": compute_dtype() if quantization != "none" else torch.float32}
+    bnb = quantization_config(quantization)
+    if bnb is not None:
+        kwargs.update(quantization_config=bnb, device_map={"": 0 if device_kind() == "cuda" else "cpu"})
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if bnb is None:
+        model.to(device_kind())
+    if quantization == "4bit" and device_kind() == "cpu":
+        _cpu_4bit_workaround(model)
+    return model
+
+
+def meta_model(model_dir: Path):
+    """The model's structure with no weights loaded: for preflight checks, costs milliseconds."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def linear_module_names(model) -> list[str]:
+    """Distinct last name components of the linear layers (the valid LoRA target_modules)."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if name and type(module).__name__ in LINEAR_CLASSES}
+    return sorted(names)
+
+
+def find_blocks(model) -> tuple[str, list]:
+    """The transformer blocks: the longest ModuleList whose items all share one class.
+
+    Works for OPT (decoder.layers), GPT-2 (transformer.h), Llama/Gemma (model.layers) and BERT
+    (encoder.layer) without a table of architectures.
+    """
+    import torch
+
+    best: tuple[str, list] = ("", [])
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best[1]):
+            if len({type(child) for child in module}) == 1:
+                best = (name, list(module))
+    if not best[1]:
+        raise ModelError("model.freeze_layers", "?", "could not find the transformer blocks of this model")
+    return best
+
+
+def check_target_modules(model, target_modules: list[str]) -> None:
+    available = linear_module_names(model)
+    missing = [name for name in target_modules if name not in available]
+    if missing:
+        raise ModelError("model.lora.target_modules", target_modules,
+                         f"{', '.join(missing)} not in this model; its linear modules are: {', '.join(available)}")
+
+
+def check_quantizable(model_dir: Path, model, quantization: str) -> None:
+    if quantization == "none":
+        return
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    existing = config.get("quantization_config")
+    if existing:
+        method = existing.get("quant_method", "another method")
+        raise ModelError("model.quantization", quantization,
+                         f"the model at {model_dir} is already quantized with {method}; set "
+                         "model.quantization: none to train it as it is")
+    if not linear_module_names(model):
+        raise ModelError("model.quantization", quantization,
+                         "the model has no linear layers bitsandbytes can quantize; set model.quantization: none")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError("model.quantization", quantization,
+                         "bitsandbytes is not installed; pip install bitsandbytes, or set model.quantization: "
+                         "none") from None
+
+
+def check_freeze(model, cfg: ModelConfig) -> int:
+    _, blocks = find_blocks(model)
+    if cfg.freeze_layers >= len(blocks) and cfg.lora is not None:
+        raise ModelError("model.freeze_layers", cfg.freeze_layers,
+                         f"the model has {len(blocks)} blocks; with LoRA, freeze fewer than {len(blocks)}")
+    if cfg.freeze_layers > len(blocks):
+        raise ModelError("model.freeze_layers", cfg.freeze_layers,
+                         f"the model has only {len(blocks)} blocks; freeze at most {len(blocks)}")
+    return len(blocks)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, all), counted the way PEFT's print_trainable_parameters counts them."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":  # packed two values a byte, as in PEFT
+            n = n * 2 * (param.element_size() if hasattr(param, "element_size") else 1)
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total
+
+
+def trainable_line(trainable: int, total: int) -> str:
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
+def _cast_logits_to_fp32(model) -> None:
+    # The recipe's CastOutputToFloat: the loss is computed from fp32 logits even when the rest
+    # runs in half precision.
+    output = model.get_output_embeddings()
+    if output is not None:
+        output.register_forward_hook(lambda module, inputs, out: out.float())
+
+
+def prepare_for_training(model, cfg: ModelConfig, quantization: str):
+    """Freeze what must not train, keep norms in fp32, checkpoint activations; returns the model
+    ready for training (a PeftModel when LoRA is configured)."""
+    import torch
+
+    checkpoint_kwargs = {"use_reentrant": False}
+    if quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        if cfg.lora is not None:
+            for param in model.parameters():
+                param.requires_grad_(False)
+        for param in model.parameters():
+            if param.ndim == 1 and param.dtype != torch.float32:
+                param.data = param.data.float()
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+            model.enable_input_require_grads()
+    _cast_logits_to_fp32(model)
+
+    blocks_path, blocks = find_blocks(model)
+    if cfg.lora is None:
+        frozen = [model.get_input_embeddings(), *blocks[: cfg.freeze_layers]] if cfg.freeze_layers else []
+        for module in frozen:
+            for param in module.parameters():
+                param.requires_grad_(False)
+        return model
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg.lora
+    layer_kwargs: dict[str, Any] = {}
+    if cfg.freeze_layers:
+        layer_kwargs = {"layers_to_transform": list(range(cfg.freeze_layers, len(blocks))),
+                        "layers_pattern": blocks_path.rsplit(".", 1)[-1]}
+    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=list(lora.target_modules), bias=lora.bias, task_type="CAUSAL_LM",
+                             **layer_kwargs)
+    return get_peft_model(model, peft_config)
+
+
+def memory_estimate(model, trainable: int) -> dict[str, int]:
+    """Weights as loaded plus gradients and AdamW's two moments for the trainable share (fp32)."""
+    weights = int(model.get_memory_footprint())
+    return {"weights_bytes": weights, "train_state_bytes": trainable * 4 * 3,
+            "estimated_total_bytes": weights + trainable * 12}
+
+
+def prepare(model_dir: Path, cfg: ModelConfig, out_dir: Path, seed: int,
+            source: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Load, quantize, freeze and adapt the base model; write the plan and the initial adapter."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = load_base_model(model_dir, cfg.quantization)
+    model = prepare_for_training(model, cfg, cfg.quantization)
+    trainable, total = count_parameters(model)
+    line = trainable_line(trainable, total)
+    print(line, flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.lora is not None:
+        model.save_pretrained(out_dir / INITIAL_ADAPTER)
+    plan = {"name_or_path": cfg.name_or_path, "source": source or {}, "quantization": cfg.quantization,
+            "device": device_kind(), "blocks": len(find_blocks(model)[1]), "freeze_layers": cfg.freeze_layers,
+            "lora": None if cfg.lora is None else vars(cfg.lora), "trainable_params": trainable,
+            "all_params": total, "trainable_percent": round(100 * trainable / total, 4),
+            "trainable_line": line, "memory": memory_estimate(model, trainable)}
+    (out_dir / PLAN_FILE).write_text(json.dumps(plan, indent=2))
+    return plan
+
+
+def read_plan(prepared_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(prepared_dir) / PLAN_FILE).read_text())
+
+
+def load_for_training(model_dir: Path, prepared_dir: Path, cfg: ModelConfig):
+    """The model exactly as prepare_model left it: same quantization, frozen set and LoRA init."""
+    model = load_base_model(model_dir, cfg.quantization)
+    if cfg.lora is None:
+        return prepare_for_training(model, cfg, cfg.quantization)
+    from peft import PeftModel
+
+    lora_free = ModelConfig(**{**vars(cfg), "lora": None, "freeze_layers": 0})
+    model = prepare_for_training(model, lora_free, cfg.quantization)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return PeftModel.from_pretrained(model, Path(prepared_dir) / INITIAL_ADAPTER, is_trainable=True)
+
+
+def load_tuned(model_dir: Path, tuned_dir: Path, cfg: ModelConfig):
+    """Base model plus the trained adapter (or the fully trained weights when there is no LoRA)."""
+    if cfg.lora is None:
+        return load_base_model(tuned_dir, cfg.quantization)
+    from peft import PeftModel
+
+    model = load_base_model(model_dir, cfg.quantization)
+    return PeftModel.from_pretrained(model, tuned_dir)

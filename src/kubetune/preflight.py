@@ -1,0 +1,68 @@
+"""Checks that must pass before any GPU is asked for: config, data contract, model fit, services.
+
+Every failure is a UserError naming the field and the value; nothing here loads model weights
+for training (the model's structure is built on the meta device).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreflightReport:
+    tracking_uri: str
+    data: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    storage_uri: str = ""
+
+
+def check_data(cfg: RunConfig) -> dict[str, Any]:
+    from kubetune import data
+
+    rows, digest = data.load_records(cfg.data, cfg.storage.endpoint_url)
+    data.check_fields(rows, cfg.data)
+    train, validation = data.split(data.normalise(rows, cfg.data, cfg.task), cfg.data, cfg.train.seed)
+    return {"rows": len(rows), "train_rows": len(train), "validation_rows": len(validation), "sha256": digest}
+
+
+def check_model(cfg: RunConfig) -> dict[str, Any]:
+    from kubetune import modeling
+    from kubetune.model_source import describe_source, resolve_model
+
+    model_dir = resolve_model(cfg.model.name_or_path, endpoint_url=cfg.storage.endpoint_url)
+    skeleton = modeling.meta_model(model_dir)
+    modeling.check_quantizable(model_dir, skeleton, cfg.model.quantization)
+    blocks = modeling.check_freeze(skeleton, cfg.model)
+    if cfg.model.lora is not None:
+        modeling.check_target_modules(skeleton, cfg.model.lora.target_modules)
+    return {"path": str(model_dir), "architecture": type(skeleton).__name__, "blocks": blocks,
+            **describe_source(cfg.model.name_or_path, endpoint_url=cfg.storage.endpoint_url)}
+
+
+def check_services(cfg: RunConfig) -> tuple[str, str]:
+    from kubetune import tracking
+    from kubetune.storage import open_store
+
+    uri = tracking.resolve_uri(cfg.tracking.mlflow_uri)
+    tracking.check_reachable(uri)
+    store = open_store(cfg.storage.uri, cfg.storage.endpoint_url)
+    store.check()
+    return uri, store.uri()
+
+
+def check(cfg: RunConfig) -> PreflightReport:
+    """Cheap checks first: config, data, services, then the model's structure."""
+    cfg.validate()
+    data_facts = check_data(cfg)
+    tracking_uri, storage_uri = check_services(cfg)
+    model_facts = check_model(cfg)
+    log.info("preflight passed: %d rows, %s with %d blocks", data_facts["rows"], model_facts["architecture"],
+             model_facts["blocks"])
+    return PreflightReport(tracking_uri=tracking_uri, data=data_facts, model=model_facts, storage_uri=storage_uri)

@@ -1,0 +1,101 @@
+"""Registration: the adapter, its tokenizer and a reference to the base model as one MLflow model.
+
+The base weights are not copied into the registry (a 6.7B base would be 13 GB per version): the
+model carries the base model's name and fingerprint and loads it on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import mlflow.pyfunc
+
+from kubetune import __version__
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+SCORE_TAG = "eval.tuned_perplexity"
+
+
+class AdapterModel(mlflow.pyfunc.PythonModel):
+    """pyfunc: completes the strings in a `prompt` column with the base model plus the adapter."""
+
+    def load_context(self, context):
+        from kubetune.config import ModelConfig, LoraSettings
+        from kubetune.model_source import resolve_model
+        from kubetune.modeling import load_tuned
+        from kubetune.tokenization import load_tokenizer
+
+        settings = context.model_config
+        cfg = ModelConfig(name_or_path=settings["base_model"], quantization=settings["quantization"],
+                          lora=LoraSettings() if settings.get("lora", True) else None)
+        self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
+        self.model = load_tuned(resolve_model(cfg.name_or_path), Path(context.artifacts["adapter"]), cfg)
+        self.max_new_tokens = int(settings.get("max_new_tokens", 32))
+
+    def predict(self, context, model_input, params: Optional[dict[str, Any]] = None):
+        from kubetune.evaluation import generate
+
+        prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
+        limit = int((params or {}).get("max_new_tokens", self.max_new_tokens))
+        return generate(self.model, self.tokenizer, prompts, limit)
+
+
+def requirements() -> list[str]:
+    # Explicit, so MLflow does not guess (it otherwise looks for packages such as torchvision).
+    from importlib.metadata import version
+
+    pins = [f"{name}=={version(name)}" for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate")]
+    return [f"kubetune=={__version__}", *pins]
+
+
+def register(tracking_uri: str, run_id: str, model_name: str, adapter_dir: Path, plan: dict[str, Any],
+             metrics: dict[str, float], lineage: dict[str, str]) -> dict[str, Any]:
+    """Logs the model into the run, registers a new version, and moves the champion alias to it
+    when its held-out perplexity beats the current champion's (lower is better)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    model_config = {"base_model": plan["name_or_path"], "quantization": plan["quantization"],
+                    "lora": plan["lora"] is not None,
+                    "base_fingerprint": plan.get("source", {}).get("fingerprint", "")}
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=AdapterModel(),
+            artifacts={"adapter": str(adapter_dir), "tokenizer": str(adapter_dir)},
+            model_config=model_config,
+            pip_requirements=requirements(),
+            registered_model_name=model_name,
+            await_registration_for=60,
+        )
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    version = str(info.registered_model_version)
+    tags = {**lineage, "run_id": run_id, "base_model": plan["name_or_path"], "kubetune_version": __version__,
+            **{k: str(v) for k, v in metrics.items()}}
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+
+    promoted = promote_if_better(client, model_name, version, metrics.get(SCORE_TAG))
+    log.info("registered %s version %s (champion: %s)", model_name, version, promoted)
+    return {"model_name": model_name, "version": version, "model_uri": info.model_uri, "champion": promoted}
+
+
+def promote_if_better(client, model_name: str, version: str, score: Optional[float]) -> bool:
+    if score is None:
+        return False
+    try:
+        current = client.get_model_version_by_alias(model_name, CHAMPION)
+    except Exception:  # no champion yet: the registry raises when the alias does not exist
+        current = None
+    if current is not None:
+        best = current.tags.get(SCORE_TAG)
+        if best is not None and float(best) <= score:
+            return False
+    client.set_registered_model_alias(model_name, CHAMPION, version)
+    return True

@@ -1,0 +1,65 @@
+"""Turn the prepared text splits into token ids with the base model's own tokenizer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+from kubetune.config import DataConfig
+from kubetune.data import load_split
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation")
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        # Decoder-only models often ship without a pad token; padding with EOS is the usual fix and
+        # the attention mask keeps the padding out of the loss.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def encode_causal_lm(texts: list[str], tokenizer, max_length: int) -> dict[str, list[list[int]]]:
+    """Token ids per text, with EOS appended so the model learns where a text ends."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    encoded = tokenizer(texts, truncation=True, max_length=max_length - len(eos), add_special_tokens=True)
+    ids = [row + eos for row in encoded["input_ids"]]
+    return {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]}
+
+
+def token_stats(ids: list[list[int]], max_length: int) -> dict[str, Any]:
+    lengths = [len(row) for row in ids]
+    return {"tokens_total": sum(lengths), "tokens_mean": round(statistics.fmean(lengths), 1),
+            "tokens_max": max(lengths), "truncated_share": round(sum(n >= max_length for n in lengths) / len(lengths), 4)}
+
+
+def tokenize(data_dir: Path, model_dir: Path, cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
+    """Writes one `datasets` folder per split and the tokenizer to out_dir; returns token statistics."""
+    from datasets import Dataset
+
+    tokenizer = load_tokenizer(model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats: dict[str, Any] = {}
+    for split in SPLITS:
+        rows = load_split(data_dir, split)
+        columns = encode_causal_lm([row["text"] for row in rows], tokenizer, cfg.max_length)
+        Dataset.from_dict(columns).save_to_disk(str(out_dir / split))
+        stats.update({f"{split}_{k}": v for k, v in token_stats(columns["input_ids"], cfg.max_length).items()})
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+    log.info("tokenize: %s", stats)
+    return stats
+
+
+def load_tokenized(tokenized_dir: Path, split: str):
+    from datasets import load_from_disk
+
+    return load_from_disk(str(Path(tokenized_dir) / split))

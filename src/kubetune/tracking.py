@@ -1,0 +1,155 @@
+"""MLflow: one run per pipeline run. preflight creates it; every later stage logs into it by id."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from kubetune.errors import ServiceError
+from kubetune.paths import state_dir
+
+# There is no outside network on the machines this runs on; telemetry would only time out.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+log = logging.getLogger(__name__)
+
+
+def embedded_uri() -> str:
+    return f"sqlite:///{state_dir() / 'mlflow.db'}"
+
+
+def embedded_artifact_root() -> Path:
+    return state_dir() / "mlartifacts"
+
+
+def resolve_uri(configured: Optional[str]) -> str:
+    """tracking.mlflow_uri, else MLFLOW_TRACKING_URI, else the embedded sqlite store."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri()
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """An http(s) server must answer /health; a local store must be writable."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                if response.status != 200:
+                    raise ServiceError("tracking.mlflow_uri", uri, f"/health answered {response.status}")
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ServiceError("tracking.mlflow_uri", uri,
+                               f"MLflow does not answer ({reason}); start it (kubetune services up) or fix the "
+                               "URI, or set it to null for the embedded store") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise ServiceError("tracking.mlflow_uri", uri, f"{folder} is not writable")
+
+
+def experiment_id(uri: str, name: str) -> str:
+    mlflow_client = client(uri)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        # Artifacts of the embedded store sit beside it, where `kubetune services up` serves them.
+        location = (embedded_artifact_root() / name).as_uri() if uri == embedded_uri() else None
+    return mlflow_client.create_experiment(name, artifact_location=location)
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"model.lora.r": "16", ...}; lists as JSON so they read back exactly."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(flatten(value, name))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, type(None))) else str(value)
+    return out
+
+
+def start_run(uri: str, experiment: str, run_name: str, config: dict[str, Any], tags: dict[str, str]) -> str:
+    from mlflow.entities import Param, RunTag
+
+    mlflow_client = client(uri)
+    run = mlflow_client.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
+    params = [Param(k, v) for k, v in flatten(config).items()]
+    for start in range(0, len(params), 100):  # the REST API takes at most 100 params per batch
+        mlflow_client.log_batch(run.info.run_id, params=params[start:start + 100])
+    mlflow_client.log_batch(run.info.run_id, tags=[RunTag("mlflow.runName", run_name)])
+    return run.info.run_id
+
+
+class RunLogger:
+    """Logs into an existing run by id, without making it the process's active run."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri = uri
+        self.run_id = run_id
+        self.client = client(uri)
+
+    def metrics(self, values: dict[str, float], step: Optional[int] = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in values.items() if v is not None]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def params(self, values: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in values.items()])
+
+    def tags(self, values: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
+
+    def artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def json(self, data: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def figure(self, figure, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator["RunLogger"]:
+        """Times a stage; on failure marks the run FAILED and names the stage, then re-raises."""
+        started = time.monotonic()
+        self.tags({"kubetune.stage": name})
+        try:
+            yield self
+        except BaseException as exc:
+            self.tags({"kubetune.failed_stage": name, "kubetune.error": str(exc)[:500]})
+            self.finish("FAILED")
+            raise
+        self.metrics({f"stage_seconds.{name}": round(time.monotonic() - started, 2)})

@@ -1,0 +1,149 @@
+"""Training: the transformers Trainer on the prepared model, metrics to MLflow per step, checkpoints
+copied to storage so that a retried pod resumes where the last one stopped."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from kubetune.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+
+
+def precision_flags(precision: str) -> dict[str, bool]:
+    """fp16/bf16 only where the device supports it; `auto` picks the best one available."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return {"bf16": bf16_ok, "fp16": cuda and not bf16_ok}
+    if precision == "bf16" and not bf16_ok:
+        from kubetune.errors import ConfigError
+
+        raise ConfigError("train.precision", precision, "this device has no bf16 support; use auto or fp32")
+    if precision == "fp16" and not cuda:
+        from kubetune.errors import ConfigError
+
+        raise ConfigError("train.precision", precision, "fp16 training needs a GPU; use auto or fp32")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _step_of(name: str) -> int:
+    match = re.search(r"checkpoint-(\d+)$", name.rstrip("/"))
+    return int(match.group(1)) if match else -1
+
+
+def latest_checkpoint(store, prefix: str) -> Optional[str]:
+    """The key prefix of the newest complete checkpoint under prefix/checkpoints, if any."""
+    keys = store.list(f"{prefix}/{CHECKPOINTS}")
+    complete = {key.rsplit("/", 1)[0] for key in keys if key.endswith("trainer_state.json")}
+    return max(complete, key=_step_of) if complete else None
+
+
+def make_callbacks(logger, store, prefix: str):
+    from transformers import TrainerCallback
+
+    class MlflowSteps(TrainerCallback):
+        """Loss, learning rate and gradient norm per optimizer step, with step=."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logger is None or not logs:
+                return
+            names = {"loss": "train.loss", "learning_rate": "train.learning_rate", "grad_norm": "train.grad_norm"}
+            logger.metrics({names[k]: v for k, v in logs.items() if k in names}, step=state.global_step)
+
+    class UploadCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if store is None:
+                return
+            name = f"checkpoint-{state.global_step}"
+            count = store.upload_dir(Path(args.output_dir) / name, f"{prefix}/{CHECKPOINTS}/{name}")
+            log.info("checkpoint %s: %d files -> %s", name, count, store.uri(f"{prefix}/{CHECKPOINTS}/{name}"))
+
+    return [MlflowSteps(), UploadCheckpoints()]
+
+
+def loss_curve(history: list[dict[str, Any]]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(row["step"], row["loss"]) for row in history if "loss" in row]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("train loss")
+    axis.set_title("Training loss")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def train(model, tokenizer, train_dataset, cfg: TrainConfig, work_dir: Path, out_dir: Path,
+          logger=None, store=None, prefix: str = "", progress: bool = True) -> dict[str, Any]:
+    """Trains in place, writes the adapter (or weights) and tokenizer to out_dir, returns a summary."""
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = None
+    if store is not None:
+        latest = latest_checkpoint(store, prefix)
+        if latest is not None:
+            resume_from = str(work_dir / Path(latest).name)
+            store.download_dir(latest, Path(resume_from))
+            log.info("resuming from %s", store.uri(latest))
+
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup_steps=cfg.warmup_steps,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="linear",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps or cfg.max_steps,
+        save_total_limit=2,
+        report_to=[],
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        use_cpu=not any(p.is_cuda for p in model.parameters()),
+        **precision_flags(cfg.precision),
+    )
+    collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                      callbacks=make_callbacks(logger, store, prefix))
+    result = trainer.train(resume_from_checkpoint=resume_from)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    history = [row for row in trainer.state.log_history if "loss" in row]
+    losses = [row["loss"] for row in history]
+    summary = {"steps": trainer.state.global_step, "train_runtime_seconds": round(result.metrics["train_runtime"], 1),
+               "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
+               "train_loss_mean": round(result.training_loss, 4), "resumed_from": resume_from}
+    (out_dir / "training_summary.json").write_text(json.dumps({**summary, "history": history}, indent=2))
+    if logger is not None and history:
+        import matplotlib.pyplot as plt
+
+        figure = loss_curve(history)
+        logger.figure(figure, "plots/train_loss.png")
+        plt.close(figure)
+    if store is not None:
+        store.upload_dir(out_dir, f"{prefix}/{ADAPTER}")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return summary
