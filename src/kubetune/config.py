@@ -111,14 +111,14 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = _help("Examples per device per forward pass.", 4)
-    gradient_accumulation_steps: int = _help("Forward passes per optimizer step.", 4)
-    warmup_steps: int = _help("Linear learning-rate warm-up, in optimizer steps.", 100)
-    max_steps: int = _help("Optimizer steps to run.", 200)
+    gradient_accumulation_steps: int = _help("Forward passes per optimizer step.", 2)
+    warmup_steps: int = _help("Linear learning-rate warm-up, in optimizer steps.", 5)
+    max_steps: int = _help("Optimizer steps to run.", 40)
     learning_rate: float = _help("Peak learning rate of AdamW.", 2.0e-4)
     seed: int = _help("Seed for the data split, LoRA initialisation and shuffling.", 42)
     precision: str = _help("auto picks bf16/fp16 only where the device supports it; or fp32, fp16, bf16.",
                            "auto")
-    save_steps: int = _help("Save (and upload) a checkpoint every N optimizer steps; 0 = only at the end.", 50)
+    save_steps: int = _help("Save (and upload) a checkpoint every N optimizer steps; 0 = only at the end.", 20)
     logging_steps: int = _help("Log loss and learning rate every N optimizer steps.", 1)
 
     def validate(self) -> None:
@@ -135,7 +135,7 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    max_samples: int = _help("Held-out examples scored for loss and perplexity.", 200)
+    max_samples: int = _help("Held-out examples scored for loss and perplexity.", 50)
     batch_size: int = _help("Examples per forward pass when scoring.", 8)
     num_generations: int = _help("Held-out prompts to complete with the base and the tuned model.", 3)
     prompt_tokens: int = _help("Tokens of each held-out text used as the generation prompt.", 6)

@@ -53,7 +53,7 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
                workspace_root=str(home / "kfp-workspace"), raise_on_error=True)
     started = time.monotonic()
-    registered = kubetune_pipeline(config_json=json.dumps(cfg.to_dict()))
+    registered = kubetune_pipeline(config_json=json.dumps(cfg.to_dict())).output
     wall = time.monotonic() - started
     return summarize(cfg, registered, wall)
 

@@ -24,9 +24,20 @@ INITIAL_ADAPTER = "adapter_init"
 LINEAR_CLASSES = {"Linear", "Conv1D", "Linear8bitLt", "Linear4bit"}
 
 
+class _DropNoise(logging.Filter):
+    # On the CPU bitsandbytes logs the fp16 cast on every forward, and that an optional 4-bit kernel
+    # package is missing; neither says anything actionable and they drown the training log.
+    NOISE = ("inputs will be cast from", "Failed to load CPU gemm_4bit_forward")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in self.NOISE)
+
+
 def quiet_bitsandbytes() -> None:
-    # On the CPU bitsandbytes warns about the fp16 cast on every forward; once is enough.
-    warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+    for name in ("bitsandbytes", "bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
     warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
 
 

@@ -1,0 +1,158 @@
+"""Fixtures for the whole suite: an isolated environment, a real S3 API (moto) and a real MLflow server.
+
+Both servers are real HTTP processes on loopback, started once per session and only when a test
+asks for them: `s3_server` (+ `s3_bucket` per test) and `mlflow_server`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via HTTP(S)_PROXY
+
+
+def _wait_for(url: str, process: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with _LOCAL.open(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers, which is all we wait for
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.2)
+    _stop(process)
+    raise RuntimeError(f"{process.args} did not answer {url} in {timeout} s:\n{log_path.read_text()[-3000:]}")
+
+
+def _start(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=log_path.parent, env=env, start_new_session=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM the process group (servers spawn workers), SIGKILL what is left after 10 s."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on (right now)."""
+    return _free_port()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_env(tmp_path_factory):
+    """No test sees the developer's state, MLflow, AWS account, hub, or the shared /tmp."""
+    tmp = tmp_path_factory.mktemp("tmp")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KUBETUNE_HOME", str(tmp_path_factory.mktemp("kubetune_home")))
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        mp.setenv("TOKENIZERS_PARALLELISM", "false")
+        # kfp.local leaves a temp file per task behind: keep them inside pytest's basetemp.
+        mp.setenv("TMPDIR", str(tmp))
+        mp.setattr(tempfile, "tempdir", str(tmp))  # gettempdir() caches; pytest already called it
+        # Fake AWS credentials, so nothing can reach a real account; endpoints come from fixtures.
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                     "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+            mp.delenv(name, raising=False)
+        mp.setenv("AWS_CONFIG_FILE", str(tmp / "no-aws-config"))
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp / "no-aws-credentials"))
+        yield
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+
+    def client(self):
+        """A plain boto3 S3 client for this server (fake credentials from the environment)."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 API as a separate HTTP server on loopback; in memory, gone at the end of the session."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    process = _start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], log_path,
+                     dict(os.environ))
+    endpoint_url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(f"{endpoint_url}/moto-api/", process, log_path, timeout=30)
+        yield S3Server(endpoint_url)
+    finally:
+        _stop(process)
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket on the moto server; yields its name."""
+    name = f"kubetune-test-{uuid.uuid4().hex[:12]}"
+    s3_server.client().create_bucket(Bucket=name)
+    yield name
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` (sqlite store, proxied artifacts); yields its http:// tracking URI.
+
+    Artifacts go through the server (mlflow-artifacts:/), so a client in any process, like a KFP
+    task, can log artifacts and register models with nothing but the URI.
+    """
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--serve-artifacts", "--artifacts-destination", (root / "artifacts").as_uri(),
+    ]
+    log_path = root / "server.log"
+    process = _start(command, log_path, {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(f"{uri}/health", process, log_path, timeout=90)
+        yield uri
+    finally:
+        _stop(process)

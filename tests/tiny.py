@@ -1,0 +1,93 @@
+"""Tiny real models for tests: a tokenizer trained on the test text and a few-layer decoder built
+from a config, saved like any hub snapshot. This is how transformers and PEFT test their code too."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+QUOTES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "quotes" / "quotable_sample_quotes.json"
+
+SHAKESPEARE = QUOTES.parents[1] / "retention" / "tinyshakespeare_input.txt"
+
+SAMPLE_TEXTS = [
+    "The only way to do great work is to love what you do.",
+    "Life is what happens when you are busy making other plans.",
+    "In the middle of difficulty lies opportunity.",
+    "Simplicity is the ultimate sophistication.",
+    "Well done is better than well said.",
+    "The journey of a thousand miles begins with one step.",
+    "What we think, we become.",
+    "Knowledge speaks, but wisdom listens.",
+]
+
+
+def training_texts() -> list[str]:
+    if QUOTES.exists():
+        return [row["content"] for row in json.loads(QUOTES.read_text())]
+    return SAMPLE_TEXTS * 20
+
+
+def general_texts() -> list[str]:
+    """General English to give the tiny base model some language before it is fine-tuned."""
+    if SHAKESPEARE.exists():
+        lines = [line for line in SHAKESPEARE.read_text().splitlines() if len(line) > 20]
+        return lines[:2000]
+    return SAMPLE_TEXTS * 50
+
+
+def pretrain(model, tokenizer, texts: list[str], steps: int = 150, batch_size: int = 16) -> None:
+    """A few hundred full-weight steps, so the base is a language model and not noise."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(texts), (batch_size,), generator=generator).tolist()
+        batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True, max_length=48)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def write_quotes(path: Path, count: int = 64) -> Path:
+    """A JSON array of quote records shaped like the shared quotes file."""
+    texts = (training_texts() * 2)[:count]
+    path.write_text(json.dumps([{"content": t, "author": "someone", "tags": []} for t in texts]))
+    return path
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>")
+
+
+def build_tiny_llama(path: Path, layers: int = 2, hidden: int = 64) -> Path:
+    """A Llama-architecture causal LM (q_proj/k_proj/v_proj/o_proj like Gemma) with a trained tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(training_texts())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    pretrain(model, tokenizer, general_texts())
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
