@@ -15,7 +15,7 @@ COMPILED = Path(__file__).with_name("kubetune_pipeline.yaml")
 @dsl.pipeline(name=PIPELINE_NAME,
               description="Fine-tune a language model: preflight, data, tokenize, model prep, train, "
                           "evaluate, register; one MLflow run per pipeline run.")
-def kubetune_pipeline(config_json: str = json.dumps(default_config(), indent=1)) -> str:
+def kubetune_pipeline(config_json: str = json.dumps(default_config())) -> str:
     # The whole run config travels as one JSON string: KFP struct parameters cannot hold null,
     # and null is meaningful here (lora: null = no LoRA).
     config = config_json

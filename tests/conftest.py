@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -156,3 +158,21 @@ def mlflow_server(tmp_path_factory) -> str:
         yield uri
     finally:
         _stop(process)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-block Llama-architecture causal LM with its own trained tokenizer, briefly pretrained on
+    general text, saved like a hub snapshot (see tests/tiny.py)."""
+    from tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama") / "model")
+
+
+@pytest.fixture(scope="session")
+def quotes_file(tmp_path_factory) -> Path:
+    """80 quote records in the shape of the shared quotes file."""
+    from tiny import write_quotes
+
+    return write_quotes(tmp_path_factory.mktemp("data") / "quotes.json", count=80)
+

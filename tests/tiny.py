@@ -91,3 +91,20 @@ def build_tiny_llama(path: Path, layers: int = 2, hidden: int = 64) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_run_config(model_dir: Path, data_path: Path, **sections) -> dict:
+    """A run config sized for tests: 8-bit + LoRA on the tiny model, a dozen steps."""
+    config = {
+        "task": "causal_lm",
+        "model": {"name_or_path": str(model_dir), "quantization": "8bit",
+                  "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
+        "data": {"path": str(data_path), "text_field": "content", "validation_fraction": 0.2, "max_length": 48},
+        "train": {"batch_size": 8, "gradient_accumulation_steps": 1, "warmup_steps": 2, "max_steps": 12,
+                  "learning_rate": 1.0e-2, "save_steps": 6, "seed": 0},
+        "evaluate": {"max_samples": 16, "batch_size": 8, "num_generations": 2, "max_new_tokens": 6},
+        "register": {"model_name": "tiny-lora"},
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values} if isinstance(values, dict) else values
+    return config

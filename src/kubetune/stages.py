@@ -24,9 +24,12 @@ EVAL_FILE = "evaluation.json"
 
 def _start(config: str | dict[str, Any]) -> RunConfig:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as transformers_logging
+
     from kubetune.modeling import quiet_bitsandbytes
 
     quiet_bitsandbytes()
+    transformers_logging.disable_progress_bar()  # weight-loading bars; the training bar stays
     return RunConfig.from_dict(json.loads(config) if isinstance(config, str) else config)
 
 
