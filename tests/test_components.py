@@ -115,3 +115,29 @@ def test_register_adds_a_version_and_finishes_the_run(run):
     assert model_version.tags["base_model"] == json.loads(run["config_json"])["model"]["name_or_path"]
     assert "champion" in model_version.aliases
     assert mlflow_client.get_run(run["run_id"]).info.status == "FINISHED"
+
+
+def retry_train(run, name):
+    retried = artifact(dsl.Model, run["root"], name)
+    components.train.python_func(config_json=run["config_json"], run_id=run["run_id"], tokenized=run["tokenized"],
+                                 prepared_model=run["prepared"], tuned_model=retried)
+    return retried, json.loads((Path(retried.path) / "training_summary.json").read_text())
+
+
+def test_retry_after_training_finished_reuses_the_final_checkpoint(run):
+    """A pod that failed after training (say, in the upload) is retried on a fresh disk."""
+    retried, summary = retry_train(run, "tuned_retry_done")
+    assert summary["resumed_from"].endswith("checkpoint-12") and summary["steps"] == 12
+    first = load_file(Path(run["tuned"].path) / "adapter_model.safetensors")
+    again = load_file(Path(retried.path) / "adapter_model.safetensors")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_retry_mid_training_resumes_from_the_last_stored_checkpoint(run):
+    import shutil
+
+    storage = Path(json.loads(run["config_json"])["storage"]["uri"]) / "runs" / run["run_id"] / "checkpoints"
+    shutil.rmtree(storage / "checkpoint-12")  # as if the pod died between step 6 and step 12
+    _, summary = retry_train(run, "tuned_retry_mid")
+    assert summary["resumed_from"].endswith("checkpoint-6") and summary["steps"] == 12
+    assert [row["step"] for row in summary["history"]] == list(range(1, 13))

@@ -32,7 +32,7 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         settings = context.model_config
         cfg = ModelConfig(name_or_path=settings["base_model"], quantization=settings["quantization"],
                           lora=LoraSettings() if settings.get("lora", True) else None)
-        self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
+        self.tokenizer = load_tokenizer(Path(context.artifacts["adapter"]))
         self.model = load_tuned(resolve_model(cfg.name_or_path), Path(context.artifacts["adapter"]), cfg)
         self.max_new_tokens = int(settings.get("max_new_tokens", 32))
 
@@ -68,7 +68,7 @@ def register(tracking_uri: str, run_id: str, model_name: str, adapter_dir: Path,
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=AdapterModel(),
-            artifacts={"adapter": str(adapter_dir), "tokenizer": str(adapter_dir)},
+            artifacts={"adapter": str(adapter_dir)},  # the tokenizer is saved beside the adapter
             model_config=model_config,
             pip_requirements=requirements(),
             registered_model_name=model_name,

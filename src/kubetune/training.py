@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,6 +48,22 @@ def latest_checkpoint(store, prefix: str) -> Optional[str]:
     keys = store.list(f"{prefix}/{CHECKPOINTS}")
     complete = {key.rsplit("/", 1)[0] for key in keys if key.endswith("trainer_state.json")}
     return max(complete, key=_step_of) if complete else None
+
+
+def _completed(checkpoint: Path, max_steps: int) -> bool:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] >= max_steps
+
+
+def _load_weights(model, checkpoint: Path) -> None:
+    from safetensors.torch import load_file
+
+    adapter = checkpoint / "adapter_model.safetensors"
+    if adapter.exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(adapter))
+    else:
+        model.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False)
 
 
 def make_callbacks(logger, store, prefix: str):
@@ -94,6 +111,7 @@ def train(model, tokenizer, train_dataset, cfg: TrainConfig, work_dir: Path, out
     """Trains in place, writes the adapter (or weights) and tokenizer to out_dir, returns a summary."""
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
+    started = time.monotonic()
     work_dir.mkdir(parents=True, exist_ok=True)
     resume_from = None
     if store is not None:
@@ -126,16 +144,23 @@ def train(model, tokenizer, train_dataset, cfg: TrainConfig, work_dir: Path, out
     collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                       callbacks=make_callbacks(logger, store, prefix))
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    if resume_from is not None and _completed(Path(resume_from), cfg.max_steps):
+        # An earlier attempt finished training but failed later: take its weights as they are
+        # (the Trainer would otherwise run one step more on resume).
+        _load_weights(model, Path(resume_from))
+        trainer.state = trainer.state.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+        train_loss = None
+    else:
+        train_loss = trainer.train(resume_from_checkpoint=resume_from).training_loss
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     history = [row for row in trainer.state.log_history if "loss" in row]
     losses = [row["loss"] for row in history]
-    summary = {"steps": trainer.state.global_step, "train_runtime_seconds": round(result.metrics["train_runtime"], 1),
+    summary = {"steps": trainer.state.global_step, "train_runtime_seconds": round(time.monotonic() - started, 1),
                "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
-               "train_loss_mean": round(result.training_loss, 4), "resumed_from": resume_from}
+               "train_loss_mean": None if train_loss is None else round(train_loss, 4), "resumed_from": resume_from}
     (out_dir / "training_summary.json").write_text(json.dumps({**summary, "history": history}, indent=2))
     if logger is not None and history:
         import matplotlib.pyplot as plt
