@@ -70,6 +70,7 @@ def test_mlflow_run_holds_params_metrics_and_model(finished):
     import mlflow
 
     mlflow.set_tracking_uri(client.tracking_uri)
+    mlflow.set_registry_uri(client.tracking_uri)
     local = Path(mlflow.artifacts.download_artifacts("models:/tiny-dag/1"))
     assert len(list(local.glob("artifacts/*/adapter_model.safetensors"))) == 1
     assert float(version.tags["eval.tuned_perplexity"]) == metrics["eval.tuned_perplexity"]
@@ -80,6 +81,7 @@ def test_registered_champion_loads_and_generates(finished):
     import pandas as pd
 
     mlflow.set_tracking_uri(finished["client"].tracking_uri)
+    mlflow.set_registry_uri(finished["client"].tracking_uri)
     model = mlflow.pyfunc.load_model("models:/tiny-dag@champion")
     completions = model.predict(pd.DataFrame({"prompt": ["The only way", "Life is"]}), params={"max_new_tokens": 4})
     assert len(completions) == 2 and all(isinstance(text, str) for text in completions)

@@ -59,8 +59,11 @@ def _check(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> int:
     import yaml
 
-    from kubetune.config import describe, load_config
+    from kubetune.config import describe, load_config, reference_markdown
 
+    if args.markdown:
+        print(reference_markdown())
+        return 0
     if args.reference:
         for key, help_text, default in describe():
             print(f"{key:<34} {default!r:<40} {help_text}")
@@ -106,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print the effective config, or every key with its help")
     config_args(config)
     config.add_argument("--reference", action="store_true", help="list every key, its default and its help")
+    config.add_argument("--markdown", action="store_true", help="the same reference as a Markdown table")
     config.set_defaults(func=_config)
 
     compile_ = commands.add_parser("compile", help="write the pipeline YAML for Kubeflow Pipelines")

@@ -344,3 +344,16 @@ def describe(cls: Any = RunConfig, prefix: str = "") -> list[tuple[str, str, Any
         else:
             rows.append((name, f.metadata.get("help", ""), default))
     return rows
+
+
+def reference_markdown() -> str:
+    """The config reference table that README.md embeds (a test keeps the two in step)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, help_text, default in describe():
+        if default == "mapping":
+            lines.append(f"| **{key}** | | {help_text} |")
+        else:
+            shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
+            shown = shown.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"| `{key}` | `{shown}` | {help_text} |")
+    return "\n".join(lines)

@@ -75,7 +75,6 @@ def summarize(cfg: RunConfig, registered: str, wall_seconds: float) -> dict[str,
         "wall_seconds": round(wall_seconds, 1),
         "stage_seconds": {k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith("stage_seconds.")},
         "eval": {k: v for k, v in metrics.items() if k.startswith("eval.")},
-        "trainable_line": Path(mlflow_client.download_artifacts(run.info.run_id, "model/trainable_parameters.txt"))
-        .read_text().strip(),
+        "trainable_line": run.data.tags.get("kubetune.trainable_line", ""),
         "storage": run.data.tags.get("kubetune.storage_run_prefix"),
     }

@@ -6,6 +6,7 @@ model carries the base model's name and fingerprint and loads it on first use.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -59,12 +60,10 @@ def register(tracking_uri: str, run_id: str, model_name: str, adapter_dir: Path,
     import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
     model_config = {"base_model": plan["name_or_path"], "quantization": plan["quantization"],
                     "lora": plan["lora"] is not None,
                     "base_fingerprint": plan.get("source", {}).get("fingerprint", "")}
-    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+    with _uris(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=AdapterModel(),
@@ -84,6 +83,21 @@ def register(tracking_uri: str, run_id: str, model_name: str, adapter_dir: Path,
     promoted = promote_if_better(client, model_name, version, metrics.get(SCORE_TAG))
     log.info("registered %s version %s (champion: %s)", model_name, version, promoted)
     return {"model_name": model_name, "version": version, "model_uri": info.model_uri, "champion": promoted}
+
+
+@contextlib.contextmanager
+def _uris(uri: str):
+    """log_model only takes the process-wide URIs: set them for the call, then put them back."""
+    import mlflow
+
+    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
 
 
 def promote_if_better(client, model_name: str, version: str, score: Optional[float]) -> bool:

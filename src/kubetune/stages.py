@@ -124,6 +124,7 @@ def prepare_model(config: str | dict[str, Any], run_id: str, out_dir: str) -> di
                         "model.trainable_percent": plan["trainable_percent"],
                         **{f"model.memory.{k}": v for k, v in plan["memory"].items()}})
         logger.text(plan["trainable_line"] + "\n", "model/trainable_parameters.txt")
+        logger.tags({"kubetune.trainable_line": plan["trainable_line"]})
         logger.json(plan, "model/plan.json")
     return plan
 
