@@ -33,7 +33,7 @@ define LOCK_HEADER
 endef
 export LOCK_HEADER
 
-.PHONY: help venv demo-deps demo test test-slow compile check-compiled services-up services-down \
+.PHONY: help venv demo-deps demo test test-slow compile check-compiled services-up services-down readme-config \
         lock clean distclean
 
 help: ## list the targets
@@ -106,3 +106,8 @@ clean: ## remove local run state (.kubetune, build leftovers); keeps .venv
 
 distclean: clean ## clean, and remove .venv too
 	rm -rf $(VENV)
+
+readme-config: venv ## refresh the config reference table in README.md from the code
+	@$(BIN)/python -c "import re, pathlib; from kubetune.config import reference_markdown as r; \
+	p = pathlib.Path('README.md'); s = p.read_text(); a, b = '<!-- config-reference:start -->\n', '\n<!-- config-reference:end -->'; \
+	p.write_text(s.split(a)[0] + a + r() + b + s.split(b)[1]); print('README.md config reference refreshed')"

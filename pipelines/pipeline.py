@@ -23,7 +23,7 @@ def kubetune_pipeline(config_json: str = json.dumps(default_config())) -> str:
     run_id = checked.output
     data = prepare_data(config_json=config, run_id=run_id)
     tokens = tokenize(config_json=config, run_id=run_id, dataset=data.outputs["dataset"])
-    prepared = prepare_model(config_json=config, run_id=run_id).after(tokens)
+    prepared = prepare_model(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"])
     trained = train(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],
                     prepared_model=prepared.outputs["prepared_model"])
     evaluated = evaluate(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],

@@ -64,7 +64,7 @@ def test_tokenize(run):
 def test_prepare_model(run):
     prepared = artifact(dsl.Model, run["root"], "prepared_model")
     components.prepare_model.python_func(config_json=run["config_json"], run_id=run["run_id"],
-                                         prepared_model=prepared)
+                                         tokenized=run["tokenized"], prepared_model=prepared)
     plan = json.loads((Path(prepared.path) / "plan.json").read_text())
     assert plan["trainable_line"].startswith("trainable params: ")
     assert 0 < plan["trainable_params"] < plan["all_params"]

@@ -17,7 +17,11 @@ import yaml
 
 from kubetune.errors import ConfigError
 
-TASKS = ("causal_lm",)
+TASKS = ("causal_lm", "classification", "instruction", "multitask")
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task{input_clause}. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
 QUANTIZATIONS = ("none", "8bit", "4bit")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
@@ -93,7 +97,25 @@ class DataConfig:
         "../shared/data/quotes/quotable_sample_quotes.json",
     )
     text_field: str = _help("Field that holds the text to learn (for .txt files: text).", "content")
-    label_field: Optional[str] = _help("Field that holds labels or answers (later task kinds).", None)
+    label_field: Optional[str] = _help(
+        "Field that holds the label (classification) or the answer (instruction, multitask).", None)
+    instruction_field: str = _help("Field that holds the instruction (instruction, multitask).", "instruction")
+    input_field: Optional[str] = _help("Field that holds the instruction's input text; null if none.", "input")
+    instruction: Optional[str] = _help(
+        "A fixed instruction for records that have none (the guide's form: instruction + text -> label "
+        "word); the text comes from text_field.", None)
+    template: str = _help("Prompt template with {instruction} and {input} (instruction, multitask); "
+                          "the answer follows it and only the answer is trained on.", "alpaca")
+    label_names: Optional[dict[str, str]] = _help(
+        "Readable names for raw labels, e.g. {0: negative, 1: positive}; TweetEval's mapping.txt is "
+        "read automatically.", None)
+    task_field: str = _help("Field that names each record's task (multitask).", "task")
+    task_weights: Optional[dict[str, float]] = _help(
+        "Sampling weight per task name (multitask); unnamed tasks get weight 1.", None)
+    test_path: Optional[str] = _help("Held-out test data, same format; evaluated instead of the "
+                                     "validation split when given.", None)
+    replay_path: Optional[str] = _help("General text mixed into training against forgetting (replay).", None)
+    replay_fraction: float = _help("Share of training rows drawn from replay_path, in [0, 0.9].", 0.0)
     validation_fraction: float = _help("Share of rows held out for evaluation, in (0, 0.5].", 0.1)
     max_length: int = _help("Longer texts are truncated to this many tokens.", 64)
     max_rows: Optional[int] = _help("Use at most this many rows (after shuffling with train.seed).", None)
@@ -106,6 +128,12 @@ class DataConfig:
         _require(self.max_length >= 8, "data.max_length", self.max_length, "must be at least 8 tokens")
         _require(self.max_rows is None or self.max_rows >= 4, "data.max_rows", self.max_rows,
                  "must be null (all rows) or at least 4")
+        _require(0 <= self.replay_fraction <= 0.9, "data.replay_fraction", self.replay_fraction,
+                 "must be in [0, 0.9], e.g. 0.1")
+        _require(self.replay_fraction == 0 or self.replay_path is not None, "data.replay_fraction",
+                 self.replay_fraction, "set data.replay_path to the general text to mix in")
+        for name, weight in (self.task_weights or {}).items():
+            _require(weight >= 0, f"data.task_weights.{name}", weight, "weights must be 0 or more")
 
 
 @dataclass
@@ -119,6 +147,8 @@ class TrainConfig:
     precision: str = _help("auto picks bf16/fp16 only where the device supports it; or fp32, fp16, bf16.",
                            "auto")
     save_steps: int = _help("Save (and upload) a checkpoint every N optimizer steps; 0 = only at the end.", 20)
+    schedule: str = _help("mixed: all tasks from the start; progressive: start from the general (replay) "
+                          "data and ramp the new tasks in (the guide's schedule).", "mixed")
     logging_steps: int = _help("Log loss and learning rate every N optimizer steps.", 1)
 
     def validate(self) -> None:
@@ -131,6 +161,8 @@ class TrainConfig:
                  "must be in (0, 1), e.g. 2.0e-4")
         _require(self.precision in PRECISIONS, "train.precision", self.precision,
                  f"use one of {', '.join(PRECISIONS)}")
+        _require(self.schedule in ("mixed", "progressive"), "train.schedule", self.schedule,
+                 "use mixed or progressive")
 
 
 @dataclass
@@ -140,6 +172,9 @@ class EvaluateConfig:
     num_generations: int = _help("Held-out prompts to complete with the base and the tuned model.", 3)
     prompt_tokens: int = _help("Tokens of each held-out text used as the generation prompt.", 6)
     max_new_tokens: int = _help("Tokens to generate per prompt.", 24)
+    retention_path: Optional[str] = _help(
+        "General text whose perplexity before and after fine-tuning measures forgetting; null = skip.", None)
+    retention_samples: int = _help("Lines of the retention text scored.", 64)
 
     def validate(self) -> None:
         for name in ("max_samples", "batch_size", "prompt_tokens", "max_new_tokens"):
@@ -147,6 +182,8 @@ class EvaluateConfig:
             _require(value > 0, f"evaluate.{name}", value, "must be a positive integer")
         _require(self.num_generations >= 0, "evaluate.num_generations", self.num_generations,
                  "must be 0 or more")
+        _require(self.retention_samples > 0, "evaluate.retention_samples", self.retention_samples,
+                 "must be a positive integer")
 
 
 @dataclass
@@ -200,6 +237,13 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         _require(self.task in TASKS, "task", self.task, f"use one of {', '.join(TASKS)}")
+        if self.task in ("classification", "instruction", "multitask"):
+            _require(self.data.label_field is not None, "data.label_field", None,
+                     f"task {self.task} needs the field that holds the "
+                     f"{'label' if self.task == 'classification' else 'answer'}")
+        if self.train.schedule == "progressive":
+            _require(self.data.replay_path is not None, "train.schedule", self.train.schedule,
+                     "progressive starts from general data: set data.replay_path")
         for section in (self.model, self.data, self.train, self.evaluate, self.register, self.tracking,
                         self.storage):
             section.validate()
@@ -224,6 +268,8 @@ def _type_name(tp: Any) -> str:
         return f"{_type_name(args[0])} or null"
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(typing.get_args(tp)[1])}"
     if dataclasses.is_dataclass(tp):
         return "mapping"
     return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(tp, str(tp))
@@ -236,6 +282,11 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
         return None if value is None else _convert(inner, value, name)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, name)
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(name, value, f"expected a mapping of {_type_name(value_type)} values")
+        return {str(k): _convert(value_type, v, f"{name}.{k}") for k, v in value.items()}
     if origin is list:
         (item_type,) = typing.get_args(tp)
         if isinstance(value, str) and item_type is str:

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
 TEXT_FILE_FIELD = "text"
+INFO_FILE = "task_info.json"
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Splits:
     train: list[dict[str, Any]]
     validation: list[dict[str, Any]]
     stats: dict[str, Any]
+    info: dict[str, Any]
 
 
 def source_files(path: Path) -> list[Path]:
@@ -124,26 +126,16 @@ def load_records(cfg: DataConfig, endpoint_url: Optional[str] = None) -> tuple[l
     return rows, content_hash(files)
 
 
-def check_fields(rows: list[dict[str, Any]], cfg: DataConfig) -> None:
+def require_fields(rows: list[dict[str, Any]], cfg: DataConfig, named: list[tuple[str, Optional[str]]]) -> None:
+    """Every (config key, field) in named must be a field of the records, and the first must not
+    be empty everywhere."""
     fields = sorted({key for row in rows[:100] for key in row})
-    for name, value in (("data.text_field", cfg.text_field), ("data.label_field", cfg.label_field)):
+    for name, value in named:
         if value is not None and value not in fields:
             raise DataError(name, value, f"not a field of the data; fields found: {', '.join(fields)}")
-    missing = sum(1 for row in rows if not str(row.get(cfg.text_field) or "").strip())
-    if missing == len(rows):
-        raise DataError("data.text_field", cfg.text_field, "every record has an empty value in this field")
-
-
-def normalise(rows: list[dict[str, Any]], cfg: DataConfig, task: str) -> list[dict[str, Any]]:
-    """One schema per task kind. causal_lm: {"text"}; empty texts are dropped."""
-    if task != "causal_lm":
-        raise DataError("task", task, "only causal_lm data is supported by this version")
-    out = []
-    for row in rows:
-        text = str(row.get(cfg.text_field) or "").strip()
-        if text:
-            out.append({"text": text})
-    return out
+    name, value = named[0]
+    if value is not None and all(not str(row.get(value) or "").strip() for row in rows):
+        raise DataError(name, value, "every record has an empty value in this field")
 
 
 def split(rows: list[dict[str, Any]], cfg: DataConfig, seed: int) -> tuple[list, list]:
@@ -160,21 +152,24 @@ def split(rows: list[dict[str, Any]], cfg: DataConfig, seed: int) -> tuple[list,
 
 
 def length_stats(rows: list[dict[str, Any]]) -> dict[str, float]:
-    lengths = [len(row["text"]) for row in rows]
+    lengths = [len(" ".join(str(v) for v in row.values())) for row in rows]
     return {"chars_mean": round(statistics.fmean(lengths), 1), "chars_min": min(lengths),
             "chars_max": max(lengths)}
 
 
 def prepare(cfg: DataConfig, task: str, seed: int, endpoint_url: Optional[str] = None) -> Splits:
+    from kubetune.tasks import get_task
+
+    kind = get_task(task)
     rows, digest = load_records(cfg, endpoint_url)
-    check_fields(rows, cfg)
-    normalised = normalise(rows, cfg, task)
+    kind.check_fields(rows, cfg)
+    normalised = kind.normalise(rows, cfg)
     train, validation = split(normalised, cfg, seed)
     stats = {"rows_source": len(rows), "rows_usable": len(normalised), "rows_train": len(train),
              "rows_validation": len(validation), "content_sha256": digest,
              **{f"train_{k}": v for k, v in length_stats(train).items()}}
     log.info("data: %d train / %d validation rows (sha256 %s)", len(train), len(validation), digest[:12])
-    return Splits(train=train, validation=validation, stats=stats)
+    return Splits(train=train, validation=validation, stats=stats, info=kind.info(train, cfg))
 
 
 def save_splits(splits: Splits, out_dir: Path) -> None:
@@ -185,6 +180,12 @@ def save_splits(splits: Splits, out_dir: Path) -> None:
             for row in getattr(splits, name):
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     (out_dir / "stats.json").write_text(json.dumps(splits.stats, indent=2))
+    (out_dir / INFO_FILE).write_text(json.dumps(splits.info, indent=2))
+
+
+def load_info(artifact_dir: Path) -> dict[str, Any]:
+    """The task info (e.g. the label set) that prepare_data learned from the training split."""
+    return json.loads((Path(artifact_dir) / INFO_FILE).read_text())
 
 
 def load_split(data_dir: Path, name: str) -> list[dict[str, Any]]:

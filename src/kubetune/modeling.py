@@ -75,17 +75,28 @@ def _cpu_4bit_workaround(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_base_model(model_dir: Path, quantization: str):
-    """The causal LM at model_dir, quantized as asked, on the GPU if there is one."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def _kind(task):
+    if task is None or isinstance(task, str):
+        from kubetune.tasks import get_task
 
+        return get_task(task or "causal_lm")
+    return task
+
+
+def load_base_model(model_dir: Path, quantization: str, task=None, info: Optional[dict[str, Any]] = None):
+    """The task's model class at model_dir (a causal LM unless the task says otherwise), quantized
+    as asked, on the GPU if there is one. A freshly initialised head stays out of quantization."""
+    import torch
+
+    kind = _kind(task)
     quiet_bitsandbytes()
-    kwargs: dict[str, Any] = {"dtype": compute_dtype() if quantization != "none" else torch.float32}
-    bnb = quantization_config(quantization)
+    kwargs: dict[str, Any] = {"dtype": compute_dtype() if quantization != "none" else torch.float32,
+                              **kind.model_kwargs(info or {})}
+    skip = kind.trained_head(meta_model(model_dir, kind, info)) if quantization != "none" else None
+    bnb = quantization_config(quantization, skip)
     if bnb is not None:
         kwargs.update(quantization_config=bnb, device_map={"": 0 if device_kind() == "cuda" else "cpu"})
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model = kind.auto_model_class().from_pretrained(model_dir, **kwargs)
     if bnb is None:
         model.to(device_kind())
     if quantization == "4bit" and device_kind() == "cpu":
@@ -93,14 +104,15 @@ def load_base_model(model_dir: Path, quantization: str):
     return model
 
 
-def meta_model(model_dir: Path):
+def meta_model(model_dir: Path, task=None, info: Optional[dict[str, Any]] = None):
     """The model's structure with no weights loaded: for preflight checks, costs milliseconds."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir)
+    kind = _kind(task)
+    config = AutoConfig.from_pretrained(model_dir, **kind.model_kwargs(info or {}))
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return kind.auto_model_class().from_config(config)
 
 
 def linear_module_names(model) -> list[str]:
@@ -194,10 +206,13 @@ def _cast_logits_to_fp32(model) -> None:
         output.register_forward_hook(lambda module, inputs, out: out.float())
 
 
-def prepare_for_training(model, cfg: ModelConfig, quantization: str):
+def prepare_for_training(model, cfg: ModelConfig, quantization: str, task=None):
     """Freeze what must not train, keep norms in fp32, checkpoint activations; returns the model
-    ready for training (a PeftModel when LoRA is configured)."""
+    ready for training (a PeftModel when LoRA is configured). A new task head always trains."""
     import torch
+
+    kind = _kind(task)
+    head = kind.trained_head(model) or []
 
     checkpoint_kwargs = {"use_reentrant": False}
     if quantization != "none":
@@ -223,6 +238,9 @@ def prepare_for_training(model, cfg: ModelConfig, quantization: str):
         for module in frozen:
             for param in module.parameters():
                 param.requires_grad_(False)
+        for name in head:
+            for param in model.get_submodule(name).parameters():
+                param.requires_grad_(True)
         return model
 
     from peft import LoraConfig, get_peft_model
@@ -233,8 +251,8 @@ def prepare_for_training(model, cfg: ModelConfig, quantization: str):
         layer_kwargs = {"layers_to_transform": list(range(cfg.freeze_layers, len(blocks))),
                         "layers_pattern": blocks_path.rsplit(".", 1)[-1]}
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=list(lora.target_modules), bias=lora.bias, task_type="CAUSAL_LM",
-                             **layer_kwargs)
+                             target_modules=list(lora.target_modules), bias=lora.bias,
+                             task_type=kind.peft_task_type, modules_to_save=head or None, **layer_kwargs)
     return get_peft_model(model, peft_config)
 
 
@@ -246,13 +264,14 @@ def memory_estimate(model, trainable: int) -> dict[str, int]:
 
 
 def prepare(model_dir: Path, cfg: ModelConfig, out_dir: Path, seed: int,
-            source: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Load, quantize, freeze and adapt the base model; write the plan and the initial adapter."""
+            source: Optional[dict[str, Any]] = None, task=None, info: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Load, quantize, freeze and adapt the base model; write the plan and the initial adapter
+    (with the initial task head, so training and evaluation start from the same weights)."""
     import torch
 
     torch.manual_seed(seed)
-    model = load_base_model(model_dir, cfg.quantization)
-    model = prepare_for_training(model, cfg, cfg.quantization)
+    model = load_base_model(model_dir, cfg.quantization, task, info)
+    model = prepare_for_training(model, cfg, cfg.quantization, task)
     trainable, total = count_parameters(model)
     line = trainable_line(trainable, total)
     print(line, flush=True)
@@ -272,25 +291,26 @@ def read_plan(prepared_dir: Path) -> dict[str, Any]:
     return json.loads((Path(prepared_dir) / PLAN_FILE).read_text())
 
 
-def load_for_training(model_dir: Path, prepared_dir: Path, cfg: ModelConfig):
+def load_for_training(model_dir: Path, prepared_dir: Path, cfg: ModelConfig, task=None,
+                      info: Optional[dict[str, Any]] = None):
     """The model exactly as prepare_model left it: same quantization, frozen set and LoRA init."""
-    model = load_base_model(model_dir, cfg.quantization)
+    model = load_base_model(model_dir, cfg.quantization, task, info)
     if cfg.lora is None:
-        return prepare_for_training(model, cfg, cfg.quantization)
+        return prepare_for_training(model, cfg, cfg.quantization, task)
     from peft import PeftModel
 
     lora_free = ModelConfig(**{**vars(cfg), "lora": None, "freeze_layers": 0})
-    model = prepare_for_training(model, lora_free, cfg.quantization)
+    model = prepare_for_training(model, lora_free, cfg.quantization, task)
     for param in model.parameters():
         param.requires_grad_(False)
     return PeftModel.from_pretrained(model, Path(prepared_dir) / INITIAL_ADAPTER, is_trainable=True)
 
 
-def load_tuned(model_dir: Path, tuned_dir: Path, cfg: ModelConfig):
+def load_tuned(model_dir: Path, tuned_dir: Path, cfg: ModelConfig, task=None, info: Optional[dict[str, Any]] = None):
     """Base model plus the trained adapter (or the fully trained weights when there is no LoRA)."""
     if cfg.lora is None:
-        return load_base_model(tuned_dir, cfg.quantization)
+        return load_base_model(tuned_dir, cfg.quantization, task, info)
     from peft import PeftModel
 
-    model = load_base_model(model_dir, cfg.quantization)
+    model = load_base_model(model_dir, cfg.quantization, task, info)
     return PeftModel.from_pretrained(model, tuned_dir)

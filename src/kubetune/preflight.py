@@ -26,18 +26,19 @@ class PreflightReport:
 def check_data(cfg: RunConfig) -> dict[str, Any]:
     from kubetune import data
 
-    rows, digest = data.load_records(cfg.data, cfg.storage.endpoint_url)
-    data.check_fields(rows, cfg.data)
-    train, validation = data.split(data.normalise(rows, cfg.data, cfg.task), cfg.data, cfg.train.seed)
-    return {"rows": len(rows), "train_rows": len(train), "validation_rows": len(validation), "sha256": digest}
+    splits = data.prepare(cfg.data, cfg.task, cfg.train.seed, cfg.storage.endpoint_url)
+    stats = splits.stats
+    return {"rows": stats["rows_source"], "train_rows": stats["rows_train"],
+            "validation_rows": stats["rows_validation"], "sha256": stats["content_sha256"], "info": splits.info}
 
 
-def check_model(cfg: RunConfig) -> dict[str, Any]:
+def check_model(cfg: RunConfig, info: dict[str, Any]) -> dict[str, Any]:
     from kubetune import modeling
+    from kubetune.tasks import get_task
     from kubetune.model_source import describe_source, resolve_model
 
     model_dir = resolve_model(cfg.model.name_or_path, endpoint_url=cfg.storage.endpoint_url)
-    skeleton = modeling.meta_model(model_dir)
+    skeleton = modeling.meta_model(model_dir, get_task(cfg.task), info)
     modeling.check_quantizable(model_dir, skeleton, cfg.model.quantization)
     blocks = modeling.check_freeze(skeleton, cfg.model)
     if cfg.model.lora is not None:
@@ -62,7 +63,7 @@ def check(cfg: RunConfig) -> PreflightReport:
     cfg.validate()
     data_facts = check_data(cfg)
     tracking_uri, storage_uri = check_services(cfg)
-    model_facts = check_model(cfg)
+    model_facts = check_model(cfg, data_facts["info"])
     log.info("preflight passed: %d rows, %s with %d blocks", data_facts["rows"], model_facts["architecture"],
              model_facts["blocks"])
     return PreflightReport(tracking_uri=tracking_uri, data=data_facts, model=model_facts, storage_uri=storage_uri)

@@ -105,19 +105,21 @@ def tokenize(config: str | dict[str, Any], run_id: str, data_dir: str, out_dir: 
 
     cfg = _start(config)
     with _logger(cfg, run_id).stage("tokenize") as logger:
-        stats = encode(Path(data_dir), _model_dir(cfg), cfg.data, Path(out_dir))
+        stats = encode(Path(data_dir), _model_dir(cfg), cfg.data, Path(out_dir), cfg.task)
         logger.metrics({f"tokens.{k}": v for k, v in stats.items()})
     return stats
 
 
-def prepare_model(config: str | dict[str, Any], run_id: str, out_dir: str) -> dict[str, Any]:
+def prepare_model(config: str | dict[str, Any], run_id: str, tokenized_dir: str, out_dir: str) -> dict[str, Any]:
+    from kubetune.data import load_info
     from kubetune.model_source import describe_source
     from kubetune.modeling import prepare
 
     cfg = _start(config)
     with _logger(cfg, run_id).stage("prepare_model") as logger:
         source = describe_source(cfg.model.name_or_path, endpoint_url=cfg.storage.endpoint_url)
-        plan = prepare(_model_dir(cfg), cfg.model, Path(out_dir), cfg.train.seed, source)
+        plan = prepare(_model_dir(cfg), cfg.model, Path(out_dir), cfg.train.seed, source, cfg.task,
+                       load_info(Path(tokenized_dir)))
         logger.params({"model.trainable_params": plan["trainable_params"], "model.all_params": plan["all_params"],
                        "model.trainable_percent": plan["trainable_percent"]})
         logger.metrics({"model.trainable_params": plan["trainable_params"], "model.all_params": plan["all_params"],
@@ -131,14 +133,18 @@ def prepare_model(config: str | dict[str, Any], run_id: str, out_dir: str) -> di
 
 def train(config: str | dict[str, Any], run_id: str, tokenized_dir: str, prepared_dir: str, out_dir: str) -> dict:
     from kubetune import training
+    from kubetune.data import load_info
     from kubetune.modeling import load_for_training
+    from kubetune.tasks import get_task
     from kubetune.tokenization import load_tokenized, load_tokenizer
 
     cfg = _start(config)
+    kind = get_task(cfg.task)
     with _logger(cfg, run_id).stage("train") as logger:
-        model = load_for_training(_model_dir(cfg), Path(prepared_dir), cfg.model)
+        model = load_for_training(_model_dir(cfg), Path(prepared_dir), cfg.model, kind, load_info(Path(tokenized_dir)))
         tokenizer = load_tokenizer(Path(tokenized_dir) / "tokenizer")
-        summary = training.train(model, tokenizer, load_tokenized(Path(tokenized_dir), "train"), cfg.train,
+        summary = training.train(model, kind.collator(tokenizer), tokenizer,
+                                 load_tokenized(Path(tokenized_dir), "train"), cfg.train,
                                  work_dir=Path(out_dir).with_name("train-work"), out_dir=Path(out_dir),
                                  logger=logger, store=_store(cfg), prefix=run_prefix(run_id), progress=_progress())
         logger.metrics({f"train.{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -161,24 +167,34 @@ def _loaded(load) -> Iterator[Any]:
 
 
 def evaluate(config: str | dict[str, Any], run_id: str, tokenized_dir: str, tuned_dir: str, out_dir: str) -> dict:
-    from kubetune.evaluation import evaluate as score
+    import matplotlib.pyplot as plt
+
+    from kubetune.data import load_info
     from kubetune.modeling import load_base_model, load_tuned
+    from kubetune.tasks import get_task
     from kubetune.tokenization import load_tokenized, load_tokenizer
 
     cfg = _start(config)
+    kind = get_task(cfg.task)
     with _logger(cfg, run_id).stage("evaluate") as logger:
         model_dir = _model_dir(cfg)
+        info = load_info(Path(tokenized_dir))
         tokenizer = load_tokenizer(Path(tokenized_dir) / "tokenizer")
         dataset = load_tokenized(Path(tokenized_dir), "validation")
         if cfg.model.lora is not None:
-            model = load_tuned(model_dir, Path(tuned_dir), cfg.model)
+            model = load_tuned(model_dir, Path(tuned_dir), cfg.model, kind, info)
             base, tuned = _adapter_disabled(model), contextlib.nullcontext(model)
         else:
-            base = _loaded(lambda: load_base_model(model_dir, cfg.model.quantization))
-            tuned = _loaded(lambda: load_tuned(model_dir, Path(tuned_dir), cfg.model))
-        result = score(base, tuned, tokenizer, dataset, cfg.evaluate)
+            base = _loaded(lambda: load_base_model(model_dir, cfg.model.quantization, kind, info))
+            tuned = _loaded(lambda: load_tuned(model_dir, Path(tuned_dir), cfg.model, kind, info))
+        result = kind.evaluate(base, tuned, tokenizer, dataset, info, cfg)
+        figures = result.pop("figures", {})
+        for artifact_file, figure in figures.items():
+            logger.figure(figure, artifact_file)
+            plt.close(figure)
         logger.metrics(result["metrics"])
-        logger.json(result["generations"], "eval/generations.json")
+        if result.get("generations"):
+            logger.json(result["generations"], "eval/generations.json")
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / EVAL_FILE).write_text(json.dumps(result, indent=2))
     return result["metrics"]

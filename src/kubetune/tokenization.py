@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.config import DataConfig
-from kubetune.data import load_split
+from kubetune.data import INFO_FILE, load_info, load_split
 
 log = logging.getLogger(__name__)
 
@@ -27,30 +27,28 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
-def encode_causal_lm(texts: list[str], tokenizer, max_length: int) -> dict[str, list[list[int]]]:
-    """Token ids per text, with EOS appended so the model learns where a text ends."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    encoded = tokenizer(texts, truncation=True, max_length=max_length - len(eos), add_special_tokens=True)
-    ids = [row + eos for row in encoded["input_ids"]]
-    return {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]}
-
-
 def token_stats(ids: list[list[int]], max_length: int) -> dict[str, Any]:
     lengths = [len(row) for row in ids]
     return {"tokens_total": sum(lengths), "tokens_mean": round(statistics.fmean(lengths), 1),
             "tokens_max": max(lengths), "truncated_share": round(sum(n >= max_length for n in lengths) / len(lengths), 4)}
 
 
-def tokenize(data_dir: Path, model_dir: Path, cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
-    """Writes one `datasets` folder per split and the tokenizer to out_dir; returns token statistics."""
+def tokenize(data_dir: Path, model_dir: Path, cfg: DataConfig, out_dir: Path, task: str = "causal_lm") -> dict[str, Any]:
+    """Writes one `datasets` folder per split, the tokenizer and the task info to out_dir;
+    returns token statistics."""
     from datasets import Dataset
 
+    from kubetune.tasks import get_task
+
+    kind = get_task(task)
+    info = load_info(data_dir)
     tokenizer = load_tokenizer(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2))
     stats: dict[str, Any] = {}
     for split in SPLITS:
         rows = load_split(data_dir, split)
-        columns = encode_causal_lm([row["text"] for row in rows], tokenizer, cfg.max_length)
+        columns = kind.encode(rows, tokenizer, cfg, info)
         Dataset.from_dict(columns).save_to_disk(str(out_dir / split))
         stats.update({f"{split}_{k}": v for k, v in token_stats(columns["input_ids"], cfg.max_length).items()})
     tokenizer.save_pretrained(out_dir / "tokenizer")

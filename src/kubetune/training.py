@@ -106,10 +106,10 @@ def loss_curve(history: list[dict[str, Any]]):
     return figure
 
 
-def train(model, tokenizer, train_dataset, cfg: TrainConfig, work_dir: Path, out_dir: Path,
+def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir: Path, out_dir: Path,
           logger=None, store=None, prefix: str = "", progress: bool = True) -> dict[str, Any]:
     """Trains in place, writes the adapter (or weights) and tokenizer to out_dir, returns a summary."""
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     started = time.monotonic()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +141,6 @@ def train(model, tokenizer, train_dataset, cfg: TrainConfig, work_dir: Path, out
         use_cpu=not any(p.is_cuda for p in model.parameters()),
         **precision_flags(cfg.precision),
     )
-    collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                       callbacks=make_callbacks(logger, store, prefix))
     if resume_from is not None and _completed(Path(resume_from), cfg.max_steps):

@@ -1,0 +1,40 @@
+"""Task kinds: what differs between causal LM, classification, instruction and multitask tuning.
+
+The pipeline stages are the same for every kind; each stage asks the run's TaskKind for the parts
+that differ (record schema, encoding, model class, collator, metrics).
+"""
+
+from __future__ import annotations
+
+from kubetune.tasks.base import TaskKind
+
+
+def get_task(name: str) -> TaskKind:
+    from kubetune.errors import ConfigError
+
+    kinds = _kinds()
+    if name not in kinds:
+        raise ConfigError("task", name, f"use one of {', '.join(sorted(kinds))}")
+    return kinds[name]()
+
+
+def _kinds() -> dict[str, type[TaskKind]]:
+    from kubetune.tasks.causal_lm import CausalLM
+
+    kinds: dict[str, type[TaskKind]] = {"causal_lm": CausalLM}
+    try:
+        from kubetune.tasks.classification import Classification
+
+        kinds["classification"] = Classification
+    except ImportError:
+        pass
+    try:
+        from kubetune.tasks.instruction import Instruction, Multitask
+
+        kinds.update(instruction=Instruction, multitask=Multitask)
+    except ImportError:
+        pass
+    return kinds
+
+
+__all__ = ["TaskKind", "get_task"]
