@@ -108,3 +108,37 @@ def tiny_run_config(model_dir: Path, data_path: Path, **sections) -> dict:
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values} if isinstance(values, dict) else values
     return config
+
+
+def run_stages(config: dict, root: Path, through: str = "evaluate") -> dict:
+    """Each component's python_func in pipeline order, with artifacts under root; returns them."""
+    from kfp import dsl
+
+    from kubetune import components
+
+    def artifact(kind, name):
+        return kind(name=name, uri=str(root / name), metadata={})
+
+    config_json = json.dumps(config)
+    out = {"run_id": components.preflight.python_func(config_json=config_json)}
+    common = {"config_json": config_json, "run_id": out["run_id"]}
+    steps = [
+        ("prepare_data", lambda: components.prepare_data.python_func(
+            **common, dataset=out.setdefault("dataset", artifact(dsl.Dataset, "dataset")))),
+        ("tokenize", lambda: components.tokenize.python_func(
+            **common, dataset=out["dataset"], tokenized=out.setdefault("tokenized", artifact(dsl.Dataset, "tokenized")))),
+        ("prepare_model", lambda: components.prepare_model.python_func(
+            **common, tokenized=out["tokenized"], prepared_model=out.setdefault("prepared", artifact(dsl.Model, "prepared")))),
+        ("train", lambda: components.train.python_func(
+            **common, tokenized=out["tokenized"], prepared_model=out["prepared"],
+            tuned_model=out.setdefault("tuned", artifact(dsl.Model, "tuned")))),
+        ("evaluate", lambda: components.evaluate.python_func(
+            **common, tokenized=out["tokenized"], tuned_model=out["tuned"],
+            evaluation=out.setdefault("evaluation", artifact(dsl.Artifact, "evaluation")),
+            metrics=out.setdefault("metrics", artifact(dsl.Metrics, "metrics")))),
+    ]
+    for name, step in steps:
+        step()
+        if name == through:
+            break
+    return out

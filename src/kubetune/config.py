@@ -173,7 +173,8 @@ class EvaluateConfig:
     prompt_tokens: int = _help("Tokens of each held-out text used as the generation prompt.", 6)
     max_new_tokens: int = _help("Tokens to generate per prompt.", 24)
     retention_path: Optional[str] = _help(
-        "General text whose perplexity before and after fine-tuning measures forgetting; null = skip.", None)
+        "General text whose perplexity before and after fine-tuning measures forgetting; null = skip.",
+        "../shared/data/retention/wikitext2_test.txt")
     retention_samples: int = _help("Lines of the retention text scored.", 64)
 
     def validate(self) -> None:
@@ -241,6 +242,9 @@ class RunConfig:
             _require(self.data.label_field is not None, "data.label_field", None,
                      f"task {self.task} needs the field that holds the "
                      f"{'label' if self.task == 'classification' else 'answer'}")
+        if self.task == "classification":
+            _require(self.data.replay_fraction == 0, "data.replay_fraction", self.data.replay_fraction,
+                     "replay mixes general text into language-model training; a classifier has no use for it")
         if self.train.schedule == "progressive":
             _require(self.data.replay_path is not None, "train.schedule", self.train.schedule,
                      "progressive starts from general data: set data.replay_path")

@@ -24,13 +24,16 @@ log = logging.getLogger(__name__)
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
 TEXT_FILE_FIELD = "text"
+LABEL_FILE_FIELD = "label"
 INFO_FILE = "task_info.json"
+SPLIT_NAMES = ("train", "validation", "test")
 
 
 @dataclass
 class Splits:
     train: list[dict[str, Any]]
     validation: list[dict[str, Any]]
+    test: list[dict[str, Any]]
     stats: dict[str, Any]
     info: dict[str, Any]
 
@@ -80,6 +83,32 @@ def _read_delimited(path: Path, delimiter: str) -> list[dict[str, Any]]:
         return list(csv.DictReader(handle, delimiter=delimiter))
 
 
+def _labels_beside(path: Path) -> Optional[Path]:
+    """TweetEval's layout: X_text.txt holds one text per line, X_labels.txt the label of each."""
+    if path.name.endswith("_text.txt"):
+        labels = path.with_name(path.name[: -len("_text.txt")] + "_labels.txt")
+        return labels if labels.exists() else None
+    return None
+
+
+def _read_text_with_labels(path: Path, labels_path: Path) -> list[dict[str, Any]]:
+    texts = path.read_text(encoding="utf-8").splitlines()
+    labels = labels_path.read_text(encoding="utf-8").splitlines()
+    if len(texts) != len(labels):
+        raise DataError("data.path", str(path), f"{len(texts)} texts but {len(labels)} labels in {labels_path.name}")
+    return [{TEXT_FILE_FIELD: text, LABEL_FILE_FIELD: label.strip()} for text, label in zip(texts, labels)]
+
+
+def label_names_beside(path_or_uri: str) -> dict[str, str]:
+    """Label names from a mapping.txt beside a local data file (TweetEval: `0<TAB>negative`)."""
+    path = Path(path_or_uri).expanduser()
+    mapping = (path if path.is_dir() else path.parent) / "mapping.txt"
+    if path_or_uri.startswith("s3://") or not mapping.exists():
+        return {}
+    pairs = (line.split("\t", 1) for line in mapping.read_text(encoding="utf-8").splitlines() if "\t" in line)
+    return {key.strip(): name.strip() for key, name in pairs}
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
     """All records of one local file, as dicts."""
     suffix = path.suffix.lower()
@@ -89,6 +118,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         rows = _read_jsonl(path)
     elif suffix in (".csv", ".tsv"):
         rows = _read_delimited(path, "," if suffix == ".csv" else "\t")
+    elif _labels_beside(path) is not None:
+        rows = _read_text_with_labels(path, _labels_beside(path))
     else:
         rows = [{TEXT_FILE_FIELD: line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
@@ -115,15 +146,31 @@ def content_hash(files: Iterable[Path]) -> str:
     return digest.hexdigest()
 
 
-def load_records(cfg: DataConfig, endpoint_url: Optional[str] = None) -> tuple[list[dict[str, Any]], str]:
-    """Every record of the source and its content hash."""
-    files = source_files(fetch(cfg.path, endpoint_url))
+def load_records(cfg: DataConfig, endpoint_url: Optional[str] = None, field: str = "data.path",
+                 path: Optional[str] = None) -> tuple[list[dict[str, Any]], str]:
+    """Every record of the source (data.path, or another path of the data section) and its hash."""
+    source = path or cfg.path
+    try:
+        files = source_files(fetch(source, endpoint_url))
+    except DataError as exc:
+        raise DataError(field, exc.value, exc.fix) from None
     rows: list[dict[str, Any]] = []
-    for path in files:
-        rows.extend(read_records(path))
+    for file in files:
+        rows.extend(read_records(file))
     if not rows:
-        raise DataError("data.path", cfg.path, "the source holds no records")
+        raise DataError(field, source, "the source holds no records")
     return rows, content_hash(files)
+
+
+def replay_texts(cfg: DataConfig, count: int, seed: int, endpoint_url: Optional[str] = None) -> list[str]:
+    """`count` lines of general text for replay, drawn with the seed (headings and short lines skipped)."""
+    rows, _ = load_records(cfg, endpoint_url, "data.replay_path", cfg.replay_path)
+    lines = [str(row.get(TEXT_FILE_FIELD) or "").strip() for row in rows]
+    usable = [line for line in lines if len(line.split()) >= 8 and not line.startswith("=")]
+    if not usable:
+        raise DataError("data.replay_path", cfg.replay_path, "holds no lines of 8 words or more to replay")
+    rng = random.Random(seed)
+    return [rng.choice(usable) for _ in range(count)] if count > len(usable) else rng.sample(usable, count)
 
 
 def require_fields(rows: list[dict[str, Any]], cfg: DataConfig, named: list[tuple[str, Optional[str]]]) -> None:
@@ -165,17 +212,32 @@ def prepare(cfg: DataConfig, task: str, seed: int, endpoint_url: Optional[str] =
     kind.check_fields(rows, cfg)
     normalised = kind.normalise(rows, cfg)
     train, validation = split(normalised, cfg, seed)
+    test: list[dict[str, Any]] = []
+    if cfg.test_path:
+        test_rows, test_digest = load_records(cfg, endpoint_url, "data.test_path", cfg.test_path)
+        kind.check_fields(test_rows, cfg)
+        test = kind.normalise(test_rows, cfg)
+        digest = hashlib.sha256((digest + test_digest).encode()).hexdigest()
+    info = kind.info(train, cfg)  # from the task's own data, before any general text is mixed in
+    replayed = 0
+    if cfg.replay_fraction > 0:
+        replayed = round(len(train) * cfg.replay_fraction / (1 - cfg.replay_fraction))
+        train = train + [kind.replay_record(text) for text in replay_texts(cfg, replayed, seed, endpoint_url)]
+        random.Random(seed + 1).shuffle(train)
     stats = {"rows_source": len(rows), "rows_usable": len(normalised), "rows_train": len(train),
-             "rows_validation": len(validation), "content_sha256": digest,
-             **{f"train_{k}": v for k, v in length_stats(train).items()}}
-    log.info("data: %d train / %d validation rows (sha256 %s)", len(train), len(validation), digest[:12])
-    return Splits(train=train, validation=validation, stats=stats, info=kind.info(train, cfg))
+             "rows_validation": len(validation), "rows_test": len(test), "rows_replay": replayed,
+             "content_sha256": digest, **{f"train_{k}": v for k, v in length_stats(train).items()}}
+    log.info("data: %d train (%d replayed) / %d validation / %d test rows (sha256 %s)", len(train), replayed,
+             len(validation), len(test), digest[:12])
+    return Splits(train=train, validation=validation, test=test, stats=stats, info=info)
 
 
 def save_splits(splits: Splits, out_dir: Path) -> None:
     """JSONL per split plus stats.json: readable, diffable and small for CPU-sized data."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("train", "validation"):
+    for name in SPLIT_NAMES:
+        if name == "test" and not splits.test:
+            continue
         with (out_dir / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
             for row in getattr(splits, name):
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -190,3 +252,8 @@ def load_info(artifact_dir: Path) -> dict[str, Any]:
 
 def load_split(data_dir: Path, name: str) -> list[dict[str, Any]]:
     return _read_jsonl(Path(data_dir) / f"{name}.jsonl")
+
+
+def split_names(data_dir: Path) -> list[str]:
+    """The splits a prepared dataset holds (test only when data.test_path was given)."""
+    return [name for name in SPLIT_NAMES if (Path(data_dir) / f"{name}.jsonl").exists()]

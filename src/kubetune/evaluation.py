@@ -6,7 +6,8 @@ import logging
 import math
 from typing import Any
 
-from kubetune.config import EvaluateConfig
+from kubetune.config import EvaluateConfig, RunConfig
+from kubetune.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +84,35 @@ def evaluate(base_model, tuned_model, tokenizer, dataset, cfg: EvaluateConfig) -
     generations = [{"prompt": p, "base": b, "tuned": t} for p, b, t in zip(prompts, texts["base"], texts["tuned"])]
     log.info("evaluate: base perplexity %.2f -> tuned %.2f", base["perplexity"], tuned["perplexity"])
     return {"metrics": metrics, "generations": generations}
+
+
+def retention_texts(cfg: RunConfig) -> list[str]:
+    """A seeded sample of general-text lines (evaluate.retention_path) to measure forgetting on."""
+    import random
+
+    from kubetune.data import load_records
+
+    rows, _ = load_records(cfg.data, cfg.storage.endpoint_url, "evaluate.retention_path", cfg.evaluate.retention_path)
+    lines = [str(row.get("text") or "").strip() for row in rows]
+    usable = [line for line in lines if len(line.split()) >= 8 and not line.startswith("=")]
+    if not usable:
+        raise DataError("evaluate.retention_path", cfg.evaluate.retention_path, "holds no lines of 8 words or more")
+    return random.Random(cfg.train.seed).sample(usable, min(cfg.evaluate.retention_samples, len(usable)))
+
+
+def retention(base_model, tuned_model, tokenizer, cfg: RunConfig) -> dict[str, float]:
+    """Perplexity on general text before and after fine-tuning; forgetting = its relative rise."""
+    from datasets import Dataset
+
+    from kubetune.tasks.causal_lm import CausalLM
+
+    records = [{"text": text} for text in retention_texts(cfg)]
+    dataset = Dataset.from_dict(CausalLM().encode(records, tokenizer, cfg.data, {}))
+    scores = {}
+    for name, variant in (("base", base_model), ("tuned", tuned_model)):
+        with variant as model:
+            scores[name] = heldout_loss(model, tokenizer, dataset, cfg.evaluate.batch_size)
+    base, tuned = scores["base"]["perplexity"], scores["tuned"]["perplexity"]
+    log.info("retention: perplexity %.2f -> %.2f on %d general lines", base, tuned, len(records))
+    return {"eval.retention.base_perplexity": base, "eval.retention.tuned_perplexity": tuned,
+            "eval.retention.samples": len(records), "eval.forgetting_pct": round(100 * (tuned / base - 1), 2)}

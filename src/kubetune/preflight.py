@@ -28,6 +28,10 @@ def check_data(cfg: RunConfig) -> dict[str, Any]:
 
     splits = data.prepare(cfg.data, cfg.task, cfg.train.seed, cfg.storage.endpoint_url)
     stats = splits.stats
+    if cfg.evaluate.retention_path:
+        from kubetune.evaluation import retention_texts
+
+        retention_texts(cfg)
     return {"rows": stats["rows_source"], "train_rows": stats["rows_train"],
             "validation_rows": stats["rows_validation"], "sha256": stats["content_sha256"], "info": splits.info}
 

@@ -170,9 +170,10 @@ def evaluate(config: str | dict[str, Any], run_id: str, tokenized_dir: str, tune
     import matplotlib.pyplot as plt
 
     from kubetune.data import load_info
+    from kubetune.evaluation import retention
     from kubetune.modeling import load_base_model, load_tuned
     from kubetune.tasks import get_task
-    from kubetune.tokenization import load_tokenized, load_tokenizer
+    from kubetune.tokenization import heldout_split, load_tokenized, load_tokenizer
 
     cfg = _start(config)
     kind = get_task(cfg.task)
@@ -180,14 +181,20 @@ def evaluate(config: str | dict[str, Any], run_id: str, tokenized_dir: str, tune
         model_dir = _model_dir(cfg)
         info = load_info(Path(tokenized_dir))
         tokenizer = load_tokenizer(Path(tokenized_dir) / "tokenizer")
-        dataset = load_tokenized(Path(tokenized_dir), "validation")
+        split = heldout_split(Path(tokenized_dir))
+        dataset = load_tokenized(Path(tokenized_dir), split)
         if cfg.model.lora is not None:
             model = load_tuned(model_dir, Path(tuned_dir), cfg.model, kind, info)
-            base, tuned = _adapter_disabled(model), contextlib.nullcontext(model)
+            variants = {"base": lambda: _adapter_disabled(model), "tuned": lambda: contextlib.nullcontext(model)}
         else:
-            base = _loaded(lambda: load_base_model(model_dir, cfg.model.quantization, kind, info))
-            tuned = _loaded(lambda: load_tuned(model_dir, Path(tuned_dir), cfg.model, kind, info))
-        result = kind.evaluate(base, tuned, tokenizer, dataset, info, cfg)
+            variants = {"base": lambda: _loaded(lambda: load_base_model(model_dir, cfg.model.quantization, kind, info)),
+                        "tuned": lambda: _loaded(lambda: load_tuned(model_dir, Path(tuned_dir), cfg.model, kind, info))}
+        result = kind.evaluate(variants["base"](), variants["tuned"](), tokenizer, dataset, info, cfg)
+        result["metrics"]["eval.split_" + split] = 1
+        if cfg.evaluate.retention_path and kind.lm_head:
+            result["metrics"].update(retention(variants["base"](), variants["tuned"](), tokenizer, cfg))
+        elif cfg.evaluate.retention_path:
+            logger.tags({"eval.retention": f"not applicable: a {cfg.task} model has no language-model head"})
         figures = result.pop("figures", {})
         for artifact_file, figure in figures.items():
             logger.figure(figure, artifact_file)

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.config import DataConfig
-from kubetune.data import INFO_FILE, load_info, load_split
+from kubetune.data import INFO_FILE, load_info, load_split, split_names
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation")
 
 
 def load_tokenizer(model_dir: Path):
@@ -46,7 +45,7 @@ def tokenize(data_dir: Path, model_dir: Path, cfg: DataConfig, out_dir: Path, ta
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2))
     stats: dict[str, Any] = {}
-    for split in SPLITS:
+    for split in split_names(data_dir):
         rows = load_split(data_dir, split)
         columns = kind.encode(rows, tokenizer, cfg, info)
         Dataset.from_dict(columns).save_to_disk(str(out_dir / split))
@@ -55,6 +54,11 @@ def tokenize(data_dir: Path, model_dir: Path, cfg: DataConfig, out_dir: Path, ta
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     log.info("tokenize: %s", stats)
     return stats
+
+
+def heldout_split(tokenized_dir: Path) -> str:
+    """What evaluation scores: the test split when data.test_path was given, else validation."""
+    return "test" if (Path(tokenized_dir) / "test").exists() else "validation"
 
 
 def load_tokenized(tokenized_dir: Path, split: str):

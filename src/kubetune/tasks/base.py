@@ -40,6 +40,10 @@ class TaskKind:
     def info(self, train: list[dict[str, Any]], cfg: DataConfig) -> dict[str, Any]:
         return {}
 
+    def replay_record(self, text: str) -> dict[str, Any]:
+        """A line of general text (data.replay_path) as a training record of this kind."""
+        return {"text": text}
+
     # ---- tokenize ---------------------------------------------------------------------------
     def encode(self, records: list[dict[str, Any]], tokenizer, cfg: DataConfig,
                info: dict[str, Any]) -> dict[str, list]:
