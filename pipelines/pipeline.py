@@ -1,9 +1,22 @@
-"""The kubetune DAG. Everything Kubernetes-specific about it belongs in this folder."""
+"""The kubetune DAG. Everything Kubernetes-specific about it belongs in this folder.
+
+What a cluster needs to know sits in two places below: the per-stage table `STAGES` (CPU, memory,
+timeout, caching, retries) and the pipeline parameters (accelerator type and counts, the GPU node
+selector). The Kubernetes objects the pods read (`kubetune-s3`, `kubetune-mlflow`,
+`kubetune-hub-token`, `kubetune-endpoints`) are named here and created by kustomize/.
+
+`kubetune run` executes this same function under kfp.local, which ignores the CPU, memory and
+accelerator settings (one warning per task) and every kfp.kubernetes setting (silently). It honours
+two: caching (only if local caching is switched on, which kubetune does not do) and `set_retry`: a
+failing train is retried locally too, after the same backoff, and resumes from its last checkpoint.
+"""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from kfp import compiler, dsl
+from kfp import compiler, dsl, kubernetes
 
 from kubetune.components import evaluate, preflight, prepare_data, prepare_model, register, tokenize, train
 from kubetune.config import default_config
@@ -11,26 +24,120 @@ from kubetune.config import default_config
 PIPELINE_NAME = "kubetune"
 COMPILED = Path(__file__).with_name("kubetune_pipeline.yaml")
 
+# Defaults of the cluster-facing pipeline parameters; `kubetune submit` sends the same names.
+ACCELERATOR_TYPE = "nvidia.com/gpu"  # the NVIDIA device plugin's resource name
+ACCELERATOR_COUNT = 1
+GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}  # label set by NVIDIA GPU feature discovery
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}  # the usual GPU-pool taint
+
+# Credentials reach the pods only as environment variables from Secrets, never as parameters.
+# Secret name: its keys, each filling the environment variable of the same name. All optional: a
+# cluster may give S3 access through the ServiceAccount's cloud identity, run MLflow without auth and
+# use no gated hub model. A missing required Secret would leave the pod stuck in
+# CreateContainerConfigError until its timeout; missing credentials that are needed make preflight
+# fail within seconds instead, with a message, before any GPU is requested.
+SECRETS_AS_ENV = {
+    "kubetune-s3": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
+    "kubetune-mlflow": ["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"],
+    "kubetune-hub-token": ["HF_TOKEN"],
+}
+ENDPOINTS_CONFIG_MAP = "kubetune-endpoints"  # required: without it the pods would not know where MLflow is
+ENDPOINT_KEYS = ["MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"]  # what tracking.mlflow_uri / storage.endpoint_url fall back to
+
+
+@dataclass(frozen=True)
+class Stage:
+    """How one task runs on a cluster. Requests are what the scheduler reserves, limits what the
+    container may use; memory request = limit on the GPU stages so they are never the first evicted."""
+
+    cpu: tuple[str, str]  # request, limit
+    memory: tuple[str, str]  # request, limit
+    timeout_minutes: int  # per attempt: the pod's activeDeadlineSeconds
+    cache: bool  # reuse a previous execution with the very same inputs
+    retries: int = 0
+
+
+# Caching: every stage takes the run id that preflight opens, so a cache key can only match inside the
+# same pipeline run (a retried run); across runs nothing is reused, and a cached stage can never leave
+# a new MLflow run without its statistics. Off for preflight (it opens the MLflow run: a cached one
+# would hand back an old run id), prepare_model, train (a hit would skip the checkpoints and per-step
+# metrics the run must own), evaluate and register (they must see the model this run trained, and
+# register moves the champion alias).
+# Retries: train only. It resumes from the last checkpoint in storage, and what kills it is mostly
+# the node (preemption, OOM kill, eviction); the other stages fail for reasons a retry does not fix.
+STAGES = {
+    "preflight": Stage(cpu=("1", "2"), memory=("4Gi", "4Gi"), timeout_minutes=20, cache=False),
+    "prepare_data": Stage(cpu=("1", "2"), memory=("4Gi", "8Gi"), timeout_minutes=60, cache=True),
+    "tokenize": Stage(cpu=("2", "4"), memory=("8Gi", "8Gi"), timeout_minutes=60, cache=True),
+    "prepare_model": Stage(cpu=("4", "8"), memory=("32Gi", "32Gi"), timeout_minutes=60, cache=False),
+    "train": Stage(cpu=("8", "8"), memory=("64Gi", "64Gi"), timeout_minutes=24 * 60, cache=False, retries=2),
+    "evaluate": Stage(cpu=("4", "8"), memory=("32Gi", "32Gi"), timeout_minutes=4 * 60, cache=False),
+    "register": Stage(cpu=("1", "2"), memory=("4Gi", "8Gi"), timeout_minutes=30, cache=False),
+}
+RETRY_BACKOFF = {"backoff_duration": "30s", "backoff_factor": 2.0, "backoff_max_duration": "3600s"}
+
+
+def _on_cluster(task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
+    """Size, time-box, cache/retry and connect one task as STAGES[stage] says."""
+    settings = STAGES[stage]
+    task.set_cpu_request(settings.cpu[0]).set_cpu_limit(settings.cpu[1])
+    task.set_memory_request(settings.memory[0]).set_memory_limit(settings.memory[1])
+    kubernetes.set_timeout(task, seconds=settings.timeout_minutes * 60)
+    task.set_caching_options(enable_caching=settings.cache)
+    if settings.retries:
+        task.set_retry(num_retries=settings.retries, **RETRY_BACKOFF)
+    return _connect(task)
+
+
+def _connect(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """Endpoints from the ConfigMap, credentials from the Secrets, all as environment variables.
+    Every stage gets them: each one logs to the MLflow run and may read s3:// or the hub."""
+    kubernetes.use_config_map_as_env(task, ENDPOINTS_CONFIG_MAP, {key: key for key in ENDPOINT_KEYS})
+    for secret, keys in SECRETS_AS_ENV.items():
+        kubernetes.use_secret_as_env(task, secret, {key: key for key in keys}, optional=True)
+    return task
+
+
+def _on_gpus(task: dsl.PipelineTask, accelerator_type, count, node_selector: Optional[dict]) -> dsl.PipelineTask:
+    """Accelerators on a GPU node: the limit, the GPU pool's node labels and its taint."""
+    task.set_accelerator_type(accelerator_type).set_accelerator_limit(count)
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration(task, **GPU_TOLERATION)
+    return task
+
 
 @dsl.pipeline(name=PIPELINE_NAME,
               description="Fine-tune a language model: preflight, data, tokenize, model prep, train, "
                           "evaluate, register; one MLflow run per pipeline run.")
-def kubetune_pipeline(config_json: str = json.dumps(default_config())) -> str:
+def kubetune_pipeline(
+    config_json: str = json.dumps(default_config()),
+    accelerator_type: str = ACCELERATOR_TYPE,
+    accelerator_count: int = ACCELERATOR_COUNT,
+    train_accelerator_count: int = ACCELERATOR_COUNT,
+    gpu_node_selector: dict = GPU_NODE_SELECTOR,
+) -> str:
     # The whole run config travels as one JSON string: KFP struct parameters cannot hold null,
     # and null is meaningful here (lora: null = no LoRA).
+    # accelerator_count sizes prepare_model and evaluate; train_accelerator_count sizes train. Train
+    # uses one device today: data-parallel training on one node (torchrun, gpus per node) is where
+    # train_accelerator_count will also be handed to the train component.
     config = config_json
-    checked = preflight(config_json=config)
+    checked = _on_cluster(preflight(config_json=config), "preflight")
     run_id = checked.output
-    data = prepare_data(config_json=config, run_id=run_id)
-    tokens = tokenize(config_json=config, run_id=run_id, dataset=data.outputs["dataset"])
-    prepared = prepare_model(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"])
-    trained = train(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],
-                    prepared_model=prepared.outputs["prepared_model"])
-    evaluated = evaluate(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],
-                         tuned_model=trained.outputs["tuned_model"])
-    registered = register(config_json=config, run_id=run_id, tuned_model=trained.outputs["tuned_model"],
-                          prepared_model=prepared.outputs["prepared_model"],
-                          evaluation=evaluated.outputs["evaluation"])
+    data = _on_cluster(prepare_data(config_json=config, run_id=run_id), "prepare_data")
+    tokens = _on_cluster(tokenize(config_json=config, run_id=run_id, dataset=data.outputs["dataset"]), "tokenize")
+    prepared = _on_cluster(prepare_model(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"]),
+                           "prepare_model")
+    _on_gpus(prepared, accelerator_type, accelerator_count, gpu_node_selector)
+    trained = _on_cluster(train(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],
+                                prepared_model=prepared.outputs["prepared_model"]), "train")
+    _on_gpus(trained, accelerator_type, train_accelerator_count, gpu_node_selector)
+    evaluated = _on_cluster(evaluate(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],
+                                     tuned_model=trained.outputs["tuned_model"]), "evaluate")
+    _on_gpus(evaluated, accelerator_type, accelerator_count, gpu_node_selector)
+    registered = _on_cluster(register(config_json=config, run_id=run_id, tuned_model=trained.outputs["tuned_model"],
+                                      prepared_model=prepared.outputs["prepared_model"],
+                                      evaluation=evaluated.outputs["evaluation"]), "register")
     return registered.output
 
 

@@ -13,7 +13,7 @@ def test_committed_yaml_matches_a_fresh_compile(tmp_path):
 
 
 def test_seven_tasks_in_order():
-    spec = yaml.safe_load(COMPILED.read_text())
+    spec = next(yaml.safe_load_all(COMPILED.read_text()))  # then the platforms: kubernetes document
     tasks = spec["root"]["dag"]["tasks"]
     assert sorted(tasks) == sorted(TASKS)
     upstream = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
@@ -26,6 +26,6 @@ def test_default_config_parameter_is_the_embedded_demo():
 
     from kubetune.config import default_config
 
-    spec = yaml.safe_load(COMPILED.read_text())
+    spec = next(yaml.safe_load_all(COMPILED.read_text()))  # then the platforms: kubernetes document
     default = spec["root"]["inputDefinitions"]["parameters"]["config_json"]["defaultValue"]
     assert json.loads(default) == default_config()

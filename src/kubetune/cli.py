@@ -12,6 +12,15 @@ from kubetune import __version__
 from kubetune.errors import UserError
 
 
+HEADLINE_METRICS = (
+    "eval.base_perplexity", "eval.tuned_perplexity", "eval.perplexity_change_pct",
+    "eval.base_accuracy", "eval.tuned_accuracy", "eval.base_macro_f1", "eval.tuned_macro_f1",
+    "eval.majority_accuracy", "eval.majority_macro_f1",
+    "eval.base_answer_accuracy", "eval.tuned_answer_accuracy",
+    "eval.retention.base_perplexity", "eval.retention.tuned_perplexity", "eval.forgetting_pct",
+)
+
+
 def _run(args: argparse.Namespace) -> int:
     from kubetune.config import load_config
     from kubetune.local import run_pipeline
@@ -23,9 +32,9 @@ def _run(args: argparse.Namespace) -> int:
     for stage, seconds in result["stage_seconds"].items():
         print(f"  {stage:<14} {seconds:7.1f} s")
     print(f"  {result['trainable_line']}")
-    for key in ("eval.base_perplexity", "eval.tuned_perplexity", "eval.perplexity_change_pct"):
+    for key in HEADLINE_METRICS:
         if key in result["eval"]:
-            print(f"  {key:<28} {result['eval'][key]}")
+            print(f"  {key:<34} {result['eval'][key]}")
     print(f"registered model version: {result['registered']}" + (" (champion)" if result["champion"] else ""))
     print(f"adapter and checkpoints:  {result['storage']}")
     print(f"MLflow run {result['run_id']} in {result['tracking_uri']}")
@@ -87,6 +96,32 @@ def _services(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_command(args: argparse.Namespace) -> int:
+    """submit, retrain and schedule: validate everything here, then send (kubetune.cluster)."""
+    from kubetune import cluster
+    from kubetune.config import load_config
+
+    cfg = load_config(args.config, args.set)  # bad input ends here: nothing has been sent
+    connection = cluster.Connection.resolve(args.host, args.token, args.namespace)
+    accelerators = cluster.Accelerators(args.accelerator_type, args.accelerator_count, args.train_accelerator_count,
+                                        cluster.parse_node_selector(args.gpu_node_selector))
+    experiment = args.experiment or cfg.tracking.experiment
+    if args.command == "schedule":
+        done = cluster.schedule(connection, cfg, args.name, args.cron, accelerators, experiment, args.max_concurrency,
+                                args.service_account)
+        what = f"recurring run {args.name!r} ({args.cron})" + (
+            f", replacing {', '.join(done.replaced)}" if done.replaced else "")
+    else:
+        done = cluster.submit(connection, cfg, accelerators, experiment, getattr(args, "run_name", None),
+                              prefix="retrain-" if args.command == "retrain" else "",
+                              service_account=args.service_account)
+        what = f"run {done.run_name}"
+    print(f"kubetune: pipeline version {done.version_name} " + ("uploaded" if done.uploaded else "already there"))
+    print(f"kubetune: {what} in experiment {experiment!r}")
+    print(done.url)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetune", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kubetune {__version__}")
@@ -115,6 +150,37 @@ def build_parser() -> argparse.ArgumentParser:
     compile_ = commands.add_parser("compile", help="write the pipeline YAML for Kubeflow Pipelines")
     compile_.add_argument("--output", help="where to write it (default: pipelines/kubetune_pipeline.yaml)")
     compile_.set_defaults(func=_compile)
+
+    def cluster_args(sub: argparse.ArgumentParser) -> None:
+        config_args(sub)
+        sub.add_argument("--host", help="Kubeflow Pipelines URL, e.g. https://kubeflow.example.com/pipeline "
+                                        "(default: $KF_PIPELINES_ENDPOINT)")
+        sub.add_argument("--token", help="bearer token for the KFP API (default: $KF_PIPELINES_TOKEN)")
+        sub.add_argument("--namespace", help="your profile namespace on a multi-user Kubeflow")
+        sub.add_argument("--experiment", help="KFP experiment (default: tracking.experiment)")
+        sub.add_argument("--service-account", help="Kubernetes service account of the run's pods, e.g. "
+                                                   "kubetune-pipeline (default: KFP's own)")
+        sub.add_argument("--accelerator-type", help="GPU resource name (default: nvidia.com/gpu)")
+        sub.add_argument("--accelerator-count", type=int, help="GPUs for prepare_model and evaluate (default: 1)")
+        sub.add_argument("--train-accelerator-count", type=int, help="GPUs for train (default: 1)")
+        sub.add_argument("--gpu-node-selector", action="append", default=[], metavar="KEY=VALUE",
+                         help="node label the GPU stages need; repeatable (default: nvidia.com/gpu.present=true)")
+
+    submit = commands.add_parser("submit", help="run the pipeline on a Kubeflow Pipelines cluster")
+    cluster_args(submit)
+    submit.add_argument("--run-name", help="name of the run (default: <register.model_name>-<UTC time>)")
+    submit.set_defaults(func=_cluster_command)
+
+    retrain = commands.add_parser("retrain", help="a one-off cluster run with overrides (run name retrain-...)")
+    cluster_args(retrain)
+    retrain.set_defaults(func=_cluster_command)
+
+    schedule = commands.add_parser("schedule", help="a recurring cluster run; the same --name replaces it")
+    cluster_args(schedule)
+    schedule.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 3 * * *' = 03:00 daily")
+    schedule.add_argument("--name", required=True, help="name of the recurring run")
+    schedule.add_argument("--max-concurrency", type=int, default=1, help="runs of it at the same time (default: 1)")
+    schedule.set_defaults(func=_cluster_command)
 
     services = commands.add_parser("services", help="a local MLflow server (UI included) in the background")
     services.add_argument("action", choices=["up", "status", "down"])

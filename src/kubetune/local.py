@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,9 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     os.environ[STATE_ENV] = str(home)  # the stage subprocesses inherit it
     os.environ["KUBETUNE_PROGRESS"] = "1" if progress else "0"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Resource, accelerator and Kubernetes settings belong to the cluster; kfp.local ignores them.
+    warnings.filterwarnings("ignore", message=r"Task '.*': settings .* have no effect in the current local runner")
+    warnings.filterwarnings("ignore", message=r".*custom or non-Python base image.*")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
                workspace_root=str(home / "kfp-workspace"), raise_on_error=True)
     started = time.monotonic()

@@ -279,6 +279,7 @@ def prepare(model_dir: Path, cfg: ModelConfig, out_dir: Path, seed: int,
     if cfg.lora is not None:
         model.save_pretrained(out_dir / INITIAL_ADAPTER)
     plan = {"name_or_path": cfg.name_or_path, "source": source or {}, "quantization": cfg.quantization,
+            "task": _kind(task).name, "task_info": info or {},
             "device": device_kind(), "blocks": len(find_blocks(model)[1]), "freeze_layers": cfg.freeze_layers,
             "lora": None if cfg.lora is None else vars(cfg.lora), "trainable_params": trainable,
             "all_params": total, "trainable_percent": round(100 * trainable / total, 4),

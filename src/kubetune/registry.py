@@ -18,11 +18,14 @@ from kubetune import __version__
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
-SCORE_TAG = "eval.tuned_perplexity"
+# The promotion gate's score per task kind, and whether higher is better.
+SCORES = {"classification": ("eval.tuned_macro_f1", True)}
+DEFAULT_SCORE = ("eval.tuned_perplexity", False)
 
 
 class AdapterModel(mlflow.pyfunc.PythonModel):
-    """pyfunc: completes the strings in a `prompt` column with the base model plus the adapter."""
+    """pyfunc over the base model plus the adapter. Language-model tasks complete the strings in a
+    `prompt` column; classification returns the label name of each string in a `text` column."""
 
     def load_context(self, context):
         from kubetune.config import ModelConfig, LoraSettings
@@ -33,16 +36,32 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         settings = context.model_config
         cfg = ModelConfig(name_or_path=settings["base_model"], quantization=settings["quantization"],
                           lora=LoraSettings() if settings.get("lora", True) else None)
+        self.task = settings.get("task", "causal_lm")
+        self.info = settings.get("task_info") or {}
         self.tokenizer = load_tokenizer(Path(context.artifacts["adapter"]))
-        self.model = load_tuned(resolve_model(cfg.name_or_path), Path(context.artifacts["adapter"]), cfg)
+        self.model = load_tuned(resolve_model(cfg.name_or_path), Path(context.artifacts["adapter"]), cfg,
+                                self.task, self.info)
         self.max_new_tokens = int(settings.get("max_new_tokens", 32))
 
     def predict(self, context, model_input, params: Optional[dict[str, Any]] = None):
+        column = "text" if self.task == "classification" else "prompt"
+        inputs = list(model_input[column]) if hasattr(model_input, "columns") else list(model_input)
+        if self.task == "classification":
+            return self._classify(inputs)
         from kubetune.evaluation import generate
 
-        prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
         limit = int((params or {}).get("max_new_tokens", self.max_new_tokens))
-        return generate(self.model, self.tokenizer, prompts, limit)
+        return generate(self.model, self.tokenizer, inputs, limit)
+
+    def _classify(self, texts: list[str]) -> list[str]:
+        import torch
+
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(device)
+        with torch.no_grad():
+            ids = self.model(**batch).logits.argmax(-1).tolist()
+        names = self.info.get("id2label", {})
+        return [names.get(str(i), str(i)) for i in ids]
 
 
 def requirements() -> list[str]:
@@ -61,6 +80,7 @@ def register(tracking_uri: str, run_id: str, model_name: str, adapter_dir: Path,
     from mlflow import MlflowClient
 
     model_config = {"base_model": plan["name_or_path"], "quantization": plan["quantization"],
+                    "task": plan.get("task", "causal_lm"), "task_info": plan.get("task_info", {}),
                     "lora": plan["lora"] is not None,
                     "base_fingerprint": plan.get("source", {}).get("fingerprint", "")}
     with _uris(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
@@ -80,7 +100,8 @@ def register(tracking_uri: str, run_id: str, model_name: str, adapter_dir: Path,
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)
 
-    promoted = promote_if_better(client, model_name, version, metrics.get(SCORE_TAG))
+    score_key, higher_is_better = SCORES.get(plan.get("task", "causal_lm"), DEFAULT_SCORE)
+    promoted = promote_if_better(client, model_name, version, score_key, metrics.get(score_key), higher_is_better)
     log.info("registered %s version %s (champion: %s)", model_name, version, promoted)
     return {"model_name": model_name, "version": version, "model_uri": info.model_uri, "champion": promoted}
 
@@ -100,7 +121,8 @@ def _uris(uri: str):
         mlflow.set_registry_uri(previous[1])
 
 
-def promote_if_better(client, model_name: str, version: str, score: Optional[float]) -> bool:
+def promote_if_better(client, model_name: str, version: str, score_key: str, score: Optional[float],
+                      higher_is_better: bool) -> bool:
     if score is None:
         return False
     try:
@@ -108,8 +130,8 @@ def promote_if_better(client, model_name: str, version: str, score: Optional[flo
     except Exception:  # no champion yet: the registry raises when the alias does not exist
         current = None
     if current is not None:
-        best = current.tags.get(SCORE_TAG)
-        if best is not None and float(best) <= score:
+        best = current.tags.get(score_key)
+        if best is not None and (float(best) >= score if higher_is_better else float(best) <= score):
             return False
     client.set_registered_model_alias(model_name, CHAMPION, version)
     return True
