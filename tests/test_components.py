@@ -141,3 +141,23 @@ def test_retry_mid_training_resumes_from_the_last_stored_checkpoint(run):
     _, summary = retry_train(run, "tuned_retry_mid")
     assert summary["resumed_from"].endswith("checkpoint-6") and summary["steps"] == 12
     assert [row["step"] for row in summary["history"]] == list(range(1, 13))
+
+
+def test_train_with_two_data_parallel_processes(run):
+    """train.processes=2: two torchrun workers in one DDP group (gloo on the CPU), one adapter."""
+    config = json.loads(run["config_json"])
+    config["model"]["quantization"] = "none"  # bitsandbytes' CPU kernels are not needed to test DDP
+    config["train"].update(processes=2, max_steps=4, save_steps=0, batch_size=4)
+    config["storage"]["uri"] = str(run["root"] / "storage-ddp")
+    prepared = artifact(dsl.Model, run["root"], "prepared_ddp")
+    config_json = json.dumps(config)
+    components.prepare_model.python_func(config_json=config_json, run_id=run["run_id"], tokenized=run["tokenized"],
+                                         prepared_model=prepared)
+    tuned = artifact(dsl.Model, run["root"], "tuned_ddp")
+    components.train.python_func(config_json=config_json, run_id=run["run_id"], tokenized=run["tokenized"],
+                                 prepared_model=prepared, tuned_model=tuned)
+    summary = json.loads((Path(tuned.path) / "training_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 4
+    before = load_file(Path(prepared.path) / INITIAL_ADAPTER / "adapter_model.safetensors")
+    after = load_file(Path(tuned.path) / "adapter_model.safetensors")
+    assert all(not torch.equal(before[k], after[k]) for k in after)

@@ -147,12 +147,14 @@ class TrainConfig:
     precision: str = _help("auto picks bf16/fp16 only where the device supports it; or fp32, fp16, bf16.",
                            "auto")
     save_steps: int = _help("Save (and upload) a checkpoint every N optimizer steps; 0 = only at the end.", 20)
+    processes: int = _help("Data-parallel training processes on one node (DDP via torchrun): one per GPU; "
+                           "on the CPU they use the gloo backend.", 1)
     schedule: str = _help("mixed: all tasks from the start; progressive: start from the general (replay) "
                           "data and ramp the new tasks in (the guide's schedule).", "mixed")
     logging_steps: int = _help("Log loss and learning rate every N optimizer steps.", 1)
 
     def validate(self) -> None:
-        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps"):
+        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps", "processes"):
             value = getattr(self, name)
             _require(value > 0, f"train.{name}", value, "must be a positive integer")
         _require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be 0 or more")

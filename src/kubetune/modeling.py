@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -95,7 +96,9 @@ def load_base_model(model_dir: Path, quantization: str, task=None, info: Optiona
     skip = kind.trained_head(meta_model(model_dir, kind, info)) if quantization != "none" else None
     bnb = quantization_config(quantization, skip)
     if bnb is not None:
-        kwargs.update(quantization_config=bnb, device_map={"": 0 if device_kind() == "cuda" else "cpu"})
+        # Under torchrun each worker holds a whole copy of the model on its own GPU.
+        gpu = int(os.environ.get("LOCAL_RANK", 0))
+        kwargs.update(quantization_config=bnb, device_map={"": gpu if device_kind() == "cuda" else "cpu"})
     model = kind.auto_model_class().from_pretrained(model_dir, **kwargs)
     if bnb is None:
         model.to(device_kind())

@@ -132,6 +132,20 @@ def prepare_model(config: str | dict[str, Any], run_id: str, tokenized_dir: str,
 
 
 def train(config: str | dict[str, Any], run_id: str, tokenized_dir: str, prepared_dir: str, out_dir: str) -> dict:
+    """Trains in this process, or with train.processes > 1 in that many data-parallel worker
+    processes started by torchrun (one per GPU; gloo on the CPU)."""
+    cfg = _start(config)
+    with _logger(cfg, run_id).stage("train") as logger:
+        if cfg.train.processes > 1:
+            summary = _train_distributed(config, run_id, tokenized_dir, prepared_dir, out_dir, cfg.train.processes)
+        else:
+            summary = train_worker(config, run_id, tokenized_dir, prepared_dir, out_dir)
+        logger.metrics({f"train.{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+    return summary
+
+
+def train_worker(config: str | dict[str, Any], run_id: str, tokenized_dir: str, prepared_dir: str,
+                 out_dir: str) -> dict:
     from kubetune import training
     from kubetune.data import load_info
     from kubetune.modeling import load_for_training
@@ -140,14 +154,31 @@ def train(config: str | dict[str, Any], run_id: str, tokenized_dir: str, prepare
 
     cfg = _start(config)
     kind = get_task(cfg.task)
-    with _logger(cfg, run_id).stage("train") as logger:
-        model = load_for_training(_model_dir(cfg), Path(prepared_dir), cfg.model, kind, load_info(Path(tokenized_dir)))
-        tokenizer = load_tokenizer(Path(tokenized_dir) / "tokenizer")
-        summary = training.train(model, kind.collator(tokenizer), tokenizer,
-                                 load_tokenized(Path(tokenized_dir), "train"), cfg.train,
-                                 work_dir=Path(out_dir).with_name("train-work"), out_dir=Path(out_dir),
-                                 logger=logger, store=_store(cfg), prefix=run_prefix(run_id), progress=_progress())
-        logger.metrics({f"train.{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+    model = load_for_training(_model_dir(cfg), Path(prepared_dir), cfg.model, kind, load_info(Path(tokenized_dir)))
+    tokenizer = load_tokenizer(Path(tokenized_dir) / "tokenizer")
+    return training.train(model, kind.collator(tokenizer), tokenizer, load_tokenized(Path(tokenized_dir), "train"),
+                          cfg.train, work_dir=Path(out_dir).with_name("train-work"), out_dir=Path(out_dir),
+                          logger=_logger(cfg, run_id), store=_store(cfg), prefix=run_prefix(run_id),
+                          progress=_progress())
+
+
+def _train_distributed(config, run_id: str, tokenized_dir: str, prepared_dir: str, out_dir: str,
+                       processes: int) -> dict:
+    import subprocess
+    import sys
+    import tempfile
+
+    arguments = {"config": config if isinstance(config, str) else json.dumps(config), "run_id": run_id,
+                 "tokenized_dir": tokenized_dir, "prepared_dir": prepared_dir, "out_dir": out_dir}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(arguments, handle)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "kubetune.distributed", handle.name]
+    log.info("train: %d data-parallel processes: %s", processes, " ".join(command))
+    subprocess.run(command, check=True)
+    Path(handle.name).unlink(missing_ok=True)
+    summary = json.loads((Path(out_dir) / "training_summary.json").read_text())
+    summary.pop("history", None)
     return summary
 
 

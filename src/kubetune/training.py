@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -73,14 +74,14 @@ def make_callbacks(logger, store, prefix: str):
         """Loss, learning rate and gradient norm per optimizer step, with step=."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logger is None or not logs:
+            if logger is None or not logs or not state.is_world_process_zero:
                 return
             names = {"loss": "train.loss", "learning_rate": "train.learning_rate", "grad_norm": "train.grad_norm"}
             logger.metrics({names[k]: v for k, v in logs.items() if k in names}, step=state.global_step)
 
     class UploadCheckpoints(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            if store is None:
+            if store is None or not state.is_world_process_zero:
                 return
             name = f"checkpoint-{state.global_step}"
             count = store.upload_dir(Path(args.output_dir) / name, f"{prefix}/{CHECKPOINTS}/{name}")
@@ -108,19 +109,15 @@ def loss_curve(history: list[dict[str, Any]]):
 
 def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir: Path, out_dir: Path,
           logger=None, store=None, prefix: str = "", progress: bool = True) -> dict[str, Any]:
-    """Trains in place, writes the adapter (or weights) and tokenizer to out_dir, returns a summary."""
+    """Trains in place, writes the adapter (or weights) and tokenizer to out_dir, returns a summary.
+
+    Under torchrun every worker process calls this; only the first writes, logs and uploads."""
+    import torch
     from transformers import Trainer, TrainingArguments
 
     started = time.monotonic()
     work_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = None
-    if store is not None:
-        latest = latest_checkpoint(store, prefix)
-        if latest is not None:
-            resume_from = str(work_dir / Path(latest).name)
-            store.download_dir(latest, Path(resume_from))
-            log.info("resuming from %s", store.uri(latest))
-
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     args = TrainingArguments(
         output_dir=str(work_dir),
         per_device_train_batch_size=cfg.batch_size,
@@ -139,8 +136,20 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
         disable_tqdm=not progress,
         dataloader_num_workers=0,
         use_cpu=not any(p.is_cuda for p in model.parameters()),
+        # Data-parallel workers (train.processes > 1, started by torchrun): NCCL on GPUs, gloo on CPUs.
+        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+        ddp_find_unused_parameters=False,
         **precision_flags(cfg.precision),
     )
+    resume_from = None
+    if store is not None:
+        latest = latest_checkpoint(store, prefix)
+        if latest is not None:
+            resume_from = str(work_dir / Path(latest).name)
+            with args.main_process_first(desc="checkpoint download"):  # one download per node
+                if not (Path(resume_from) / "trainer_state.json").exists():
+                    store.download_dir(latest, Path(resume_from))
+            log.info("resuming from %s", store.uri(latest))
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                       callbacks=make_callbacks(logger, store, prefix))
     if resume_from is not None and _completed(Path(resume_from), cfg.max_steps):
@@ -152,6 +161,8 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
     else:
         train_loss = trainer.train(resume_from_checkpoint=resume_from).training_loss
 
+    if not trainer.is_world_process_zero():
+        return {}
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -159,7 +170,8 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
     losses = [row["loss"] for row in history]
     summary = {"steps": trainer.state.global_step, "train_runtime_seconds": round(time.monotonic() - started, 1),
                "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
-               "train_loss_mean": None if train_loss is None else round(train_loss, 4), "resumed_from": resume_from}
+               "train_loss_mean": None if train_loss is None else round(train_loss, 4), "resumed_from": resume_from,
+               "processes": args.world_size}
     (out_dir / "training_summary.json").write_text(json.dumps({**summary, "history": history}, indent=2))
     if logger is not None and history:
         import matplotlib.pyplot as plt
