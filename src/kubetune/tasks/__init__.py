@@ -20,21 +20,11 @@ def get_task(name: str) -> TaskKind:
 
 def _kinds() -> dict[str, type[TaskKind]]:
     from kubetune.tasks.causal_lm import CausalLM
+    from kubetune.tasks.classification import Classification
+    from kubetune.tasks.instruction import Instruction, Multitask
 
-    kinds: dict[str, type[TaskKind]] = {"causal_lm": CausalLM}
-    try:
-        from kubetune.tasks.classification import Classification
-
-        kinds["classification"] = Classification
-    except ImportError:
-        pass
-    try:
-        from kubetune.tasks.instruction import Instruction, Multitask
-
-        kinds.update(instruction=Instruction, multitask=Multitask)
-    except ImportError:
-        pass
-    return kinds
+    return {"causal_lm": CausalLM, "classification": Classification, "instruction": Instruction,
+            "multitask": Multitask}
 
 
 __all__ = ["TaskKind", "get_task"]

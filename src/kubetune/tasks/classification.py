@@ -1,0 +1,327 @@
+"""classification: a new classification head on a pretrained encoder or decoder (sentiment, topics).
+
+Records are {"text", "label"} with the label kept as the raw string of data.label_field ("0",
+"1", "positive"). The label set comes from the training split; its order fixes the class ids:
+numeric labels in numeric order ("2" before "10"), others alphabetically after them. Readable
+names come from data.label_names, else from a mapping.txt beside the data (TweetEval ships one:
+lines "0<TAB>negative"), else the raw labels; they are stored in the model config (id2label), so
+the saved model names its predictions.
+
+The head (BERT's `classifier`, GPT-2/Llama/Gemma's `score`) is freshly initialised: it trains in
+full with or without LoRA and stays out of 8-bit/4-bit quantization. Evaluation reports accuracy,
+macro-F1, per-class precision/recall/F1 and confusion matrices for the base (untrained head: near
+chance) and the tuned model, next to the majority-class baseline from the training labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Any, Optional
+
+from kubetune.config import DataConfig, RunConfig
+from kubetune.errors import DataError, ModelError
+from kubetune.tasks.base import TaskKind
+
+log = logging.getLogger(__name__)
+
+# Metric names MLflow accepts; other characters in a label name become "_".
+_METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /:]")
+
+
+def raw_label(value: Any) -> str:
+    """The label as a string: 1 and 1.0 (from JSON) both become "1"."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return "" if value is None else str(value).strip()
+
+
+def label_order(labels) -> list[str]:
+    """Numeric labels in numeric order ("2" before "10"), then the others alphabetically."""
+    def key(label: str):
+        try:
+            number = float(label)
+        except ValueError:
+            number = math.nan
+        return (0, number, label) if math.isfinite(number) else (1, 0.0, label)
+
+    return sorted(set(labels), key=key)
+
+
+def label_names(labels: list[str], cfg: DataConfig) -> list[str]:
+    """A readable name per label: data.label_names, else mapping.txt, else the raw label."""
+    if cfg.label_names:
+        missing = [label for label in labels if label not in cfg.label_names]
+        if missing:
+            raise DataError("data.label_names", cfg.label_names,
+                            f"no name for label(s) {', '.join(missing)}; name every label in the data "
+                            f"({', '.join(labels)}), or drop data.label_names to use the raw labels")
+        names = [str(cfg.label_names[label]) for label in labels]
+        source = "data.label_names"
+    else:
+        from kubetune.data import label_names_beside
+
+        table = label_names_beside(cfg.path)
+        names = [table.get(label, label) for label in labels]
+        source = "mapping.txt beside the data" if table else "the raw labels"
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise DataError("data.label_names", dict(zip(labels, names)),
+                        f"names from {source} are not distinct ({', '.join(duplicated)}); give each label its own name")
+    return names
+
+
+class Classification(TaskKind):
+    name = "classification"
+    peft_task_type = "SEQ_CLS"
+    lm_head = False
+
+    # ---- prepare_data -----------------------------------------------------------------------
+    def check_fields(self, rows: list[dict[str, Any]], cfg: DataConfig) -> None:
+        from kubetune.data import require_fields
+
+        require_fields(rows, cfg, [("data.text_field", cfg.text_field), ("data.label_field", cfg.label_field)])
+        if all(not raw_label(row.get(cfg.label_field)) for row in rows):
+            raise DataError("data.label_field", cfg.label_field, "every record has an empty value in this field")
+
+    def normalise(self, rows: list[dict[str, Any]], cfg: DataConfig) -> list[dict[str, Any]]:
+        """{"text", "label"}; whitespace runs become one space (the UCI IMDb file holds U+0085
+        line breaks, which a line-based reader would split records on)."""
+        out = []
+        for row in rows:
+            text, label = " ".join(str(row.get(cfg.text_field) or "").split()), raw_label(row.get(cfg.label_field))
+            if text and label:
+                out.append({"text": text, "label": label})
+        return out
+
+    def info(self, train: list[dict[str, Any]], cfg: DataConfig,
+             heldout: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+        """The label set of the training split, its names and counts (for the majority baseline).
+
+        heldout (validation/test records), when given, may only hold labels seen in training.
+        """
+        counts: dict[str, int] = {}
+        for row in train:
+            counts[row["label"]] = counts.get(row["label"], 0) + 1
+        labels = label_order(counts)
+        if len(labels) < 2:
+            raise DataError("data.label_field", cfg.label_field,
+                            f"the training data holds only the label(s) {labels}; classification needs at "
+                            "least two classes")
+        if len(labels) > max(20, len(train) // 2):
+            raise DataError("data.label_field", cfg.label_field,
+                            f"{len(labels)} distinct labels in {len(train)} training rows: this looks like a "
+                            "free-text field; name the field that holds the class")
+        if heldout:
+            check_known_labels(heldout, labels, cfg)
+        names = label_names(labels, cfg)
+        return {"labels": labels,
+                "id2label": {str(i): name for i, name in enumerate(names)},
+                "label2id": {name: i for i, name in enumerate(names)},
+                "label_counts": {label: counts[label] for label in labels}}
+
+    # ---- tokenize ---------------------------------------------------------------------------
+    def encode(self, records: list[dict[str, Any]], tokenizer, cfg: DataConfig,
+               info: dict[str, Any]) -> dict[str, list]:
+        """Token ids (truncated to data.max_length, the tokenizer's own special tokens) and the
+        class id of each record as an int: the loss needs ids, never the label strings."""
+        check_known_labels(records, info["labels"], cfg)
+        ids = {label: i for i, label in enumerate(info["labels"])}
+        encoded = tokenizer([row["text"] for row in records], truncation=True, max_length=cfg.max_length)
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+                "labels": [ids[row["label"]] for row in records]}
+
+    # ---- prepare_model / train --------------------------------------------------------------
+    def auto_model_class(self):
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+    def model_kwargs(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Config overrides: the head's size and label names (saved with the model), and the pad
+        id the collator pads with (GPT-2/Llama configs have none; the model needs it to find the
+        last real token of each row)."""
+        if not info:
+            return {}
+        id2label = {int(i): name for i, name in info["id2label"].items()}
+        kwargs: dict[str, Any] = {"num_labels": len(id2label), "id2label": id2label,
+                                  "label2id": {name: i for i, name in id2label.items()},
+                                  "problem_type": "single_label_classification"}
+        if info.get("pad_token_id") is not None:
+            kwargs["pad_token_id"] = info["pad_token_id"]
+        return kwargs
+
+    def trained_head(self, model) -> Optional[list[str]]:
+        """The modules outside the pretrained base model (model.base_model_prefix): BERT's
+        `classifier`, GPT-2/Llama/Gemma's `score`, RoBERTa's `classifier` (dense + out_proj),
+        DeBERTa's `pooler` and `classifier`. Without a base-model prefix: the top-level module that
+        holds the output layer (a Linear with num_labels outputs)."""
+        import torch
+
+        if hasattr(model, "get_base_model"):  # a PeftModel
+            model = model.get_base_model()
+        base = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+        if isinstance(base, torch.nn.Module) and base is not model:
+            head = [name for name, child in model.named_children()
+                    if child is not base and next(child.parameters(), None) is not None]
+        else:
+            num_labels = getattr(model.config, "num_labels", None)
+            head = sorted({name.split(".", 1)[0] for name, module in model.named_modules()
+                           if isinstance(module, torch.nn.Linear) and module.out_features == num_labels})
+        if not head:
+            raise ModelError("task", self.name, f"could not find the classification head of {type(model).__name__}; "
+                             "use a model that AutoModelForSequenceClassification supports")
+        return head
+
+    def collator(self, tokenizer):
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer=tokenizer)
+
+    # ---- evaluate ---------------------------------------------------------------------------
+    def evaluate(self, base_model, tuned_model, tokenizer, dataset, info: dict[str, Any],
+                 cfg: RunConfig) -> dict[str, Any]:
+        """Base and tuned predictions on the same held-out examples, scored against the truth and
+        against always predicting the most frequent training label."""
+        import numpy as np
+        import torch
+
+        torch.manual_seed(cfg.train.seed)  # a base loaded here gets the same fresh head every run
+        subset = dataset.select(range(min(cfg.evaluate.max_samples, len(dataset))))
+        names = [info["id2label"][str(i)] for i in range(len(info["labels"]))]
+        truth = np.asarray(list(subset["labels"]), dtype=np.int64)
+        predicted = {}
+        for variant_name, variant in (("base", base_model), ("tuned", tuned_model)):
+            with variant as model:
+                predicted[variant_name] = predict(model, tokenizer, subset, cfg.evaluate.batch_size)
+        counts = info["label_counts"]
+        majority = max(range(len(info["labels"])), key=lambda i: counts[info["labels"][i]])
+        predicted["majority"] = np.full_like(truth, majority)
+
+        scores = {k: scores_from(confusion_matrix(truth, v, len(names))) for k, v in predicted.items()}
+        metrics: dict[str, float] = {"eval.samples": len(subset)}
+        for variant_name in ("base", "tuned", "majority"):
+            metrics[f"eval.{variant_name}_accuracy"] = scores[variant_name]["accuracy"]
+            metrics[f"eval.{variant_name}_macro_f1"] = scores[variant_name]["macro_f1"]
+        for variant_name in ("base", "tuned"):
+            for measure in ("precision", "recall", "f1"):
+                for name, value in zip(names, scores[variant_name][measure]):
+                    metrics[f"eval.{variant_name}_{measure}.{metric_safe(name)}"] = value
+        for name, value in zip(names, scores["tuned"]["support"]):
+            metrics[f"eval.support.{metric_safe(name)}"] = value
+        log.info("evaluate on %d examples: accuracy base %.3f -> tuned %.3f (majority %.3f); macro-F1 base %.3f "
+                 "-> tuned %.3f (majority %.3f)", len(subset), metrics["eval.base_accuracy"],
+                 metrics["eval.tuned_accuracy"], metrics["eval.majority_accuracy"], metrics["eval.base_macro_f1"],
+                 metrics["eval.tuned_macro_f1"], metrics["eval.majority_macro_f1"])
+
+        examples = [{"text": tokenizer.decode(subset[i]["input_ids"], skip_special_tokens=True),
+                     "label": names[truth[i]], "base": names[predicted["base"][i]],
+                     "tuned": names[predicted["tuned"][i]]}
+                    for i in range(min(cfg.evaluate.num_generations, len(subset)))]
+        figures = {f"plots/confusion_matrix_{v}.png": confusion_figure(scores[v]["confusion"], names, v,
+                                                                       scores[v]["accuracy"])
+                   for v in ("base", "tuned")}
+        confusion = {"labels": names, "rows": "true label", "columns": "predicted label",
+                     **{v: scores[v]["confusion"].tolist() for v in ("base", "tuned")}}
+        return {"metrics": metrics, "generations": examples, "confusion_matrix": confusion, "figures": figures}
+
+
+def check_known_labels(records: list[dict[str, Any]], labels: list[str], cfg: DataConfig) -> None:
+    unknown = label_order({row["label"] for row in records} - set(labels))
+    if unknown:
+        raise DataError("data.label_field", cfg.label_field,
+                        f"label(s) {', '.join(unknown)} appear in the held-out data but not in the training "
+                        f"data (labels {', '.join(labels)}); the model cannot learn them: add training examples "
+                        "of them or drop those rows")
+
+
+def metric_safe(name: str) -> str:
+    return _METRIC_UNSAFE.sub("_", name)
+
+
+def predict(model, tokenizer, dataset, batch_size: int):
+    """The argmax class id of each row, batched and padded like training."""
+    import numpy as np
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    config = model.config
+    if getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id  # a decoder's head finds the last real token by it
+    collator = DataCollatorWithPadding(tokenizer=tokenizer)
+    device = next(model.parameters()).device
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            rows = dataset[start:start + batch_size]
+            batch = collator([{"input_ids": ids, "attention_mask": mask}
+                              for ids, mask in zip(rows["input_ids"], rows["attention_mask"])])
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            out.append(logits.argmax(-1).cpu())
+    return np.asarray(torch.cat(out).tolist(), dtype=np.int64)
+
+
+# ---- metrics: a few lines of numpy instead of a scikit-learn dependency --------------------------
+def confusion_matrix(truth, predicted, num_classes: int):
+    """Counts: row = true class, column = predicted class."""
+    import numpy as np
+
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(truth, dtype=np.int64), np.asarray(predicted, dtype=np.int64)), 1)
+    return matrix
+
+
+def scores_from(matrix) -> dict[str, Any]:
+    """Accuracy, per-class precision/recall/F1/support and macro-F1 from a confusion matrix.
+
+    A ratio with a zero denominator counts as 0 (as scikit-learn's zero_division=0). Macro-F1
+    averages over the classes that occur in the truth or the predictions (scikit-learn's default
+    label set), so a class absent from a small evaluation set does not count as a failure.
+    """
+    import numpy as np
+
+    matrix = np.asarray(matrix, dtype=np.float64)
+    hits, predicted, actual = np.diag(matrix), matrix.sum(axis=0), matrix.sum(axis=1)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, actual, out=np.zeros_like(hits), where=actual > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
+    seen = (predicted + actual) > 0
+    total = matrix.sum()
+
+    def rounded(values):
+        return [round(float(v), 5) for v in values]
+
+    return {"accuracy": round(float(hits.sum() / total), 5) if total else 0.0,
+            "macro_f1": round(float(f1[seen].mean()), 5) if seen.any() else 0.0,
+            "precision": rounded(precision), "recall": rounded(recall), "f1": rounded(f1),
+            "support": [int(v) for v in actual], "confusion": matrix.astype(np.int64)}
+
+
+def confusion_figure(matrix, names: list[str], variant: str, accuracy: float):
+    """A labelled heat map with the count in every cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = 2.5 + 0.6 * len(names)
+    figure, axis = plt.subplots(figsize=(size + 1, size))
+    image = axis.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
+    ticks = range(len(names))
+    axis.set_xticks(ticks, names, rotation=45 if max(len(n) for n in names) > 6 else 0, ha="right")
+    axis.set_yticks(ticks, names)
+    axis.set_xlabel("predicted label")
+    axis.set_ylabel("true label")
+    axis.set_title(f"Confusion matrix, {variant} (accuracy {accuracy:.3f})")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for row in ticks:
+        for col in ticks:
+            axis.text(col, row, str(int(matrix[row, col])), ha="center", va="center",
+                      color="white" if matrix[row, col] > threshold else "black")
+    figure.tight_layout()
+    return figure
