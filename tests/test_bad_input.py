@@ -80,6 +80,20 @@ def test_8bit_on_an_already_quantized_model(setup, tiny_model_dir, capsys):
     nothing_recorded(setup["uri"])
 
 
+@pytest.mark.parametrize("key", ["evaluate.retention_path", "data.replay_path"])
+def test_general_text_without_prose_lines(key, setup, capsys):
+    """Replay and retention text is read a line at a time; a file of headings and fragments fails
+    in preflight, not after training."""
+    short = setup["tmp"] / "headings.txt"
+    short.write_text("= Chapter one =\n\nA short line.\n= Chapter two =\n")
+    overrides = [f"{key}={short}"] + (["data.replay_fraction=0.2"] if key == "data.replay_path" else [])
+    code = main(["run", "--config", str(setup["write"](setup["config"])), *sum((["--set", o] for o in overrides), [])])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"kubetune: error: {key} = '{short}': holds no lines of 8 words or more" in err
+    nothing_recorded(setup["uri"])
+
+
 def test_preflight_component_stops_the_dag_with_the_same_message(setup):
     """On a cluster the preflight task is what stops a bad run before any GPU task is scheduled."""
     config = setup["config"]

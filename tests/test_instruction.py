@@ -369,16 +369,35 @@ def test_instruction_stages_learn_the_answers(tiny_model_dir, tmp_path):
     assert out["metrics"].metadata["eval.tuned_loss"] == metrics["eval.tuned_loss"]
 
 
-def _stages_apply_train_order() -> bool:
-    import inspect
+def test_trainer_reads_rows_in_the_given_order(tiny_model_dir, tokenizer, tmp_path):
+    """training.train with an order: every batch is the next slice of it, nothing reshuffled."""
+    from datasets import Dataset
 
     from kubetune import training
+    from kubetune.config import TrainConfig
+    from kubetune.modeling import load_base_model
 
-    return "shuffle" in inspect.signature(training.train).parameters
+    rows = [{"input_ids": [5 + i, 6, 7], "attention_mask": [1, 1, 1], "labels": [IGNORE_INDEX, 6, 7]}
+            for i in range(20)]
+    dataset = Dataset.from_list(rows)
+    order = [19, 3, 3, 3, 0, 7, 12, 12, 1, 19, 4, 4]
+    seen = []
+    inner = Instruction().collator(tokenizer)
+
+    def recording(features):
+        seen.extend(feature["input_ids"][0] - 5 for feature in features)
+        return inner(features)
+
+    cfg = TrainConfig(max_steps=3, batch_size=2, gradient_accumulation_steps=2, warmup_steps=0, save_steps=0,
+                      learning_rate=1e-3, logging_steps=1)
+    model = load_base_model(tiny_model_dir, "none")
+    summary = training.train(model, recording, tokenizer, dataset, cfg, work_dir=tmp_path / "work",
+                             out_dir=tmp_path / "out", progress=False, order=order)
+    assert summary["steps"] == 3
+    assert seen == order, "read in sequence: 3 steps x 2 micro-batches x 2 rows"
 
 
 @needs_shared
-@pytest.mark.skipif(not _stages_apply_train_order(), reason="the train stage does not apply TaskKind.train_order yet")
 def test_multitask_progressive_schedule_reaches_the_trainer(tiny_model_dir, tmp_path, caplog):
     """Replay rows mixed in by prepare_data, ordered general-first with task weights by the train
     stage, read in that order by the Trainer (sequential sampler)."""

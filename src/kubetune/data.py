@@ -162,13 +162,20 @@ def load_records(cfg: DataConfig, endpoint_url: Optional[str] = None, field: str
     return rows, content_hash(files)
 
 
-def replay_texts(cfg: DataConfig, count: int, seed: int, endpoint_url: Optional[str] = None) -> list[str]:
-    """`count` lines of general text for replay, drawn with the seed (headings and short lines skipped)."""
-    rows, _ = load_records(cfg, endpoint_url, "data.replay_path", cfg.replay_path)
+def general_text_lines(cfg: DataConfig, endpoint_url: Optional[str], key: str, path: str) -> list[str]:
+    """The lines of a general-text file (replay, retention) long enough to be prose: 8 words or more,
+    not a heading."""
+    rows, _ = load_records(cfg, endpoint_url, key, path)
     lines = [str(row.get(TEXT_FILE_FIELD) or "").strip() for row in rows]
     usable = [line for line in lines if len(line.split()) >= 8 and not line.startswith("=")]
     if not usable:
-        raise DataError("data.replay_path", cfg.replay_path, "holds no lines of 8 words or more to replay")
+        raise DataError(key, path, "holds no lines of 8 words or more (general text is read a line at a time)")
+    return usable
+
+
+def replay_texts(cfg: DataConfig, count: int, seed: int, endpoint_url: Optional[str] = None) -> list[str]:
+    """`count` lines of general text for replay, drawn with the seed."""
+    usable = general_text_lines(cfg, endpoint_url, "data.replay_path", cfg.replay_path)
     rng = random.Random(seed)
     return [rng.choice(usable) for _ in range(count)] if count > len(usable) else rng.sample(usable, count)
 

@@ -7,7 +7,6 @@ import math
 from typing import Any
 
 from kubetune.config import EvaluateConfig, RunConfig
-from kubetune.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +89,10 @@ def retention_texts(cfg: RunConfig) -> list[str]:
     """A seeded sample of general-text lines (evaluate.retention_path) to measure forgetting on."""
     import random
 
-    from kubetune.data import load_records
+    from kubetune.data import general_text_lines
 
-    rows, _ = load_records(cfg.data, cfg.storage.endpoint_url, "evaluate.retention_path", cfg.evaluate.retention_path)
-    lines = [str(row.get("text") or "").strip() for row in rows]
-    usable = [line for line in lines if len(line.split()) >= 8 and not line.startswith("=")]
-    if not usable:
-        raise DataError("evaluate.retention_path", cfg.evaluate.retention_path, "holds no lines of 8 words or more")
+    usable = general_text_lines(cfg.data, cfg.storage.endpoint_url, "evaluate.retention_path",
+                                cfg.evaluate.retention_path)
     return random.Random(cfg.train.seed).sample(usable, min(cfg.evaluate.retention_samples, len(usable)))
 
 

@@ -156,10 +156,11 @@ def train_worker(config: str | dict[str, Any], run_id: str, tokenized_dir: str, 
     kind = get_task(cfg.task)
     model = load_for_training(_model_dir(cfg), Path(prepared_dir), cfg.model, kind, load_info(Path(tokenized_dir)))
     tokenizer = load_tokenizer(Path(tokenized_dir) / "tokenizer")
-    return training.train(model, kind.collator(tokenizer), tokenizer, load_tokenized(Path(tokenized_dir), "train"),
-                          cfg.train, work_dir=Path(out_dir).with_name("train-work"), out_dir=Path(out_dir),
+    dataset = load_tokenized(Path(tokenized_dir), "train")
+    return training.train(model, kind.collator(tokenizer), tokenizer, dataset, cfg.train,
+                          work_dir=Path(out_dir).with_name("train-work"), out_dir=Path(out_dir),
                           logger=_logger(cfg, run_id), store=_store(cfg), prefix=run_prefix(run_id),
-                          progress=_progress())
+                          progress=_progress(), order=kind.train_order(dataset, cfg))
 
 
 def _train_distributed(config, run_id: str, tokenized_dir: str, prepared_dir: str, out_dir: str,

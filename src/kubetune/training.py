@@ -108,8 +108,12 @@ def loss_curve(history: list[dict[str, Any]]):
 
 
 def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir: Path, out_dir: Path,
-          logger=None, store=None, prefix: str = "", progress: bool = True) -> dict[str, Any]:
+          logger=None, store=None, prefix: str = "", progress: bool = True,
+          order: Optional[list[int]] = None) -> dict[str, Any]:
     """Trains in place, writes the adapter (or weights) and tokenizer to out_dir, returns a summary.
+
+    order: row indices to read in exactly this sequence (task weights, progressive schedule)
+    instead of the Trainer's shuffle; under DDP the workers take consecutive batches of it.
 
     Under torchrun every worker process calls this; only the first writes, logs and uploads."""
     import torch
@@ -118,6 +122,8 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
     started = time.monotonic()
     work_dir.mkdir(parents=True, exist_ok=True)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if order is not None:
+        train_dataset = train_dataset.select(order)
     args = TrainingArguments(
         output_dir=str(work_dir),
         per_device_train_batch_size=cfg.batch_size,
@@ -128,6 +134,7 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
         lr_scheduler_type="linear",
         seed=cfg.seed,
         data_seed=cfg.seed,
+        train_sampling_strategy="random" if order is None else "sequential",
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps or cfg.max_steps,

@@ -72,6 +72,11 @@ class TaskKind:
 
         return DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
 
+    def train_order(self, dataset, cfg: RunConfig) -> Optional[list[int]]:
+        """Indices of the tokenized train split in the order training must read them, or None to
+        let the Trainer shuffle (kinds with task weights or a schedule return an order)."""
+        return None
+
     # ---- evaluate ---------------------------------------------------------------------------
     def evaluate(self, base_model, tuned_model, tokenizer, dataset, info: dict[str, Any],
                  cfg: RunConfig) -> dict[str, Any]:

@@ -323,8 +323,10 @@ class Instruction(TaskKind):
                         "expected": row["answer"], "base": scores["base"]["texts"][i],
                         "tuned": scores["tuned"]["texts"][i], **({"task": row["task"]} if row["task"] else {})}
                        for i, row in enumerate(rows) if i in plan["samples"]]
-        log.info("evaluate: answer-token loss %.3f -> %.3f (%s)", metrics["eval.base_loss"],
-                 metrics["eval.tuned_loss"], ", ".join(f"{k} {v}" for k, v in metrics.items() if "accuracy" in k))
+        log.info("evaluate: answer-token loss %.3f -> %.3f on %d examples; %s", metrics["eval.base_loss"],
+                 metrics["eval.tuned_loss"], len(rows),
+                 ", ".join(f"{k} {v}" for k, v in metrics.items() if k.count(".") == 1 and ("accuracy" in k or
+                                                                                           "exact_match" in k)))
         return {"metrics": metrics, "generations": generations}
 
     def scored_answer_set(self, row: dict[str, Any], info: dict[str, Any]) -> Optional[list[str]]:
@@ -517,7 +519,8 @@ def answer_losses(model, rows: list[dict[str, Any]], pad: int, batch_size: int) 
             chunk = rows[start:start + batch_size]
             input_ids, mask, positions, labels = (t.to(device) for t in left_padded(chunk, pad))
             # the answers' positions plus the one before each (it predicts the first answer token)
-            keep = min(input_ids.shape[1], max(sum(label != IGNORE_INDEX for label in row["labels"]) for row in chunk) + 1)
+            longest = max(sum(label != IGNORE_INDEX for label in row["labels"]) for row in chunk)
+            keep = min(input_ids.shape[1], longest + 1)
             logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                            logits_to_keep=keep).logits[:, -keep:-1].float()
             labels = labels[:, -(keep - 1):]
