@@ -6,6 +6,7 @@ tiny three-class sentiment set, showing the tuned head beats the untrained one."
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -147,7 +148,7 @@ THREE_CLASS_INFO = {"labels": ["0", "1", "2"], "id2label": NAMES, "label2id": {v
 
 # ---- label set, names, schema --------------------------------------------------------------------
 def test_kind_contract(kind):
-    assert (kind.name, kind.peft_task_type, kind.lm_head) == ("classification", "SEQ_CLS", False)
+    assert (kind.name, kind.peft_task_type) == ("classification", "SEQ_CLS")
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
     assert kind.auto_model_class() is AutoModelForSequenceClassification
@@ -415,8 +416,104 @@ def test_8bit_lora_keeps_the_head_out_of_quantization(kind, which, bert_dir, lla
     assert not torch.equal(start, model.get_parameter(weight))
 
 
+# ---- forgetting: masked-LM retention of the encoder ----------------------------------------------
+@pytest.fixture(scope="module")
+def bert_mlm_dir(bert_dir, tmp_path_factory) -> Path:
+    """The tiny BERT saved with a masked-LM pretraining head (as bert-base-uncased ships one)."""
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    path = tmp_path_factory.mktemp("tiny_bert_mlm") / "model"
+    torch.manual_seed(1)
+    BertForMaskedLM.from_pretrained(bert_dir).save_pretrained(path)
+    AutoTokenizer.from_pretrained(bert_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def general_reviews(tmp_path_factory) -> Path:
+    """General text in the tiny tokenizer's vocabulary, lines of 8 words or more."""
+    rows = sentiment_rows(120, seed=7)
+    path = tmp_path_factory.mktemp("general_reviews") / "general.txt"
+    path.write_text("\n".join(f"{a['review']} and {b['review']}" for a, b in zip(rows[::2], rows[1::2])) + "\n")
+    return path
+
+
+def retention_cfg(path: Path, **train):
+    from kubetune.config import RunConfig
+
+    return RunConfig.from_dict({"task": "classification", "data": {"label_field": "score", "max_length": 32},
+                                "train": {"seed": 3, **train},
+                                "evaluate": {"retention_path": str(path), "retention_samples": 40, "batch_size": 8}})
+
+
+def test_masked_lm_retention_needs_the_pretraining_head(bert_dir, bert_mlm_dir, llama_dir):
+    from kubetune.evaluation import masked_lm_model
+
+    model, why_not = masked_lm_model(bert_dir)
+    assert model is None and why_not.startswith("the checkpoint ships no masked-LM head (cls.predictions")
+    model, why_not = masked_lm_model(llama_dir)
+    assert model is None and why_not.startswith("llama has no masked-LM form")
+    model, why_not = masked_lm_model(bert_mlm_dir)
+    assert type(model).__name__ == "BertForMaskedLM" and why_not == ""
+
+
+def test_masked_lm_retention_scores_the_encoder_through_the_checkpoints_head(kind, bert_mlm_dir, general_reviews):
+    """Base and tuned read through the same head on the same masks: an unchanged encoder gives the
+    checkpoint's own masked-LM loss and 0% forgetting; a changed one (embeddings too, as full
+    fine-tuning changes them) gives the loss of a masked-LM built from its weights."""
+    import contextlib
+    import copy
+
+    from transformers import BertForMaskedLM
+
+    from kubetune.evaluation import masked_inputs, masked_lm_model, masked_lm_retention, retention_texts
+    from kubetune.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(bert_mlm_dir)
+    cfg = retention_cfg(general_reviews)
+    classifier = load_base_model(bert_mlm_dir, "none", kind, THREE_CLASS_INFO)
+    mlm, _ = masked_lm_model(bert_mlm_dir)
+    same = masked_lm_retention(mlm, contextlib.nullcontext(classifier), contextlib.nullcontext(classifier),
+                               tokenizer, cfg)
+    assert same["eval.forgetting_pct"] == 0 and same["eval.retention.samples"] == 40
+
+    rows = masked_inputs(tokenizer, retention_texts(cfg), 32, seed=3)
+    assert all(sum(label != -100 for label in row["labels"]) >= 1 for row in rows)
+    assert all(t == tokenizer.mask_token_id for row in rows for t, label in zip(row["input_ids"], row["labels"])
+               if label != -100)
+
+    def direct_perplexity(model):
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for row in rows:
+                logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+                labels = torch.tensor(row["labels"])
+                total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+                count += int((labels != -100).sum())
+        return math.exp(total / count)
+
+    reference = BertForMaskedLM.from_pretrained(bert_mlm_dir).eval()
+    assert same["eval.retention.base_perplexity"] == pytest.approx(direct_perplexity(reference), rel=1e-4)
+
+    changed = copy.deepcopy(classifier)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in changed.bert.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    drift = masked_lm_retention(mlm, contextlib.nullcontext(classifier), contextlib.nullcontext(changed),
+                                tokenizer, cfg)
+    reference.bert.load_state_dict(changed.bert.state_dict(), strict=False)
+    reference.tie_weights()
+    assert reference.cls.predictions.decoder.weight is reference.bert.embeddings.word_embeddings.weight
+    assert drift["eval.retention.base_perplexity"] == same["eval.retention.base_perplexity"]
+    assert drift["eval.retention.tuned_perplexity"] == pytest.approx(direct_perplexity(reference), rel=1e-4)
+    assert drift["eval.forgetting_pct"] != 0
+    assert mlm.cls.predictions.decoder.weight is mlm.bert.embeddings.word_embeddings.weight, "head restored"
+
+
 # ---- the pipeline's components in order ------------------------------------------------------------
-def test_components_in_order_tune_a_head_that_beats_the_untrained_one(bert_dir, sentiment_file, tmp_path):
+def test_components_in_order_tune_a_head_that_beats_the_untrained_one(bert_dir, sentiment_file, general_reviews,
+                                                                     tmp_path):
     from kfp import dsl
     from safetensors.torch import load_file
 
@@ -433,7 +530,7 @@ def test_components_in_order_tune_a_head_that_beats_the_untrained_one(bert_dir, 
                "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["query", "value"]}},
         data={"text_field": "review", "label_field": "score", "max_length": 32},
         train={"batch_size": 16, "max_steps": 30, "warmup_steps": 3, "learning_rate": 3e-2, "save_steps": 0},
-        evaluate={"max_samples": 48, "batch_size": 16, "num_generations": 3},
+        evaluate={"max_samples": 48, "batch_size": 16, "num_generations": 3, "retention_path": str(general_reviews)},
         register={"model_name": "tiny-sentiment"},
         tracking={"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "classification"},
         storage={"uri": str(tmp_path / "storage")})
@@ -472,7 +569,33 @@ def test_components_in_order_tune_a_head_that_beats_the_untrained_one(bert_dir, 
     artifacts = {a.path for a in client.list_artifacts(run_id, "plots")}
     assert {"plots/confusion_matrix_base.png", "plots/confusion_matrix_tuned.png"} <= artifacts
     assert client.get_run(run_id).data.metrics["eval.tuned_recall.positive"] == scores["eval.tuned_recall.positive"]
+    assert "eval.forgetting_pct" not in scores
+    assert client.get_run(run_id).data.tags["eval.retention"].startswith(
+        "not applicable: the checkpoint ships no masked-LM head")
 
     version = components.register.python_func(config_json=config_json, run_id=run_id, tuned_model=tuned,
                                               prepared_model=prepared, evaluation=evaluation)
     assert version == "tiny-sentiment/1"
+
+
+def test_full_fine_tuning_reports_masked_lm_forgetting(bert_mlm_dir, sentiment_file, general_reviews, tmp_path):
+    """An encoder checkpoint with its pretraining head: the evaluate stage scores the base and the
+    fully fine-tuned encoder through it and logs the forgetting figure."""
+    from tiny import run_stages, tiny_run_config
+
+    config = tiny_run_config(
+        bert_mlm_dir, sentiment_file, task="classification",
+        model={"quantization": "none", "gradient_checkpointing": False, "lora": None},
+        data={"text_field": "review", "label_field": "score", "max_length": 32},
+        train={"batch_size": 16, "max_steps": 8, "warmup_steps": 0, "learning_rate": 5e-3, "save_steps": 0},
+        evaluate={"max_samples": 24, "batch_size": 16, "num_generations": 0, "retention_path": str(general_reviews),
+                  "retention_samples": 30},
+        tracking={"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "classification"},
+        storage={"uri": str(tmp_path / "storage")})
+    out = run_stages(config, tmp_path)
+    scores = json.loads((Path(out["evaluation"].path) / "evaluation.json").read_text())["metrics"]
+    assert scores["eval.retention.samples"] == 30
+    base, tuned = scores["eval.retention.base_perplexity"], scores["eval.retention.tuned_perplexity"]
+    assert base > 1 and tuned > 1 and base != tuned, "full fine-tuning moved the encoder"
+    assert scores["eval.forgetting_pct"] == pytest.approx(100 * (tuned / base - 1), abs=0.01)
+    assert out["metrics"].metadata["eval.forgetting_pct"] == scores["eval.forgetting_pct"]

@@ -112,3 +112,113 @@ def retention(base_model, tuned_model, tokenizer, cfg: RunConfig) -> dict[str, f
     log.info("retention: perplexity %.2f -> %.2f on %d general lines", base, tuned, len(records))
     return {"eval.retention.base_perplexity": base, "eval.retention.tuned_perplexity": tuned,
             "eval.retention.samples": len(records), "eval.forgetting_pct": round(100 * (tuned / base - 1), 2)}
+
+
+#: Share of each retention line's tokens masked for the masked-LM figure (BERT's pretraining rate).
+MASK_RATE = 0.15
+
+
+def masked_lm_model(model_dir) -> tuple[Any, str]:
+    """(the checkpoint as a masked-LM: encoder + its pretraining head, "") or (None, why not): the
+    checkpoint may not ship that head (sentence encoders such as all-MiniLM-L6-v2 do not) or its
+    architecture may have no masked-LM form (decoders)."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if type(config) not in AutoModelForMaskedLM._model_mapping:
+        return None, f"{config.model_type} has no masked-LM form, and a classification model keeps no LM head"
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the missing-head warning is expected; it is what we check
+    try:
+        model, loading = AutoModelForMaskedLM.from_pretrained(model_dir, output_loading_info=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    encoder = model.base_model_prefix + "."
+    missing = sorted(key for key in loading["missing_keys"] if not key.startswith(encoder))
+    if missing:
+        return None, (f"the checkpoint ships no masked-LM head ({missing[0]} and {len(missing) - 1} more missing), "
+                      "so the encoder's general-language skill cannot be scored")
+    return model.eval(), ""
+
+
+def masked_inputs(tokenizer, texts: list[str], max_length: int, seed: int) -> list[dict[str, list[int]]]:
+    """Each text tokenized with MASK_RATE of its (non-special) tokens replaced by the mask token,
+    chosen with the seed, so base and tuned are scored on the same masks."""
+    import random
+
+    rng = random.Random(seed)
+    special = set(tokenizer.all_special_ids)
+    rows = []
+    for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]:
+        candidates = [i for i, token in enumerate(ids) if token not in special]
+        if not candidates:
+            continue
+        chosen = set(rng.sample(candidates, max(1, round(MASK_RATE * len(candidates)))))
+        rows.append({"input_ids": [tokenizer.mask_token_id if i in chosen else t for i, t in enumerate(ids)],
+                     "labels": [t if i in chosen else -100 for i, t in enumerate(ids)]})
+    return rows
+
+
+def _encoder_of(model):
+    """The bare encoder inside a classification model, PEFT-wrapped or not."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model.base_model
+
+
+def masked_lm_loss(mlm, encoder, rows: list[dict[str, list[int]]], pad: int, batch_size: int) -> dict[str, float]:
+    """Masked-token cross-entropy of `encoder` read through the checkpoint's masked-LM head.
+
+    The encoder (base, or tuned: adapters, unfrozen blocks, or full weights) replaces the masked-LM
+    model's own; a head tied to the input embeddings is re-tied to the encoder's, which full
+    fine-tuning may have changed."""
+    import torch
+
+    original = getattr(mlm, mlm.base_model_prefix)
+    tied = mlm.get_output_embeddings() is not None and \
+        mlm.get_output_embeddings().weight is original.get_input_embeddings().weight
+    head_weight = mlm.get_output_embeddings().weight if tied else None
+    embeddings = encoder.get_input_embeddings().weight
+    mlm.to(device=embeddings.device, dtype=embeddings.dtype)
+    setattr(mlm, mlm.base_model_prefix, encoder)
+    if tied:
+        mlm.get_output_embeddings().weight = embeddings
+    total_loss, total_tokens = 0.0, 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                width = max(len(row["input_ids"]) for row in chunk)
+                ids = torch.tensor([row["input_ids"] + [pad] * (width - len(row["input_ids"])) for row in chunk])
+                labels = torch.tensor([row["labels"] + [-100] * (width - len(row["labels"])) for row in chunk])
+                mask = (torch.arange(width)[None, :] < torch.tensor([len(r["input_ids"]) for r in chunk])[:, None])
+                logits = mlm(input_ids=ids.to(embeddings.device),
+                             attention_mask=mask.long().to(embeddings.device)).logits.float()
+                total_loss += torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.size(-1)), labels.to(logits.device).reshape(-1),
+                    ignore_index=-100, reduction="sum").item()
+                total_tokens += int((labels != -100).sum())
+    finally:
+        setattr(mlm, mlm.base_model_prefix, original)
+        if tied:
+            mlm.get_output_embeddings().weight = head_weight
+    loss = total_loss / max(total_tokens, 1)
+    return {"loss": round(loss, 5), "perplexity": round(math.exp(loss), 4), "tokens": total_tokens}
+
+
+def masked_lm_retention(mlm, base_model, tuned_model, tokenizer, cfg: RunConfig) -> dict[str, float]:
+    """Forgetting for an encoder: masked-LM perplexity on general text through the checkpoint's
+    pretraining head, with the encoder before and after fine-tuning."""
+    rows = masked_inputs(tokenizer, retention_texts(cfg), cfg.data.max_length, cfg.train.seed)
+    scores = {}
+    for name, variant in (("base", base_model), ("tuned", tuned_model)):
+        with variant as model:
+            model.eval()
+            scores[name] = masked_lm_loss(mlm, _encoder_of(model), rows, tokenizer.pad_token_id,
+                                          cfg.evaluate.batch_size)
+    base, tuned = scores["base"]["perplexity"], scores["tuned"]["perplexity"]
+    log.info("retention: masked-LM perplexity %.2f -> %.2f on %d general lines (%d masked tokens)", base, tuned,
+             len(rows), scores["base"]["tokens"])
+    return {"eval.retention.base_perplexity": base, "eval.retention.tuned_perplexity": tuned,
+            "eval.retention.samples": len(rows), "eval.forgetting_pct": round(100 * (tuned / base - 1), 2)}

@@ -202,7 +202,6 @@ def evaluate(config: str | dict[str, Any], run_id: str, tokenized_dir: str, tune
     import matplotlib.pyplot as plt
 
     from kubetune.data import load_info
-    from kubetune.evaluation import retention
     from kubetune.modeling import load_base_model, load_tuned
     from kubetune.tasks import get_task
     from kubetune.tokenization import heldout_split, load_tokenized, load_tokenizer
@@ -223,10 +222,13 @@ def evaluate(config: str | dict[str, Any], run_id: str, tokenized_dir: str, tune
                         "tuned": lambda: _loaded(lambda: load_tuned(model_dir, Path(tuned_dir), cfg.model, kind, info))}
         result = kind.evaluate(variants["base"](), variants["tuned"](), tokenizer, dataset, info, cfg)
         result["metrics"]["eval.split_" + split] = 1
-        if cfg.evaluate.retention_path and kind.lm_head:
-            result["metrics"].update(retention(variants["base"](), variants["tuned"](), tokenizer, cfg))
-        elif cfg.evaluate.retention_path:
-            logger.tags({"eval.retention": f"not applicable: a {cfg.task} model has no language-model head"})
+        if cfg.evaluate.retention_path:
+            figures_or_reason = kind.retention(model_dir, variants["base"](), variants["tuned"](), tokenizer, cfg)
+            if isinstance(figures_or_reason, str):
+                log.info("retention: not applicable: %s", figures_or_reason)
+                logger.tags({"eval.retention": f"not applicable: {figures_or_reason}"})
+            else:
+                result["metrics"].update(figures_or_reason)
         figures = result.pop("figures", {})
         for artifact_file, figure in figures.items():
             logger.figure(figure, artifact_file)

@@ -17,9 +17,6 @@ class TaskKind:
 
     name = "causal_lm"
     peft_task_type = "CAUSAL_LM"
-    #: True when the model keeps a language-model head: perplexity, generations and the
-    #: retention (forgetting) figure apply.
-    lm_head = True
 
     # ---- prepare_data -----------------------------------------------------------------------
     def check_fields(self, rows: list[dict[str, Any]], cfg: DataConfig) -> None:
@@ -84,3 +81,10 @@ class TaskKind:
         from kubetune.evaluation import evaluate
 
         return evaluate(base_model, tuned_model, tokenizer, dataset, cfg.evaluate)
+
+    def retention(self, model_dir, base_model, tuned_model, tokenizer, cfg: RunConfig) -> dict[str, float] | str:
+        """Forgetting: the base and tuned models scored on general text (evaluate.retention_path),
+        or why that does not apply to this model. base_model/tuned_model are context managers."""
+        from kubetune.evaluation import retention
+
+        return retention(base_model, tuned_model, tokenizer, cfg)

@@ -75,7 +75,6 @@ def label_names(labels: list[str], cfg: DataConfig) -> list[str]:
 class Classification(TaskKind):
     name = "classification"
     peft_task_type = "SEQ_CLS"
-    lm_head = False
 
     # ---- prepare_data -----------------------------------------------------------------------
     def check_fields(self, rows: list[dict[str, Any]], cfg: DataConfig) -> None:
@@ -225,6 +224,16 @@ class Classification(TaskKind):
         confusion = {"labels": names, "rows": "true label", "columns": "predicted label",
                      **{v: scores[v]["confusion"].tolist() for v in ("base", "tuned")}}
         return {"metrics": metrics, "generations": examples, "confusion_matrix": confusion, "figures": figures}
+
+    def retention(self, model_dir, base_model, tuned_model, tokenizer, cfg: RunConfig) -> dict[str, float] | str:
+        """The classifier has no LM head; an encoder whose checkpoint ships its masked-LM
+        pretraining head is scored through that head, before and after."""
+        from kubetune.evaluation import masked_lm_model, masked_lm_retention
+
+        mlm, why_not = masked_lm_model(model_dir)
+        if mlm is None:
+            return why_not
+        return masked_lm_retention(mlm, base_model, tuned_model, tokenizer, cfg)
 
 
 def check_known_labels(records: list[dict[str, Any]], labels: list[str], cfg: DataConfig) -> None:

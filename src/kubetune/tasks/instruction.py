@@ -150,7 +150,6 @@ def _text(value: Any) -> str:
 class Instruction(TaskKind):
     name = "instruction"
     peft_task_type = "CAUSAL_LM"
-    lm_head = True
 
     # ---- prepare_data -------------------------------------------------------------------------
     def check_fields(self, rows: list[dict[str, Any]], cfg: DataConfig) -> None:
