@@ -36,3 +36,10 @@ def test_selfinstruct_multitask_example_lowers_the_answer_loss(tmp_path):
     assert scores["eval.tuned_loss"] < scores["eval.base_loss"]
     assert scores["eval.tasks"] >= scores["eval.samples"] - 1  # one instance per seed task (one name twice)
     assert scores["eval.task_macro.tuned_loss"] < scores["eval.task_macro.base_loss"]
+
+
+def test_progressive_multitask_example_lowers_the_answer_loss(tmp_path):
+    scores = run("multitask-selfinstruct-gemma-progressive.yaml", tmp_path, "train.max_steps=10",
+                 "train.save_steps=5", "evaluate.max_new_tokens=16")
+    assert scores["eval.tuned_loss"] < scores["eval.base_loss"]
+    assert scores["eval.task_macro.tuned_loss"] < scores["eval.task_macro.base_loss"]
