@@ -345,8 +345,9 @@ def test_task_kinds_are_registered():
 
 @needs_shared
 def test_instruction_stages_learn_the_answers(tiny_model_dir, tmp_path):
-    """prepare_data -> tokenize -> prepare_model -> train -> evaluate on the guide's form: the tuned
-    model's answer-token loss falls below the base's, and the Trainer never sees the string columns."""
+    """prepare_data -> ... -> register on the guide's form: the tuned model's answer-token loss falls
+    below the base's, the Trainer never sees the string columns, and the registered model serves
+    raw reviews by wrapping them in the training prompt."""
     config = tiny_run_config(
         tiny_model_dir, YELP, task="instruction",
         data={**GUIDE, "max_rows": 160, "validation_fraction": 0.2, "max_length": 64},
@@ -359,7 +360,7 @@ def test_instruction_stages_learn_the_answers(tiny_model_dir, tmp_path):
                   "retention_path": None},
         tracking={"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "instruction"},
         storage={"uri": str(tmp_path / "storage")})
-    out = run_stages(config, tmp_path)
+    out = run_stages(config, tmp_path, through="register")
     result = json.loads((Path(out["evaluation"].path) / "evaluation.json").read_text())
     metrics = result["metrics"]
     assert metrics["eval.tuned_loss"] < 0.5 * metrics["eval.base_loss"]
@@ -367,6 +368,21 @@ def test_instruction_stages_learn_the_answers(tiny_model_dir, tmp_path):
     assert metrics["eval.answer_accuracy_samples"] == metrics["eval.samples"] == 24
     assert result["generations"][0]["expected"] in ("negative", "positive")
     assert out["metrics"].metadata["eval.tuned_loss"] == metrics["eval.tuned_loss"]
+
+    # the registered model builds the prompt it was trained on from an `input` column
+    import mlflow
+    import pandas as pd
+
+    assert out["version"] == "tiny-lora/1"
+    mlflow.set_tracking_uri(config["tracking"]["mlflow_uri"])
+    mlflow.set_registry_uri(config["tracking"]["mlflow_uri"])
+    served = mlflow.pyfunc.load_model("models:/tiny-lora/1")
+    reviews = pd.DataFrame({"input": ["The food was cold and the staff rude.", "Lovely place, great pizza."]})
+    assert served.unwrap_python_model().prompts(reviews) == [
+        build_prompt(SHORT_TEMPLATE, "Positive or negative?", text) for text in reviews["input"]]
+    answers = served.predict(reviews, params={"max_new_tokens": 4})
+    assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
+    assert served.unwrap_python_model().prompts(pd.DataFrame({"prompt": ["as is"]})) == ["as is"]
 
 
 def test_trainer_reads_rows_in_the_given_order(tiny_model_dir, tokenizer, tmp_path):

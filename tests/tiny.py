@@ -136,6 +136,8 @@ def run_stages(config: dict, root: Path, through: str = "evaluate") -> dict:
             **common, tokenized=out["tokenized"], tuned_model=out["tuned"],
             evaluation=out.setdefault("evaluation", artifact(dsl.Artifact, "evaluation")),
             metrics=out.setdefault("metrics", artifact(dsl.Metrics, "metrics")))),
+        ("register", lambda: out.setdefault("version", components.register.python_func(
+            **common, tuned_model=out["tuned"], prepared_model=out["prepared"], evaluation=out["evaluation"]))),
     ]
     for name, step in steps:
         step()

@@ -25,7 +25,9 @@ DEFAULT_SCORE = ("eval.tuned_perplexity", False)
 
 class AdapterModel(mlflow.pyfunc.PythonModel):
     """pyfunc over the base model plus the adapter. Language-model tasks complete the strings in a
-    `prompt` column; classification returns the label name of each string in a `text` column."""
+    `prompt` column; instruction models also take `instruction` (and optional `input`) columns and
+    build the prompt with the template they were trained on; classification returns the label name
+    of each string in a `text` column."""
 
     def load_context(self, context):
         from kubetune.config import ModelConfig, LoraSettings
@@ -42,16 +44,28 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         self.model = load_tuned(resolve_model(cfg.name_or_path), Path(context.artifacts["adapter"]), cfg,
                                 self.task, self.info)
         self.max_new_tokens = int(settings.get("max_new_tokens", 32))
+        self.prompt_format = settings.get("prompt_format")
 
     def predict(self, context, model_input, params: Optional[dict[str, Any]] = None):
-        column = "text" if self.task == "classification" else "prompt"
-        inputs = list(model_input[column]) if hasattr(model_input, "columns") else list(model_input)
         if self.task == "classification":
-            return self._classify(inputs)
+            return self._classify(_column(model_input, "text"))
         from kubetune.evaluation import generate
 
         limit = int((params or {}).get("max_new_tokens", self.max_new_tokens))
-        return generate(self.model, self.tokenizer, inputs, limit)
+        return generate(self.model, self.tokenizer, self.prompts(model_input), limit)
+
+    def prompts(self, model_input) -> list[str]:
+        columns = set(getattr(model_input, "columns", []))
+        if not self.prompt_format or "prompt" in columns or not columns & {"instruction", "input"}:
+            return _column(model_input, "prompt")
+        from kubetune.tasks.instruction import build_prompt
+
+        rows = len(model_input)
+        fixed = (self.prompt_format.get("instruction") or "").strip()
+        instructions = list(model_input["instruction"]) if "instruction" in columns else [fixed] * rows
+        inputs = list(model_input["input"]) if "input" in columns else [""] * rows
+        return [build_prompt(self.prompt_format["template"], str(instruction or fixed), str(text or ""))
+                for instruction, text in zip(instructions, inputs)]
 
     def _classify(self, texts: list[str]) -> list[str]:
         import torch
@@ -64,6 +78,11 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         return [names.get(str(i), str(i)) for i in ids]
 
 
+def _column(model_input, name: str) -> list[str]:
+    """A DataFrame's column, or a plain list of strings as it is."""
+    return list(model_input[name]) if hasattr(model_input, "columns") else list(model_input)
+
+
 def requirements() -> list[str]:
     # Explicit, so MLflow does not guess (it otherwise looks for packages such as torchvision).
     from importlib.metadata import version
@@ -73,7 +92,8 @@ def requirements() -> list[str]:
 
 
 def register(tracking_uri: str, run_id: str, model_name: str, adapter_dir: Path, plan: dict[str, Any],
-             metrics: dict[str, float], lineage: dict[str, str]) -> dict[str, Any]:
+             metrics: dict[str, float], lineage: dict[str, str],
+             prompt_format: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Logs the model into the run, registers a new version, and moves the champion alias to it
     when its held-out perplexity beats the current champion's (lower is better)."""
     import mlflow
@@ -82,7 +102,8 @@ def register(tracking_uri: str, run_id: str, model_name: str, adapter_dir: Path,
     model_config = {"base_model": plan["name_or_path"], "quantization": plan["quantization"],
                     "task": plan.get("task", "causal_lm"), "task_info": plan.get("task_info", {}),
                     "lora": plan["lora"] is not None,
-                    "base_fingerprint": plan.get("source", {}).get("fingerprint", "")}
+                    "base_fingerprint": plan.get("source", {}).get("fingerprint", ""),
+                    "prompt_format": prompt_format}
     with _uris(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -251,8 +251,10 @@ def register(config: str | dict[str, Any], run_id: str, tuned_dir: str, prepared
         metrics = json.loads((Path(eval_dir) / EVAL_FILE).read_text())["metrics"]
         run = logger.client.get_run(run_id)
         lineage = {k: v for k, v in run.data.tags.items() if k.startswith("kubetune.") and "stage" not in k}
+        prompt_format = ({"template": cfg.data.template, "instruction": cfg.data.instruction}
+                         if cfg.task in ("instruction", "multitask") else None)
         result = register_model(logger.uri, run_id, cfg.register.model_name, Path(tuned_dir),
-                                read_plan(Path(prepared_dir)), metrics, lineage)
+                                read_plan(Path(prepared_dir)), metrics, lineage, prompt_format)
         logger.tags({"kubetune.registered_model": cfg.register.model_name,
                      "kubetune.registered_version": result["version"]})
     logger.finish("FINISHED")
