@@ -332,6 +332,10 @@ def test_per_task_metrics_and_answer_accuracy(tiny_model_dir, tokenizer, tmp_pat
     assert "eval.base_short_answer_exact_match" in metrics  # `double` and `echo` answers are short
     assert len(result["generations"]) == 2 and {"prompt", "expected", "base", "tuned", "task"} == set(
         result["generations"][0])
+    table = result["per_task"]
+    assert set(table) == set(held_out) and all(table[t]["samples"] == held_out[t] for t in held_out)
+    assert all(table[t]["base_loss"] == metrics[f"eval.task.{t}.base_loss"] for t in held_out)
+    assert "base_answer_accuracy" in table["sentiment"] and "base_answer_accuracy" not in table["double"]
 
 
 def test_task_kinds_are_registered():
@@ -432,10 +436,13 @@ def test_multitask_progressive_schedule_reaches_the_trainer(tiny_model_dir, tmp_
         tracking={"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "multitask"},
         storage={"uri": str(tmp_path / "storage")})
     caplog.set_level(logging.INFO, logger="kubetune.tasks.instruction")
-    out = run_stages(config, tmp_path, through="train")
+    out = run_stages(config, tmp_path, through="evaluate")
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train order (progressive)")]
     assert "48 rows" in line and f"{GENERAL_TASK}=" in line  # 6 steps x 8 examples
     rows = data.load_split(Path(out["dataset"].path), "train")
     assert sum(row.get("task") == GENERAL_TASK for row in rows) > 0, "prepare_data mixed replay rows in"
     summary = json.loads((Path(out["tuned"].path) / "training_summary.json").read_text())
     assert summary["steps"] == 6 and all(row["loss"] > 0 for row in summary["history"])
+    result = json.loads((Path(out["evaluation"].path) / "evaluation.json").read_text())
+    assert GENERAL_TASK not in result["per_task"], "held-out rows are the tasks' own"
+    assert sum(row["samples"] for row in result["per_task"].values()) == result["metrics"]["eval.samples"]

@@ -236,6 +236,8 @@ def evaluate(config: str | dict[str, Any], run_id: str, tokenized_dir: str, tune
         logger.metrics(result["metrics"])
         if result.get("generations"):
             logger.json(result["generations"], "eval/generations.json")
+        if result.get("per_task"):
+            logger.json(result["per_task"], "eval/per_task.json")
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / EVAL_FILE).write_text(json.dumps(result, indent=2))
     return result["metrics"]

@@ -326,7 +326,11 @@ class Instruction(TaskKind):
                  metrics["eval.tuned_loss"], len(rows),
                  ", ".join(f"{k} {v}" for k, v in metrics.items() if k.count(".") == 1 and ("accuracy" in k or
                                                                                            "exact_match" in k)))
-        return {"metrics": metrics, "generations": generations}
+        return {"metrics": metrics, "generations": generations, **self.tables(rows, info, scores)}
+
+    def tables(self, rows: list[dict[str, Any]], info: dict[str, Any], scores: dict[str, Any]) -> dict[str, Any]:
+        """Extra figures for evaluation.json too many to log as metrics (none for one task)."""
+        return {}
 
     def scored_answer_set(self, row: dict[str, Any], info: dict[str, Any]) -> Optional[list[str]]:
         return info.get("answer_set")
@@ -406,8 +410,12 @@ class Multitask(Instruction):
     def answer_metrics(self, rows: list[dict[str, Any]], info: dict[str, Any],
                        scores: dict[str, Any]) -> dict[str, Any]:
         metrics = super().answer_metrics(rows, info, scores)
-        metrics.update(task_metrics(rows, scores, lambda row: self.scored_answer_set(row, info)))
+        metrics.update(task_metrics(per_task_scores(rows, scores, lambda row: self.scored_answer_set(row, info))))
         return metrics
+
+    def tables(self, rows: list[dict[str, Any]], info: dict[str, Any], scores: dict[str, Any]) -> dict[str, Any]:
+        """Every held-out task's figures (most tasks are too small to be metrics of their own)."""
+        return {"per_task": per_task_scores(rows, scores, lambda row: self.scored_answer_set(row, info))}
 
 
 # ---- collation and ordering -----------------------------------------------------------------------
@@ -605,15 +613,14 @@ def accuracy(rows: list[dict[str, Any]], indices: list[int], texts: list[str], a
     return round(hits / len(indices), 4)
 
 
-def task_metrics(rows: list[dict[str, Any]], scores: dict[str, Any], answer_set_of) -> dict[str, Any]:
-    """eval.task.<name>.* for the largest tasks with at least MIN_TASK_EXAMPLES held-out rows, and
-    macro averages (every task counts once) over all tasks: eval.task_macro.*."""
+def per_task_scores(rows: list[dict[str, Any]], scores: dict[str, Any], answer_set_of) -> dict[str, dict[str, float]]:
+    """Held-out samples, base/tuned answer loss and perplexity, and answer accuracy (closed answer
+    sets) of each task."""
     by_task: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         by_task.setdefault(row["task"], []).append(i)
-    metrics: dict[str, Any] = {"eval.tasks": len(by_task)}
     per_task: dict[str, dict[str, float]] = {}
-    for task, indices in by_task.items():
+    for task, indices in sorted(by_task.items()):
         values = {"samples": len(indices)}
         for name in ("base", "tuned"):
             loss = _loss([scores[name]["losses"][i] for i in indices])
@@ -623,6 +630,13 @@ def task_metrics(rows: list[dict[str, Any]], scores: dict[str, Any], answer_set_
             for name in ("base", "tuned"):
                 values[f"{name}_answer_accuracy"] = accuracy(rows, closed, scores[name]["texts"], answer_set_of)
         per_task[task] = values
+    return per_task
+
+
+def task_metrics(per_task: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """eval.task.<name>.* for the largest tasks with at least MIN_TASK_EXAMPLES held-out rows, and
+    macro averages (every task counts once) over all tasks: eval.task_macro.*."""
+    metrics: dict[str, Any] = {"eval.tasks": len(per_task)}
     logged = sorted((t for t in per_task if per_task[t]["samples"] >= MIN_TASK_EXAMPLES),
                     key=lambda t: (-per_task[t]["samples"], t))[:MAX_TASK_METRICS]
     for task in logged:
