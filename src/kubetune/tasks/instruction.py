@@ -179,10 +179,8 @@ class Instruction(TaskKind):
     def label_names(self, cfg: DataConfig) -> dict[str, str]:
         if cfg.label_names:
             return cfg.label_names
-        try:  # TweetEval's mapping.txt beside the data
-            from kubetune.data import label_names_beside
-        except ImportError:
-            return {}
+        from kubetune.data import label_names_beside  # TweetEval's mapping.txt beside the data
+
         return label_names_beside(cfg.path)
 
     def _fields(self, row: dict[str, Any], cfg: DataConfig, names: dict[str, str]) -> tuple[str, str, str]:
@@ -317,7 +315,8 @@ class Instruction(TaskKind):
         plan = self.generation_plan(rows, info, cfg)
         scores = score_variants(base_model, tuned_model, tokenizer, rows, plan, cfg)
         metrics = loss_metrics(rows, scores)
-        metrics.update(self.answer_metrics(rows, info, scores))
+        answer_metrics, tables = self.answer_figures(rows, info, scores)
+        metrics.update(answer_metrics)
         generations = [{"prompt": tokenizer.decode(prompt_ids(row), skip_special_tokens=True),
                         "expected": row["answer"], "base": scores["base"]["texts"][i],
                         "tuned": scores["tuned"]["texts"][i], **({"task": row["task"]} if row["task"] else {})}
@@ -326,11 +325,7 @@ class Instruction(TaskKind):
                  metrics["eval.tuned_loss"], len(rows),
                  ", ".join(f"{k} {v}" for k, v in metrics.items() if k.count(".") == 1 and ("accuracy" in k or
                                                                                            "exact_match" in k)))
-        return {"metrics": metrics, "generations": generations, **self.tables(rows, info, scores)}
-
-    def tables(self, rows: list[dict[str, Any]], info: dict[str, Any], scores: dict[str, Any]) -> dict[str, Any]:
-        """Extra figures for evaluation.json too many to log as metrics (none for one task)."""
-        return {}
+        return {"metrics": metrics, "generations": generations, **tables}
 
     def scored_answer_set(self, row: dict[str, Any], info: dict[str, Any]) -> Optional[list[str]]:
         return info.get("answer_set")
@@ -342,10 +337,11 @@ class Instruction(TaskKind):
         samples = set(range(min(cfg.evaluate.num_generations, len(rows))))
         return {"scored": scored, "samples": samples}
 
-    def answer_metrics(self, rows: list[dict[str, Any]], info: dict[str, Any],
-                       scores: dict[str, Any]) -> dict[str, Any]:
-        """Accuracy of the greedy answer where the answers form a closed set; exact match of the
-        first line for the other short answers (a word or three: yes/no, a number, a name)."""
+    def answer_figures(self, rows: list[dict[str, Any]], info: dict[str, Any],
+                       scores: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(metrics, tables for evaluation.json too large to be metrics) from the greedy answers:
+        accuracy where the answers form a closed set; exact match of the first line for the other
+        short answers (a word or three: yes/no, a number, a name)."""
         metrics: dict[str, Any] = {}
         answer_set_of = lambda row: self.scored_answer_set(row, info)  # noqa: E731
         closed = [i for i, row in enumerate(rows) if answer_set_of(row)]
@@ -360,7 +356,7 @@ class Instruction(TaskKind):
                 metrics[f"eval.{name}_short_answer_exact_match"] = round(
                     sum(exact_match(texts[i], rows[i]["answer"]) for i in short) / len(short), 4)
             metrics["eval.short_answer_samples"] = len(short)
-        return metrics
+        return metrics, {}
 
 
 class Multitask(Instruction):
@@ -407,15 +403,12 @@ class Multitask(Instruction):
     def scored_answer_set(self, row: dict[str, Any], info: dict[str, Any]) -> Optional[list[str]]:
         return info.get("answer_set") or info.get("tasks", {}).get(row["task"], {}).get("answer_set")
 
-    def answer_metrics(self, rows: list[dict[str, Any]], info: dict[str, Any],
-                       scores: dict[str, Any]) -> dict[str, Any]:
-        metrics = super().answer_metrics(rows, info, scores)
-        metrics.update(task_metrics(per_task_scores(rows, scores, lambda row: self.scored_answer_set(row, info))))
-        return metrics
-
-    def tables(self, rows: list[dict[str, Any]], info: dict[str, Any], scores: dict[str, Any]) -> dict[str, Any]:
-        """Every held-out task's figures (most tasks are too small to be metrics of their own)."""
-        return {"per_task": per_task_scores(rows, scores, lambda row: self.scored_answer_set(row, info))}
+    def answer_figures(self, rows: list[dict[str, Any]], info: dict[str, Any],
+                       scores: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Adds per-task figures: every task in the table, the larger ones also as metrics."""
+        metrics, tables = super().answer_figures(rows, info, scores)
+        per_task = per_task_scores(rows, scores, lambda row: self.scored_answer_set(row, info))
+        return {**metrics, **task_metrics(per_task)}, {**tables, "per_task": per_task}
 
 
 # ---- collation and ordering -----------------------------------------------------------------------
