@@ -26,6 +26,9 @@ COPY src ./src
 COPY components ./components
 COPY pipelines ./pipelines
 COPY docker/wheel_requirements.py /usr/local/bin/
+# The machine's CA bundle, mounted into the build, where PyPI is reached through a TLS-inspecting
+# proxy (make images-local passes it); empty by default, never written into the image.
+ARG PIP_CERT=
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
  && python /usr/local/bin/wheel_requirements.py /wheels/kubetune-*.whl > /wheels/requirements.txt
 
@@ -41,9 +44,17 @@ ARG TORCH_INDEX_URL=https://pypi.org/simple
 # torch without its dependencies from TORCH_INDEX_URL; they come from PyPI in the next step, pinned
 # by both lock files, so nothing else is taken from another index. The check after it fails the
 # build if torch is not a CUDA build.
+# Builds on a machine without that index (make images-local) take torch from a folder of wheels
+# mounted into the build instead; PIP_CERT as in the wheel stage. Both empty by default.
+ARG TORCH_FIND_LINKS=
+ARG PIP_CERT=
 RUN torch_pin="$(grep -E '^torch==[0-9][^+]*$' requirements.lock)" \
  && python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-deps --index-url "${TORCH_INDEX_URL}" "${torch_pin}"
+ && if [ -n "${TORCH_FIND_LINKS}" ]; then \
+        /opt/venv/bin/pip install --no-deps --no-index --find-links "${TORCH_FIND_LINKS}" "${torch_pin}"; \
+    else \
+        /opt/venv/bin/pip install --no-deps --index-url "${TORCH_INDEX_URL}" "${torch_pin}"; \
+    fi
 COPY --from=wheel /wheels/requirements.txt ./
 RUN /opt/venv/bin/pip install --constraint requirements.lock --constraint cuda.lock --requirement requirements.txt \
  && /opt/venv/bin/python -c "import torch; assert torch.version.cuda, 'torch ' + torch.__version__ + ' is not a CUDA build'; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from kubetune import __version__
-from kubetune.errors import UserError
+from kubetune.errors import StageFailed, UserError
 
 
 HEADLINE_METRICS = (
@@ -26,7 +26,7 @@ def _run(args: argparse.Namespace) -> int:
     from kubetune.local import run_pipeline
 
     cfg = load_config(args.config, args.set)
-    result = run_pipeline(cfg, progress=not args.no_progress)
+    result = run_pipeline(cfg, progress=not args.no_progress, runner=args.runner)
     print()
     print(f"kubetune: run finished in {result['wall_seconds']:.0f} s")
     for stage, seconds in result["stage_seconds"].items():
@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the whole pipeline on this machine (kfp.local)")
     config_args(run)
     run.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+    run.add_argument("--runner", choices=["process", "container"], default="process",
+                     help="process: each stage a Python process in this environment (default); container: each "
+                          "stage in its component's image, through podman (build them with make images-local)")
     run.set_defaults(func=_run)
 
     check = commands.add_parser("check", help="run only the preflight checks")
@@ -194,7 +197,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except UserError as exc:
+    except (UserError, StageFailed) as exc:
         print(f"kubetune: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

