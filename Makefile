@@ -33,7 +33,8 @@ define LOCK_HEADER
 endef
 export LOCK_HEADER
 
-.PHONY: help venv demo-deps demo test test-slow compile check-compiled services-up services-down readme-config images lock-cuda \
+.PHONY: help venv demo-deps demo test test-slow test-containers compile check-compiled services-up services-down readme-config \
+        images images-local lock-cuda \
         lock clean distclean
 
 help: ## list the targets
@@ -66,6 +67,9 @@ test: venv ## run the fast test suite (extra pytest args: PYTEST_ARGS="-k foo -x
 
 test-slow: venv demo-deps ## run the slow tests (real pretrained weights)
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+test-containers: venv ## build or reuse the CPU image with podman, then run the DAG and the images in containers
+	$(BIN)/pytest -m containers $(PYTEST_ARGS)
 
 compile: venv ## write pipelines/kubetune_pipeline.yaml from the pipeline code
 	$(BIN)/kubetune compile
@@ -134,6 +138,14 @@ images: ## build and push the CPU and CUDA images, tagged with the package versi
 	    docker buildx build --file docker/$$flavor.Dockerfile --platform $(IMAGE_PLATFORM) \
 	        --build-arg KUBETUNE_VERSION=$$version --tag "$$tag" $(IMAGE_OUTPUT) . ; \
 	done
+
+# The same Dockerfiles built on a machine with podman and no Docker engine or registry: a Python
+# base image from Debian packages, the machine's pip settings, layers reused; each image checked by
+# running it. IMAGES_LOCAL_ARGS="--flavor cpu" builds one. docker/build_local.py says how.
+IMAGES_LOCAL_ARGS ?=
+
+images-local: ## build the CPU and CUDA images here with podman (installs podman, runc, debootstrap, acl with apt-get)
+	$(PYTHON) docker/build_local.py $(IMAGES_LOCAL_ARGS)
 
 lock-cuda: venv ## regenerate docker/cuda.lock (the CUDA libraries of the CUDA image's torch) after a torch change
 	$(BIN)/python docker/lock_cuda.py

@@ -218,7 +218,7 @@ def build(podman: Podman, flavor: str, base: str, pip: PipSettings, log_dir: Pat
                           *build_args(flavor, base, pip), "--tag", tag, str(ROOT))
     say(f"building {tag} (log: {log_path})")
     started = time.monotonic()
-    with open(log_path, "w") as log_file:
+    with open(log_path, "w", buffering=1) as log_file:  # line by line: the log can be followed
         log_file.write("$ " + shlex.join(command) + "\n")
         log_file.flush()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -237,10 +237,14 @@ def build(podman: Podman, flavor: str, base: str, pip: PipSettings, log_dir: Pat
             "size": podman.image_size(tag), "id": image_id}
 
 
-def check(podman: Podman, flavor: str, tag: str) -> str:
-    """Run the image as a stage would; untag it if it is not what it should be."""
-    here = source_digest({"kubetune": ROOT / "src" / "kubetune", "kubetune.components": ROOT / "components",
+def checkout_digest() -> str:
+    return source_digest({"kubetune": ROOT / "src" / "kubetune", "kubetune.components": ROOT / "components",
                           "kubetune.pipelines": ROOT / "pipelines"})
+
+
+def check(podman: Podman, flavor: str, tag: str, here: str) -> str:
+    """Run the image as a stage would; untag it if it is not what it should be. `here` is the
+    source digest of the checkout when its build started."""
     try:
         report = image_report(podman, tag)
         problems = []
@@ -256,7 +260,7 @@ def check(podman: Podman, flavor: str, tag: str) -> str:
     except (subprocess.CalledProcessError, RuntimeError, ValueError) as exc:
         podman.run("rmi", tag, check=False)
         detail = getattr(exc, "stderr", None) or str(exc)
-        raise SystemExit(f"images-local: {tag} failed its check and was untagged: {detail.strip()[-2000:]}")
+        raise SystemExit(f"images-local: {tag} failed its check and was removed: {detail.strip()[-2000:]}")
 
 
 def human(size: int) -> str:
@@ -283,8 +287,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"{pip.torch_wheels or 'the PyTorch CPU index'}")
     rows = [(base, podman.image_size(base), base_seconds, base_reused, f"Debian {SUITE}, " + ", ".join(BASE_PACKAGES))]
     for flavor in flavors:
+        before = checkout_digest()
         built = build(podman, flavor, base, pip, log_dir)
-        rows.append((built["tag"], built["size"], built["seconds"], built["reused"], check(podman, flavor, built["tag"])))
+        rows.append((built["tag"], built["size"], built["seconds"], built["reused"],
+                     check(podman, flavor, built["tag"], before)))
+        if checkout_digest() != before:
+            say(f"the checkout changed while {built['tag']} was built: it holds the code from when its build "
+                "started; run again to bring it up to date")
     print()
     print(f"{'image':<46} {'size':>8} {'build':>14}  checked inside")
     for tag, size, seconds, reused, note in rows:

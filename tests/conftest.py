@@ -176,3 +176,20 @@ def quotes_file(tmp_path_factory) -> Path:
 
     return write_quotes(tmp_path_factory.mktemp("data") / "quotes.json", count=80)
 
+
+
+@pytest.fixture(scope="session")
+def cpu_image(tmp_path_factory) -> str:
+    """kubetune's CPU image of this checkout, built (or reused, layer by layer) by the script behind
+    `make images-local`, which installs podman first where it can. Skips where containers cannot
+    run here, with the script's one-line reason."""
+    from kubetune.images import CPU_IMAGE
+
+    logs = tmp_path_factory.mktemp("image_logs")
+    script = Path(__file__).resolve().parents[1] / "docker" / "build_local.py"
+    done = subprocess.run([sys.executable, str(script), "--flavor", "cpu", "--log-dir", str(logs)],
+                          capture_output=True, text=True, timeout=3600)
+    if done.returncode == 2:  # containers cannot run here: the script says why on one line
+        pytest.skip(done.stderr.strip())
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return CPU_IMAGE

@@ -224,3 +224,19 @@ def test_apt_mirror_is_read_from_both_source_formats(tmp_path):
     assert build_local.apt_mirror(tmp_path) == "http://mirror.example/debian"
     (tmp_path / "sources.list").write_text("deb [arch=amd64] http://old.example/debian bookworm main\n")
     assert build_local.apt_mirror(tmp_path) == "http://old.example/debian"
+
+
+def test_cli_prints_a_failed_stage_on_one_line(monkeypatch, capsys):
+    """Only the CLI's formatting: the run itself is replaced by one that fails as a container stage does
+    (tests/test_containers_run.py fails a real one)."""
+    import kubetune.local
+    from kubetune.cli import main
+
+    def failing_run(cfg, progress, runner):
+        raise StageFailed("train", CPU_IMAGE, 1, "kubetune.errors.ModelError: model.quantization = '8bit': no")
+
+    monkeypatch.setattr(kubetune.local, "run_pipeline", failing_run)
+    assert main(["run", "--runner", "container"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"kubetune: error: stage train failed in {CPU_IMAGE} (exit 1): "
+                   "kubetune.errors.ModelError: model.quantization = '8bit': no"]

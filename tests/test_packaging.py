@@ -72,6 +72,15 @@ def test_distribution_installs_only_the_kubetune_name():
         assert first not in ("components", "pipelines"), f"kubetune installs a top-level {first}/: {file}"
 
 
+def test_every_package_folder_ships_in_the_wheel():
+    """The editable install imports any folder of src/; a wheel (the images) only what is listed."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]["packages"])
+    src = PYPROJECT.parent / "src"
+    found = {".".join(init.parent.relative_to(src).parts) for init in src.rglob("__init__.py")}
+    assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
+
+
 def test_subpackages_import_and_no_top_level_components_or_pipelines(tmp_path):
     code = (
         "import importlib.util, importlib.resources, sys\n"
