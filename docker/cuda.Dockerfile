@@ -58,6 +58,16 @@ RUN torch_pin="$(grep -E '^torch==[0-9][^+]*$' requirements.lock)" \
 COPY --from=wheel /wheels/requirements.txt ./
 RUN /opt/venv/bin/pip install --constraint requirements.lock --constraint cuda.lock --requirement requirements.txt \
  && /opt/venv/bin/python -c "import torch; assert torch.version.cuda, 'torch ' + torch.__version__ + ' is not a CUDA build'; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+# Files nothing at run time loads, about 0.36 GB: C/C++ headers and static libraries of the CUDA
+# and torch wheels (triton keeps its own headers: it compiles a launcher at run time), the
+# multi-GPU cuSOLVER and the alternative NVRTC build, which no library in torch or bitsandbytes
+# names (checked by scanning every shared object of the image for their names).
+RUN site="$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+ && find "${site}/nvidia" "${site}/torch" -depth -type d \( -path '*/nvidia/*/include' -o -path '*/torch/include' \) \
+        -exec rm -rf {} + \
+ && find "${site}/nvidia" "${site}/torch" -type f \
+        \( -name '*.a' -o -name 'libcusolverMg.so*' -o -name 'libnvrtc.alt.so*' \) -delete \
+ && /opt/venv/bin/python -c "import torch, bitsandbytes"
 
 # ---- runtime -----------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
