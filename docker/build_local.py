@@ -14,13 +14,16 @@ The same Dockerfiles that `make images` builds with buildx for a cluster, built 
    digest), it runs as uid 1000, and torch, bitsandbytes and peft import (the CUDA image: torch
    reports its CUDA version). An image that fails its check is untagged.
 
-podman reuses every layer whose inputs did not change, so a second call after a code change
-rebuilds only the small kubetune layer. Stdlib only: it runs before any virtualenv exists.
+An image whose inputs (Dockerfile, build context, arguments, base image) are those it was built
+from is left as it is; otherwise podman reuses every layer whose own inputs did not change, so a
+call after a code change rebuilds only the small kubetune layer. Stdlib only: it runs before any
+virtualenv exists.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import os
 import re
@@ -208,14 +211,47 @@ def build_args(flavor: str, base: str, pip: PipSettings) -> list[str]:
     return args
 
 
+INPUTS_LABEL = "io.kubetune.build-inputs"
+
+
+def context_files(ignorefile: Path) -> list[Path]:
+    """The files a build's context holds, read from its allowlist .dockerignore ("*", then "!path"
+    lines; "**/name" lines drop matching names anywhere)."""
+    lines = [line.strip() for line in ignorefile.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    dropped = [line[3:] for line in lines if line.startswith("**/")]
+    files = []
+    for entry in (line[1:] for line in lines if line.startswith("!")):
+        path = ROOT / entry
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            parts = file.relative_to(ROOT).parts
+            if file.is_file() and not any(fnmatch.fnmatch(part, pattern) for part in parts for pattern in dropped):
+                files.append(file)
+    return files
+
+
+def inputs_digest(dockerfile: Path, args: list[str], base_id: str) -> str:
+    """Everything a build reads: the Dockerfile, its context, its arguments and the base image."""
+    digest = hashlib.sha256()
+    for file in [dockerfile, *context_files(Path(str(dockerfile) + ".dockerignore"))]:
+        digest.update(f"{file.relative_to(ROOT)}\0".encode() + file.read_bytes())
+    digest.update("\0".join([*args, base_id]).encode())
+    return digest.hexdigest()[:16]
+
+
 def build(podman: Podman, flavor: str, base: str, pip: PipSettings, log_dir: Path) -> dict:
     tag = IMAGES[flavor]
     dockerfile = ROOT / "docker" / f"{flavor}.Dockerfile"
     log_path = log_dir / f"{flavor}.log"
     before = podman.image_id(tag)
+    args = build_args(flavor, base, pip)
+    inputs = inputs_digest(dockerfile, args, podman.image_id(base) or "")
+    label = podman.run("image", "inspect", "--format", f'{{{{index .Labels "{INPUTS_LABEL}"}}}}', tag, check=False)
+    if before is not None and label.stdout.strip() == inputs:  # nothing it reads has changed: nothing to do
+        return {"flavor": flavor, "tag": tag, "seconds": 0.0, "reused": True, "size": podman.image_size(tag),
+                "id": before}
     command = podman.argv("build", "--layers", "--network", "host", *podman.ulimit_args(),
                           "--ignorefile", str(dockerfile) + ".dockerignore", "--file", str(dockerfile),
-                          *build_args(flavor, base, pip), "--tag", tag, str(ROOT))
+                          *args, "--label", f"{INPUTS_LABEL}={inputs}", "--tag", tag, str(ROOT))
     say(f"building {tag} (log: {log_path})")
     started = time.monotonic()
     with open(log_path, "w", buffering=1) as log_file:  # line by line: the log can be followed
@@ -297,7 +333,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print()
     print(f"{'image':<46} {'size':>8} {'build':>14}  checked inside")
     for tag, size, seconds, reused, note in rows:
-        took = f"{seconds:.0f} s" + (" (cached)" if reused else "")
+        took = "up to date" if reused and seconds == 0 else f"{seconds:.0f} s" + (" (cached)" if reused else "")
         print(f"{tag:<46} {human(size):>8} {took:>14}  {note}")
     return 0
 

