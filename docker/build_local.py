@@ -251,7 +251,8 @@ def build(podman: Podman, flavor: str, base: str, pip: PipSettings, log_dir: Pat
                 "id": before}
     command = podman.argv("build", "--layers", "--network", "host", *podman.ulimit_args(),
                           "--ignorefile", str(dockerfile) + ".dockerignore", "--file", str(dockerfile),
-                          *args, "--label", f"{INPUTS_LABEL}={inputs}", "--tag", tag, str(ROOT))
+                          *args, "--build-arg", f"KUBETUNE_BUILD_INPUTS={inputs}",
+                          "--label", f"{INPUTS_LABEL}={inputs}", "--tag", tag, str(ROOT))
     say(f"building {tag} (log: {log_path})")
     started = time.monotonic()
     with open(log_path, "w", buffering=1) as log_file:  # line by line: the log can be followed

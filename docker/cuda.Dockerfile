@@ -101,6 +101,11 @@ ENV PATH="/opt/venv/bin:${PATH}" \
 
 # The kubetune wheel, at the version the image is tagged with; then the whole environment is
 # checked against the lock (and `pip check`), so a drifted or incomplete image fails to build.
+# podman's layer cache keys this RUN by its text and arguments, not by what its mounts bring in,
+# so make images-local passes a digest of everything the build reads; without it a changed wheel
+# reused the layer that had installed the previous one (seen with podman 4.3). BuildKit tracks
+# mounted content itself and needs no value here.
+ARG KUBETUNE_BUILD_INPUTS=
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     --mount=type=bind,source=requirements.lock,target=/tmp/requirements.lock \
     --mount=type=bind,source=docker/cuda.lock,target=/tmp/cuda.lock \
