@@ -100,10 +100,10 @@ def _package_paths(value: str) -> list[Path]:
     except importlib.metadata.PackageNotFoundError:
         return []  # preflight has already said how to install it
     site = Path(distribution.locate_file("")).resolve()
-    paths = [Path(str(distribution._path)).resolve()]  # the .dist-info folder
-    if entry is not None and (site / entry.module).is_dir():
-        paths.append(site / entry.module)
-    return paths
+    folders = {file.parts[0] for file in distribution.files or [] if file.parts[0].endswith(".dist-info")}
+    if entry is not None:
+        folders.add(entry.module)
+    return [site / folder for folder in sorted(folders) if (site / folder).is_dir()]
 
 
 def plan_mounts(cfg: RunConfig, state: Path, artifact_location: Optional[Path],
