@@ -163,6 +163,8 @@ def test_image_with_another_version_or_code_is_refused(cpu_image, podman, tmp_pa
             containers.check_image(podman, other_code)
         with pytest.raises(containers.ContainerError, match="no such image here: build it with `make images-local`"):
             containers.check_image(podman, "localhost/kubetune-absent:0")
+        with pytest.raises(containers.ContainerError, match="does not say which kubetune it holds"):
+            containers.check_image(podman, "localhost/kubetune-python-base:bookworm")  # Python, no kubetune
     finally:
         podman.run("rmi", "-f", other_version, other_code, check=False)
 

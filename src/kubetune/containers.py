@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -22,8 +21,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from kubetune.errors import UserError
-
-log = logging.getLogger(__name__)
 
 RUNTIME_ENV = "KUBETUNE_CONTAINER_RUNTIME"  # an OCI runtime name or path; default: runc where installed
 ULIMITS = {"nofile": 4096, "nproc": 4096}  # soft = hard
@@ -46,11 +43,8 @@ class Podman:
     def ulimit_args(self) -> list[str]:
         return [arg for name, limit in ULIMITS.items() for arg in ("--ulimit", f"{name}={limit}:{limit}")]
 
-    def run(self, *args: str, check: bool = True, capture: bool = True,
-            timeout: Optional[float] = None) -> subprocess.CompletedProcess:
-        return subprocess.run(self.argv(*args), check=check, text=True, timeout=timeout,
-                              stdout=subprocess.PIPE if capture else None,
-                              stderr=subprocess.PIPE if capture else None)
+    def run(self, *args: str, check: bool = True, timeout: Optional[float] = None) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(*args), check=check, text=True, timeout=timeout, capture_output=True)
 
     def image_id(self, tag: str) -> Optional[str]:
         """The image's id, or None when no image has that tag here."""
@@ -60,10 +54,9 @@ class Podman:
     def image_size(self, tag: str) -> int:
         return int(self.run("image", "inspect", "--format", "{{.Size}}", tag).stdout.strip())
 
-    def in_image(self, tag: str, *command: str, user: Optional[str] = None) -> str:
+    def in_image(self, tag: str, *command: str) -> str:
         """Run one short command in a throwaway container of `tag`; return its stdout."""
-        extra = ["--user", user] if user else []
-        done = self.run("run", "--rm", "--network", "host", *self.ulimit_args(), *extra, tag, *command, check=False)
+        done = self.run("run", "--rm", "--network", "host", *self.ulimit_args(), tag, *command, check=False)
         if done.returncode != 0:
             raise subprocess.CalledProcessError(done.returncode, command, done.stdout, done.stderr)
         return done.stdout
@@ -142,7 +135,12 @@ def check_image(podman: Podman, tag: str, field: str = "image") -> dict:
     if podman.image_id(tag) is None:
         raise ContainerError(field, tag, "no such image here: build it with `make images-local` "
                              f"(a checkout of kubetune {__version__}), {IN_PROCESS_HINT}")
-    report = image_report(podman, tag)
+    try:
+        report = image_report(podman, tag)
+    except (subprocess.CalledProcessError, ValueError) as exc:
+        reason = (getattr(exc, "stderr", None) or str(exc)).strip().splitlines()[-1:] or ["no output"]
+        raise ContainerError(field, tag, f"the image does not say which kubetune it holds ({reason[0]}): rebuild "
+                             "it with `make images-local` from this checkout") from None
     if report["version"] != __version__:
         raise ContainerError(field, tag, f"the image holds kubetune {report['version']}, this is {__version__}: "
                              "rebuild it with `make images-local` from this checkout")
