@@ -25,22 +25,21 @@ def pin_locations(cfg: RunConfig) -> RunConfig:
     container, started in another directory) and the MLflow params agree on where things are."""
     from kubetune import tracking
 
+    cfg = with_value(cfg, "storage.uri", cfg.storage.uri or str(state_dir() / "storage"))
+    cfg = with_value(cfg, "tracking.mlflow_uri", tracking.resolve_uri(cfg.tracking.mlflow_uri))
     for key, value, kind in locations(cfg):
+        if value.startswith("sqlite:///"):  # sqlite:///relative.db would move with the directory
+            database = Path(value[len("sqlite:///"):])
+            if not database.is_absolute():
+                cfg = with_value(cfg, key, f"sqlite:///{database.resolve()}")
+            continue
         if "://" in value or value.startswith("package:"):
             continue
         path = Path(value).expanduser()
         if kind == INPUT and not path.exists():
             continue  # a hub id, or a missing file that preflight reports
         cfg = with_value(cfg, key, str(path.resolve()))
-    storage_uri = cfg.storage.uri or str(state_dir() / "storage")
-    if not storage_uri.startswith("s3://"):
-        storage_uri = str(Path(storage_uri).expanduser().resolve())
-    tracking_uri = tracking.resolve_uri(cfg.tracking.mlflow_uri)
-    store = tracking.local_path(tracking_uri)
-    if tracking_uri.startswith("sqlite:///") and store is not None and not store.is_absolute():
-        tracking_uri = f"sqlite:///{store.resolve()}"
-    cfg = with_value(cfg, "storage.uri", storage_uri)
-    return with_value(cfg, "tracking.mlflow_uri", tracking_uri)
+    return cfg
 
 
 def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process") -> dict[str, Any]:
