@@ -10,6 +10,7 @@ of the change that added these tests.
 
 from __future__ import annotations
 
+import contextlib
 import email.parser
 import email.policy
 import itertools
@@ -19,7 +20,7 @@ import threading
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import pytest
 import yaml
@@ -95,6 +96,18 @@ class KfpApiStandIn:
 
     def _id(self, kind: str) -> str:
         return f"{kind}-{next(self._ids)}"
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator["KfpApiStandIn"]:
+        """Answer requests in a background thread for as long as the block runs."""
+        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+            thread.join(timeout=5)
 
     def answer(self, r: Request) -> tuple[int, dict]:
         if self.require_token and r.headers.get("authorization") != f"Bearer {self.require_token}":
@@ -189,13 +202,8 @@ def kfp_api(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr("kfp.client.client.Client._LOCAL_KFP_CONTEXT", str(tmp_path / "kfp-context.json"))
     monkeypatch.setattr("kubetune.cluster.TOKEN_FILE", str(tmp_path / "no-service-account-token"))
-    stand_in = KfpApiStandIn()
-    thread = threading.Thread(target=stand_in.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield stand_in
-    stand_in.server.shutdown()
-    stand_in.server.server_close()
-    thread.join(timeout=5)
+    with KfpApiStandIn().serving() as stand_in:
+        yield stand_in
 
 
 @pytest.fixture

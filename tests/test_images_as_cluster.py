@@ -36,7 +36,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -153,13 +152,8 @@ def kfp_api():
     """The KFP v2beta1 REST API stand-in of tests/test_cluster.py on a free loopback port."""
     from test_cluster import KfpApiStandIn
 
-    stand_in = KfpApiStandIn()
-    thread = threading.Thread(target=stand_in.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield stand_in
-    stand_in.server.shutdown()
-    stand_in.server.server_close()
-    thread.join(timeout=5)
+    with KfpApiStandIn().serving() as stand_in:
+        yield stand_in
 
 
 def _free_port() -> int:
