@@ -41,8 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from kubetune import __version__  # noqa: E402
-from kubetune.containers import (IMAGE_USER_UID, ContainerError, Podman, find_podman, image_report,  # noqa: E402
-                                 source_digest)
+from kubetune.containers import ContainerError, Podman, check_image, find_podman, source_digest  # noqa: E402
 from kubetune.images import CPU_IMAGE, CUDA_IMAGE  # noqa: E402
 
 # command -> the Debian package that has it
@@ -280,21 +279,12 @@ def checkout_digest() -> str:
 
 
 def check(podman: Podman, flavor: str, tag: str, here: str) -> str:
-    """Run the image as a stage would; untag it if it is not what it should be. `here` is the
+    """Run the image as a stage would; remove it if it is not what it should be. `here` is the
     source digest of the checkout when its build started."""
     try:
-        report = image_report(podman, tag)
-        problems = []
-        if report["version"] != __version__:
-            problems.append(f"kubetune {report['version']} inside, {__version__} here")
-        if report["source"] != here:
-            problems.append(f"source digest {report['source']} inside, {here} here")
-        if report["uid"] != IMAGE_USER_UID:
-            problems.append(f"runs as uid {report['uid']}, not {IMAGE_USER_UID}")
-        if problems:
-            raise RuntimeError("; ".join(problems))
+        check_image(podman, tag, source=here)
         return podman.in_image(tag, "python", "-c", CHECKS[flavor]).strip().splitlines()[-1]
-    except (subprocess.CalledProcessError, RuntimeError, ValueError) as exc:
+    except (ContainerError, subprocess.CalledProcessError) as exc:
         podman.run("rmi", tag, check=False)
         detail = getattr(exc, "stderr", None) or str(exc)
         raise SystemExit(f"images-local: {tag} failed its check and was removed: {detail.strip()[-2000:]}")

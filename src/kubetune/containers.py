@@ -128,9 +128,13 @@ def image_report(podman: Podman, tag: str) -> dict:
     return json.loads(podman.in_image(tag, "python", "-c", IMAGE_REPORT).strip().splitlines()[-1])
 
 
-def check_image(podman: Podman, tag: str, field: str = "image") -> dict:
-    """Refuse an image that is missing or holds another kubetune than this one."""
+def check_image(podman: Podman, tag: str, field: str = "image", source: Optional[str] = None) -> dict:
+    """Refuse an image that is missing, holds another kubetune than this one (`source`: the expected
+    source digest, by default this installation's) or runs as another user than the one kubetune
+    gives access to its files."""
     from kubetune import __version__
+
+    source = source or source_digest()
 
     if podman.image_id(tag) is None:
         raise ContainerError(field, tag, "no such image here: build it with `make images-local` "
@@ -144,13 +148,13 @@ def check_image(podman: Podman, tag: str, field: str = "image") -> dict:
     if report["version"] != __version__:
         raise ContainerError(field, tag, f"the image holds kubetune {report['version']}, this is {__version__}: "
                              "rebuild it with `make images-local` from this checkout")
-    if report["source"] != source_digest():
+    if report["source"] != source:
         raise ContainerError(field, tag, f"the image holds other kubetune {__version__} code than this "
-                             "installation (source digest " f"{report['source']} vs {source_digest()}): rebuild "
+                             f"installation (source digest {report['source']} vs {source}): rebuild "
                              "it with `make images-local` (only the small kubetune layer is rebuilt)")
-    if report["uid"] == 0:
-        raise ContainerError(field, tag, "the image runs as root; kubetune's images run as uid "
-                             f"{IMAGE_USER_UID}: rebuild it from docker/")
+    if report["uid"] != IMAGE_USER_UID:
+        raise ContainerError(field, tag, f"the image runs as uid {report['uid']}; kubetune's images run as uid "
+                             f"{IMAGE_USER_UID}, the user it gives access to the run's files: rebuild it from docker/")
     return report
 
 
