@@ -1,11 +1,20 @@
+from typing import NamedTuple
+
 from kfp import dsl
+from kfp.dsl import Artifact, Output
 
 from kubetune.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def preflight(config_json: str) -> str:
-    """Checks config, data, model fit, MLflow and storage; opens the MLflow run and returns its id."""
+def preflight(config_json: str, accelerator_count: int,
+              lineage: Output[Artifact]) -> NamedTuple("PreflightOutputs", run_id=str, train_accelerators=int):
+    """Checks config, data, model fit, MLflow and storage; opens the MLflow run. Returns its id and
+    the GPUs train needs (one per train.processes); writes the run's lineage for register."""
+    from collections import namedtuple
+
     from kubetune import stages
 
-    return stages.preflight(config_json)
+    run_id = stages.preflight(config_json, lineage.path)
+    train_accelerators = stages.train_accelerators(config_json, accelerator_count)
+    return namedtuple("PreflightOutputs", ["run_id", "train_accelerators"])(run_id, train_accelerators)

@@ -113,17 +113,16 @@ def kubetune_pipeline(
     config_json: str = json.dumps(default_config()),
     accelerator_type: str = ACCELERATOR_TYPE,
     accelerator_count: int = ACCELERATOR_COUNT,
-    train_accelerator_count: int = ACCELERATOR_COUNT,
     gpu_node_selector: dict = GPU_NODE_SELECTOR,
 ) -> str:
     # The whole run config travels as one JSON string: KFP struct parameters cannot hold null,
     # and null is meaningful here (lora: null = no LoRA).
-    # accelerator_count sizes prepare_model and evaluate; train_accelerator_count sizes train. Train
-    # uses one device today: data-parallel training on one node (torchrun, gpus per node) is where
-    # train_accelerator_count will also be handed to the train component.
+    # accelerator_count sizes prepare_model and evaluate. train gets one accelerator per training
+    # process: train.processes in the config is the only place that number is set, and preflight
+    # hands it on (none when accelerator_count is 0).
     config = config_json
-    checked = _on_cluster(preflight(config_json=config), "preflight")
-    run_id = checked.output
+    checked = _on_cluster(preflight(config_json=config, accelerator_count=accelerator_count), "preflight")
+    run_id = checked.outputs["run_id"]
     data = _on_cluster(prepare_data(config_json=config, run_id=run_id), "prepare_data")
     tokens = _on_cluster(tokenize(config_json=config, run_id=run_id, dataset=data.outputs["dataset"]), "tokenize")
     prepared = _on_cluster(prepare_model(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"]),
@@ -131,12 +130,14 @@ def kubetune_pipeline(
     _on_gpus(prepared, accelerator_type, accelerator_count, gpu_node_selector)
     trained = _on_cluster(train(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],
                                 prepared_model=prepared.outputs["prepared_model"]), "train")
-    _on_gpus(trained, accelerator_type, train_accelerator_count, gpu_node_selector)
+    _on_gpus(trained, accelerator_type, checked.outputs["train_accelerators"], gpu_node_selector)
     evaluated = _on_cluster(evaluate(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],
                                      tuned_model=trained.outputs["tuned_model"]), "evaluate")
     _on_gpus(evaluated, accelerator_type, accelerator_count, gpu_node_selector)
-    registered = _on_cluster(register(config_json=config, run_id=run_id, tuned_model=trained.outputs["tuned_model"],
+    registered = _on_cluster(register(config_json=config, run_id=run_id, lineage=checked.outputs["lineage"],
+                                      tokenized=tokens.outputs["tokenized"],
                                       prepared_model=prepared.outputs["prepared_model"],
+                                      tuned_model=trained.outputs["tuned_model"],
                                       evaluation=evaluated.outputs["evaluation"]), "register")
     return registered.output
 

@@ -1,10 +1,17 @@
 """Tiny real models for tests: a tokenizer trained on the test text and a few-layer decoder built
-from a config, saved like any hub snapshot. This is how transformers and PEFT test their code too."""
+from a config, saved like any hub snapshot. This is how transformers and PEFT test their code too.
+
+The helpers every test folder shares live here (tests/conftest.py puts tests/ on sys.path): the
+tiny Llama and its run config, the pipeline's stages in order, the tiny sentiment set and BERT of
+the classification tests, the instruction tests' shared data, and a small file tree."""
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
+
+import pytest
 
 QUOTES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "quotes" / "quotable_sample_quotes.json"
 
@@ -110,6 +117,13 @@ def tiny_run_config(model_dir: Path, data_path: Path, **sections) -> dict:
     return config
 
 
+def preflight(config_json: str, lineage) -> str:
+    """The preflight component as the pipeline calls it (GPU stages get one accelerator); its run id."""
+    from kubetune import components
+
+    return components.preflight.python_func(config_json=config_json, accelerator_count=1, lineage=lineage).run_id
+
+
 def run_stages(config: dict, root: Path, through: str = "evaluate") -> dict:
     """Each component's python_func in pipeline order, with artifacts under root; returns them."""
     from kfp import dsl
@@ -120,7 +134,7 @@ def run_stages(config: dict, root: Path, through: str = "evaluate") -> dict:
         return kind(name=name, uri=str(root / name), metadata={})
 
     config_json = json.dumps(config)
-    out = {"run_id": components.preflight.python_func(config_json=config_json)}
+    out = {"run_id": preflight(config_json, out_lineage := artifact(dsl.Artifact, "lineage")), "lineage": out_lineage}
     common = {"config_json": config_json, "run_id": out["run_id"]}
     steps = [
         ("prepare_data", lambda: components.prepare_data.python_func(
@@ -137,10 +151,129 @@ def run_stages(config: dict, root: Path, through: str = "evaluate") -> dict:
             evaluation=out.setdefault("evaluation", artifact(dsl.Artifact, "evaluation")),
             metrics=out.setdefault("metrics", artifact(dsl.Metrics, "metrics")))),
         ("register", lambda: out.setdefault("version", components.register.python_func(
-            **common, tuned_model=out["tuned"], prepared_model=out["prepared"], evaluation=out["evaluation"]))),
+            **common, lineage=out["lineage"], tokenized=out["tokenized"], prepared_model=out["prepared"],
+            tuned_model=out["tuned"], evaluation=out["evaluation"]))),
     ]
     for name, step in steps:
         step()
         if name == through:
             break
     return out
+
+
+# ---- classification: a tiny three-class sentiment set and a 2-block BERT ----------------------------
+
+NEGATIVE = ["bad", "awful", "terrible", "poor", "boring", "broken"]
+NEUTRAL = ["okay", "average", "ordinary", "plain", "standard", "usual"]
+POSITIVE = ["great", "excellent", "wonderful", "superb", "lovely", "brilliant"]
+NOUNS = ["film", "phone", "meal", "service", "story", "battery", "screen", "plot", "room", "staff"]
+NAMES = {"0": "negative", "1": "neutral", "2": "positive"}
+
+
+def sentiment_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
+    """Short reviews whose class is the sentiment word in them; labels "0"/"1"/"2" as in TweetEval."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        label = i % 3
+        word = rng.choice((NEGATIVE, NEUTRAL, POSITIVE)[label])
+        a, b = rng.sample(NOUNS, 2)
+        text = rng.choice([f"the {a} was {word}", f"{word} {a} and a {b}", f"my {a} is {word} , the {b} too",
+                           f"i found the {a} {word}"])
+        rows.append({"review": text, "score": str(label)})
+    return rows
+
+
+def write_tsv(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("review\tscore\n" + "".join(f"{r['review']}\t{r['score']}\n" for r in rows))
+    return path
+
+
+def build_wordpiece_tokenizer(texts: list[str], vocab_size: int = 200):
+    """A BERT-style tokenizer ([CLS] text [SEP], lower-cased WordPiece) trained on texts."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size,
+                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tokenizer.train_from_iterator(texts, trainer)
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def build_tiny_bert(path: Path) -> Path:
+    """A 2-block BERT encoder saved without a task head (as all-MiniLM-L6-v2 is), with its pooler.
+
+    Weights set by hand as a stand-in for pretraining: uniform attention, identity value and
+    pooler maps make [CLS] an average of the text's word embeddings. A randomly initialised BERT's
+    [CLS] barely depends on the input (its variation across texts is ~0.3% of its size), so no
+    head could learn anything from it in a test's few dozen steps.
+    """
+    import torch
+    from transformers import BertConfig, BertModel
+
+    texts = [row["review"] for row in sentiment_rows(300)]
+    tokenizer = build_wordpiece_tokenizer(texts)
+    hidden = 32
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = BertModel(config)
+    eye = torch.eye(hidden)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.normal_(0, 1)
+        for layer in model.encoder.layer:
+            layer.attention.self.query.weight.zero_()  # keys stay random, so LoRA on query can learn
+            layer.attention.self.value.weight.copy_(eye)
+            layer.attention.output.dense.weight.copy_(3 * eye)
+        model.pooler.dense.weight.copy_(eye)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# ---- instruction and multitask: the shared data of ../shared/data, and a tiny multitask set ---------
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+YELP = SHARED / "sentiment" / "binary" / "yelp_labelled.tsv"
+SEED_TASKS = SHARED / "instruction" / "multitask" / "self_instruct_seed_tasks.jsonl"
+SHORT_TEMPLATE = "{instruction}\n{input}\nAnswer:\n"
+GUIDE = {"text_field": "reviews", "label_field": "sentiment", "instruction": "Positive or negative?",
+         "label_names": {"0": "negative", "1": "positive"}, "template": SHORT_TEMPLATE}
+
+needs_shared = pytest.mark.skipif(not YELP.exists() or not SEED_TASKS.exists(), reason="../shared/data not present")
+
+
+def multitask_rows(per_task: int = 12) -> list[dict]:
+    """Self-instruct-shaped tasks with several instances each; `sentiment` has a closed answer set."""
+    words = ["good", "bad", "great", "awful", "fine", "poor"]
+    return [
+        {"name": "sentiment", "instruction": "Is this positive or negative?",
+         "instances": [{"input": f"The food was {w}.", "output": "positive" if w in ("good", "great", "fine")
+                        else "negative"} for w in (words * per_task)[:per_task]]},
+        {"name": "double", "instruction": "Double the number.",
+         "instances": [{"input": str(i), "output": str(2 * i)} for i in range(per_task)]},
+        {"name": "echo", "instruction": "Repeat the words.",
+         "instances": [{"input": f"word {i} here", "output": f"word {i} here"} for i in range(per_task)]},
+    ]
+
+
+# ---- storage: a small file tree -------------------------------------------------------------------
+
+
+def make_tree(root: Path) -> dict[str, bytes]:
+    """A few files in nested folders, as an adapter or model folder holds them; {relative path: bytes}."""
+    files = {"adapter_config.json": b'{"r": 8}', "weights/part-0.bin": bytes(range(256)) * 40,
+             "weights/deep/x.txt": b"x"}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files

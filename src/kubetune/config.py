@@ -16,6 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from kubetune.errors import ConfigError
+from kubetune.strict import build
 
 TASKS = ("causal_lm", "classification", "instruction", "multitask")
 ALPACA_TEMPLATE = (
@@ -95,6 +96,14 @@ class ModelConfig:
             _require(self.quantization == "none", "model.quantization", self.quantization,
                      "quantized weights cannot be trained directly: set model.quantization: none, "
                      "or configure model.lora")
+
+    def technique(self) -> str:
+        """How the base is adapted, in one word: 8bit+lora, 4bit+lora, freeze14+full, full ..."""
+        parts = [] if self.quantization == "none" else [self.quantization]
+        if self.freeze_layers:
+            parts.append(f"freeze{self.freeze_layers}")
+        parts.append("lora" if self.lora is not None else "full")
+        return "+".join(parts)
 
 
 @dataclass
@@ -237,7 +246,12 @@ class StorageConfig:
 
 @dataclass
 class RunConfig:
-    task: str = _help("What to fine-tune for: causal_lm.", "causal_lm")
+    task: str = _help(
+        "What to fine-tune for: causal_lm (continue pre-training on plain text), classification (a new "
+        "head on the model: sentiment, topics), instruction (prompt -> answer, loss on the answer only) or "
+        "multitask (instruction data from many named tasks, with per-task weights and metrics).",
+        "causal_lm",
+    )
     model: ModelConfig = _help("Base model and how it is adapted.", factory=ModelConfig)
     data: DataConfig = _help("Where the data is and which fields to use.", factory=DataConfig)
     train: TrainConfig = _help("Optimizer and schedule.", factory=TrainConfig)
@@ -265,77 +279,10 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: Any) -> "RunConfig":
-        return _build(cls, data, "").validate()
+        return build(cls, data, "").validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------
-# Building dataclasses from plain dicts with strict key and type checks.
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return f"{_type_name(args[0])} or null"
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return f"mapping of {_type_name(typing.get_args(tp)[1])}"
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
-    return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(tp, str(tp))
-
-
-def _convert(tp: Any, value: Any, name: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        return None if value is None else _convert(inner, value, name)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, name)
-    if origin is dict:
-        key_type, value_type = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(name, value, f"expected a mapping of {_type_name(value_type)} values")
-        return {str(k): _convert(value_type, v, f"{name}.{k}") for k, v in value.items()}
-    if origin is list:
-        (item_type,) = typing.get_args(tp)
-        if isinstance(value, str) and item_type is str:
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(name, value, f"expected a {_type_name(tp)}")
-        return [_convert(item_type, item, f"{name}[{i}]") for i, item in enumerate(value)]
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }.get(tp, True)
-    if not ok:
-        raise ConfigError(name, value, f"expected {_type_name(tp)}")
-    return float(value) if tp is float else value
-
-
-def _build(cls: Any, data: Any, prefix: str) -> Any:
-    where = prefix or "config"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(where, data, "expected a mapping of keys to values")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in known:
-            name = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(name, data[key], f"unknown key; valid keys here are {', '.join(sorted(known))}")
-    kwargs = {}
-    for key, value in data.items():
-        name = f"{prefix}.{key}" if prefix else key
-        kwargs[key] = _convert(hints[key], value, name)
-    return cls(**kwargs)
 
 
 def locations(section: Any, prefix: str = "") -> list[tuple[str, str, str]]:
@@ -410,7 +357,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise ConfigError("--config", str(path), f"not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError("--config", str(path), "the file must hold a mapping of sections")
-        _build(RunConfig, loaded, "")  # unknown keys are reported against the user's own file
+        build(RunConfig, loaded, "")  # unknown keys are reported against the user's own file
         data = _merge(data, loaded)
     data = apply_overrides(data, overrides or [])
     return RunConfig.from_dict(data)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from kubetune import __version__
 from kubetune.errors import UserError
 
 RUNTIME_ENV = "KUBETUNE_CONTAINER_RUNTIME"  # an OCI runtime name or path; default: runc where installed
@@ -132,8 +133,6 @@ def check_image(podman: Podman, tag: str, field: str = "image", source: Optional
     """Refuse an image that is missing, holds another kubetune than this one (`source`: the expected
     source digest, by default this installation's) or runs as another user than the one kubetune
     gives access to its files."""
-    from kubetune import __version__
-
     source = source or source_digest()
 
     if podman.image_id(tag) is None:

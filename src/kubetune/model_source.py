@@ -36,6 +36,7 @@ from typing import Callable, Iterator, Optional
 
 from kubetune.errors import ModelError
 from kubetune.paths import cache_dir
+from kubetune.storage import download_uri
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +248,6 @@ def _resolve_s3(value: str, endpoint_url: Optional[str]) -> Path:
     target = _s3_cache_dir(value)
 
     def download(dest: Path) -> None:
-        from kubetune.storage import download_uri
-
         download_uri(value, dest, endpoint_url=endpoint_url, field=FIELD)
         if not (dest / "config.json").is_file():
             raise ModelError(FIELD, value, "there is no config.json under this prefix: upload the whole folder "

@@ -7,39 +7,23 @@ logits to fp32, then add LoRA adapters to the attention projections.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
+from kubetune import artifacts
 from kubetune.config import ModelConfig
+from kubetune.console import quiet_bitsandbytes
 from kubetune.errors import ModelError
+from kubetune.tasks import TaskKind, get_task
 
 log = logging.getLogger(__name__)
-
-PLAN_FILE = "plan.json"
-INITIAL_ADAPTER = "adapter_init"
 # Module classes LoRA can wrap and bitsandbytes can quantize, by class name so no import is needed.
 LINEAR_CLASSES = {"Linear", "Conv1D", "Linear8bitLt", "Linear4bit"}
-
-
-class _DropNoise(logging.Filter):
-    # On the CPU bitsandbytes logs the fp16 cast on every forward, and that an optional 4-bit kernel
-    # package is missing; neither says anything actionable and they drown the training log.
-    NOISE = ("inputs will be cast from", "Failed to load CPU gemm_4bit_forward")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(text in record.getMessage() for text in self.NOISE)
-
-
-def quiet_bitsandbytes() -> None:
-    for name in ("bitsandbytes", "bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropNoise) for f in logger.filters):
-            logger.addFilter(_DropNoise())
-    warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
 
 
 def device_kind() -> str:
@@ -70,18 +54,15 @@ def quantization_config(quantization: str, skip_modules: Optional[list[str]] = N
 
 def _cpu_4bit_workaround(model) -> None:
     # On the CPU, a no-grad forward through Linear4bit with this flag set breaks later training in
-    # place ("a view of a leaf Variable ..."); see ARCHITECTURE.md, measured with bitsandbytes 0.50.2.
+    # place ("a view of a leaf Variable ..."); measured here with bitsandbytes 0.50.2.
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
 
 
-def _kind(task):
-    if task is None or isinstance(task, str):
-        from kubetune.tasks import get_task
-
-        return get_task(task or "causal_lm")
-    return task
+def _kind(task) -> TaskKind:
+    """A TaskKind, given one or its name (None: causal_lm)."""
+    return task if isinstance(task, TaskKind) else get_task(task or "causal_lm")
 
 
 def load_base_model(model_dir: Path, quantization: str, task=None, info: Optional[dict[str, Any]] = None):
@@ -266,8 +247,9 @@ def memory_estimate(model, trainable: int) -> dict[str, int]:
             "estimated_total_bytes": weights + trainable * 12}
 
 
-def prepare(model_dir: Path, cfg: ModelConfig, out_dir: Path, seed: int,
-            source: Optional[dict[str, Any]] = None, task=None, info: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def prepare_model(model_dir: Path, cfg: ModelConfig, out_dir: Path, seed: int,
+                  source: Optional[dict[str, Any]] = None, task=None,
+                  info: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Load, quantize, freeze and adapt the base model; write the plan and the initial adapter
     (with the initial task head, so training and evaluation start from the same weights)."""
     import torch
@@ -277,22 +259,17 @@ def prepare(model_dir: Path, cfg: ModelConfig, out_dir: Path, seed: int,
     model = prepare_for_training(model, cfg, cfg.quantization, task)
     trainable, total = count_parameters(model)
     line = trainable_line(trainable, total)
-    print(line, flush=True)
+    log.info("prepare_model: %s", line)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.lora is not None:
-        model.save_pretrained(out_dir / INITIAL_ADAPTER)
+        model.save_pretrained(artifacts.initial_adapter_dir(out_dir))
     plan = {"name_or_path": cfg.name_or_path, "source": source or {}, "quantization": cfg.quantization,
-            "task": _kind(task).name, "task_info": info or {},
             "device": device_kind(), "blocks": len(find_blocks(model)[1]), "freeze_layers": cfg.freeze_layers,
             "lora": None if cfg.lora is None else vars(cfg.lora), "trainable_params": trainable,
             "all_params": total, "trainable_percent": round(100 * trainable / total, 4),
             "trainable_line": line, "memory": memory_estimate(model, trainable)}
-    (out_dir / PLAN_FILE).write_text(json.dumps(plan, indent=2))
+    artifacts.write_plan(out_dir, plan)
     return plan
-
-
-def read_plan(prepared_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(prepared_dir) / PLAN_FILE).read_text())
 
 
 def load_for_training(model_dir: Path, prepared_dir: Path, cfg: ModelConfig, task=None,
@@ -307,7 +284,7 @@ def load_for_training(model_dir: Path, prepared_dir: Path, cfg: ModelConfig, tas
     model = prepare_for_training(model, lora_free, cfg.quantization, task)
     for param in model.parameters():
         param.requires_grad_(False)
-    return PeftModel.from_pretrained(model, Path(prepared_dir) / INITIAL_ADAPTER, is_trainable=True)
+    return PeftModel.from_pretrained(model, artifacts.initial_adapter_dir(prepared_dir), is_trainable=True)
 
 
 def load_tuned(model_dir: Path, tuned_dir: Path, cfg: ModelConfig, task=None, info: Optional[dict[str, Any]] = None):
@@ -318,3 +295,72 @@ def load_tuned(model_dir: Path, tuned_dir: Path, cfg: ModelConfig, task=None, in
 
     model = load_base_model(model_dir, cfg.quantization, task, info)
     return PeftModel.from_pretrained(model, tuned_dir)
+
+
+def masked_lm_model(model_dir: Path) -> tuple[Any, str]:
+    """(the checkpoint as a masked-LM: encoder + its pretraining head, "") or (None, why not): the
+    checkpoint may not ship that head (sentence encoders such as all-MiniLM-L6-v2 do not) or its
+    architecture may have no masked-LM form (decoders)."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if type(config) not in AutoModelForMaskedLM._model_mapping:
+        return None, f"{config.model_type} has no masked-LM form, and a classification model keeps no LM head"
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the missing-head warning is expected; it is what we check
+    try:
+        model, loading = AutoModelForMaskedLM.from_pretrained(model_dir, output_loading_info=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    encoder = model.base_model_prefix + "."
+    missing = sorted(key for key in loading["missing_keys"] if not key.startswith(encoder))
+    if missing:
+        return None, (f"the checkpoint ships no masked-LM head ({missing[0]} and {len(missing) - 1} more missing), "
+                      "so the encoder's general-language skill cannot be scored")
+    return model.eval(), ""
+
+
+@dataclass
+class Variants:
+    """The base and the tuned model, each as a context manager factory, so evaluation compares them
+    without holding two copies: with LoRA one PeftModel serves both (the base is the same model
+    inside `disable_adapter()`); without it each is loaded when entered and dropped after."""
+
+    base: Callable[[], ContextManager[Any]]
+    tuned: Callable[[], ContextManager[Any]]
+
+
+@contextlib.contextmanager
+def _adapter_disabled(model) -> Iterator[Any]:
+    with model.disable_adapter():
+        yield model
+
+
+@contextlib.contextmanager
+def _loaded(load: Callable[[], Any], seed: int) -> Iterator[Any]:
+    torch_seed(seed)
+    model = load()
+    try:
+        yield model
+    finally:
+        del model
+
+
+def torch_seed(seed: int) -> None:
+    """Seed torch before loading a model whose checkpoint lacks a module (a new classification
+    head): the module is then initialised the same way every run. Without it the draw depends on
+    what was imported before (importing mlflow.pyfunc alone consumes torch's generator)."""
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def variants(model_dir: Path, tuned_dir: Path, cfg: ModelConfig, task=None,
+             info: Optional[dict[str, Any]] = None, seed: int = 0) -> Variants:
+    if cfg.lora is not None:
+        torch_seed(seed)
+        model = load_tuned(model_dir, tuned_dir, cfg, task, info)
+        return Variants(base=lambda: _adapter_disabled(model), tuned=lambda: contextlib.nullcontext(model))
+    return Variants(base=lambda: _loaded(lambda: load_base_model(model_dir, cfg.quantization, task, info), seed),
+                    tuned=lambda: _loaded(lambda: load_tuned(model_dir, tuned_dir, cfg, task, info), seed))

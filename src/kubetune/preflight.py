@@ -1,7 +1,9 @@
-"""Checks that must pass before any GPU is asked for: config, data contract, model fit, services.
+"""preflight: the checks that must pass before any GPU is asked for: config, data contract, model
+fit, services.
 
 Every failure is a UserError naming the field and the value; nothing here loads model weights
-for training (the model's structure is built on the meta device).
+for training (the model's structure is built on the meta device). `kubetune run` and `kubetune
+check` run the same checks in the CLI's process, so bad input fails before any task starts.
 """
 
 from __future__ import annotations
@@ -10,7 +12,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune import modeling, tracking
 from kubetune.config import RunConfig
+from kubetune.data import prepare_data
+from kubetune.evaluation import retention_texts
+from kubetune.model_source import describe_source, resolve_model
+from kubetune.storage import open_store
+from kubetune.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -24,23 +32,18 @@ class PreflightReport:
 
 
 def check_data(cfg: RunConfig) -> dict[str, Any]:
-    from kubetune import data
-
-    splits = data.prepare(cfg.data, cfg.task, cfg.train.seed, cfg.storage.endpoint_url)
+    """The data read, normalised and split as prepare_data will, and the task info tokenize will
+    learn from it (its checks, such as at least two classes, run here too)."""
+    splits = prepare_data(cfg.data, cfg.task, cfg.train.seed, cfg.storage.endpoint_url)
+    info = get_task(cfg.task).info(splits.train, cfg.data)
     stats = splits.stats
     if cfg.evaluate.retention_path:
-        from kubetune.evaluation import retention_texts
-
         retention_texts(cfg)
     return {"rows": stats["rows_source"], "train_rows": stats["rows_train"],
-            "validation_rows": stats["rows_validation"], "sha256": stats["content_sha256"], "info": splits.info}
+            "validation_rows": stats["rows_validation"], "sha256": stats["content_sha256"], "info": info}
 
 
 def check_model(cfg: RunConfig, info: dict[str, Any]) -> dict[str, Any]:
-    from kubetune import modeling
-    from kubetune.tasks import get_task
-    from kubetune.model_source import describe_source, resolve_model
-
     model_dir = resolve_model(cfg.model.name_or_path, endpoint_url=cfg.storage.endpoint_url)
     skeleton = modeling.meta_model(model_dir, get_task(cfg.task), info)
     modeling.check_quantizable(model_dir, skeleton, cfg.model.quantization)
@@ -52,9 +55,6 @@ def check_model(cfg: RunConfig, info: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_services(cfg: RunConfig) -> tuple[str, str]:
-    from kubetune import tracking
-    from kubetune.storage import open_store
-
     uri = tracking.resolve_uri(cfg.tracking.mlflow_uri)
     tracking.check_reachable(uri)
     store = open_store(cfg.storage.uri, cfg.storage.endpoint_url)
@@ -62,7 +62,7 @@ def check_services(cfg: RunConfig) -> tuple[str, str]:
     return uri, store.uri()
 
 
-def check(cfg: RunConfig) -> PreflightReport:
+def preflight(cfg: RunConfig) -> PreflightReport:
     """Cheap checks first: config, data, services, then the model's structure."""
     cfg.validate()
     data_facts = check_data(cfg)

@@ -1,18 +1,22 @@
-"""Turn the prepared text splits into token ids with the base model's own tokenizer."""
+"""tokenize: the prepared splits as token ids, with the base model's own tokenizer.
+
+The task kind encodes (kubetune.tasks); here the tokenizer is loaded the way every stage loads it,
+the task info is learned from the training split (written once, into the tokenized artifact), and
+token statistics are counted.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 from pathlib import Path
 from typing import Any
 
+from kubetune import artifacts
 from kubetune.config import DataConfig
-from kubetune.data import INFO_FILE, load_info, load_split, split_names
+from kubetune.tasks import get_task
 
 log = logging.getLogger(__name__)
-
 
 
 def load_tokenizer(model_dir: Path):
@@ -23,10 +27,10 @@ def load_tokenizer(model_dir: Path):
         # Decoder-only models often ship without a pad token; padding with EOS is the usual fix and
         # the attention mask keeps the padding out of the loss.
         tokenizer.pad_token = tokenizer.eos_token
-    # Training and scoring pass no position ids, so the model numbers positions from the left edge
-    # of the batch: left padding (Gemma's converted tokenizer has it) would shift every shorter
-    # row's positions and inflate its loss (measured: Gemma 270M 4-bit perplexity 66 alone, 329 in
-    # padded batches). Generation pads nothing or builds its own positions.
+    # Training passes no position ids, so the model numbers positions from the left edge of the
+    # batch: left padding (Gemma's converted tokenizer has it) would shift every shorter row's
+    # positions and inflate its loss (measured: Gemma 270M 4-bit perplexity 66 alone, 329 in padded
+    # batches). Scoring and generation pad on the left and pass their own positions.
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -38,35 +42,17 @@ def token_stats(ids: list[list[int]], max_length: int) -> dict[str, Any]:
 
 
 def tokenize(data_dir: Path, model_dir: Path, cfg: DataConfig, out_dir: Path, task: str = "causal_lm") -> dict[str, Any]:
-    """Writes one `datasets` folder per split, the tokenizer and the task info to out_dir;
-    returns token statistics."""
-    from datasets import Dataset
-
-    from kubetune.tasks import get_task
-
+    """Writes the tokenized artifact (every split, the tokenizer, the task info); returns token
+    statistics."""
     kind = get_task(task)
-    info = load_info(data_dir)
+    info = kind.info(artifacts.read_split(data_dir, "train"), cfg)
     tokenizer = load_tokenizer(model_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2))
+    columns_by_split: dict[str, dict[str, list]] = {}
     stats: dict[str, Any] = {}
-    for split in split_names(data_dir):
-        rows = load_split(data_dir, split)
-        columns = kind.encode(rows, tokenizer, cfg, info)
-        Dataset.from_dict(columns).save_to_disk(str(out_dir / split))
+    for split in artifacts.split_names(data_dir):
+        columns = kind.encode(artifacts.read_split(data_dir, split), tokenizer, cfg, info)
+        columns_by_split[split] = columns
         stats.update({f"{split}_{k}": v for k, v in token_stats(columns["input_ids"], cfg.max_length).items()})
-    tokenizer.save_pretrained(out_dir / "tokenizer")
-    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+    artifacts.write_tokenized(out_dir, columns_by_split, tokenizer, info, stats)
     log.info("tokenize: %s", stats)
     return stats
-
-
-def heldout_split(tokenized_dir: Path) -> str:
-    """What evaluation scores: the test split when data.test_path was given, else validation."""
-    return "test" if (Path(tokenized_dir) / "test").exists() else "validation"
-
-
-def load_tokenized(tokenized_dir: Path, split: str):
-    from datasets import load_from_disk
-
-    return load_from_disk(str(Path(tokenized_dir) / split))

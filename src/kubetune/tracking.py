@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +21,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 log = logging.getLogger(__name__)
+
+
+def metric_key(name: str) -> str:
+    """A name (a label, a task) as one part of a metric key: characters other than letters, digits,
+    `_` and `-` become `_`, so the part never adds a level to the key (`.`, `/`) or is refused."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)[:100] or "_"
 
 
 def embedded_uri() -> str:

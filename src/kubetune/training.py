@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from kubetune import artifacts
 from kubetune.config import TrainConfig
+from kubetune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +31,8 @@ def precision_flags(precision: str) -> dict[str, bool]:
     if precision == "auto":
         return {"bf16": bf16_ok, "fp16": cuda and not bf16_ok}
     if precision == "bf16" and not bf16_ok:
-        from kubetune.errors import ConfigError
-
         raise ConfigError("train.precision", precision, "this device has no bf16 support; use auto or fp32")
     if precision == "fp16" and not cuda:
-        from kubetune.errors import ConfigError
-
         raise ConfigError("train.precision", precision, "fp16 training needs a GPU; use auto or fp32")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
@@ -179,7 +177,7 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
                "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
                "train_loss_mean": None if train_loss is None else round(train_loss, 4), "resumed_from": resume_from,
                "processes": args.world_size}
-    (out_dir / "training_summary.json").write_text(json.dumps({**summary, "history": history}, indent=2))
+    artifacts.write_training_summary(out_dir, summary, history)
     if logger is not None and history:
         import matplotlib.pyplot as plt
 

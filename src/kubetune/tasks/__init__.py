@@ -1,30 +1,25 @@
 """Task kinds: what differs between causal LM, classification, instruction and multitask tuning.
 
 The pipeline stages are the same for every kind; each stage asks the run's TaskKind for the parts
-that differ (record schema, encoding, model class, collator, metrics).
+that differ (kubetune.tasks.base lists them). Adding a kind: subclass TaskKind, add it to KINDS
+and its name to kubetune.config.TASKS.
 """
 
 from __future__ import annotations
 
+from kubetune.errors import ConfigError
 from kubetune.tasks.base import TaskKind
+from kubetune.tasks.causal_lm import CausalLM
+from kubetune.tasks.classification import Classification
+from kubetune.tasks.instruction import Instruction, Multitask
+
+KINDS: dict[str, type[TaskKind]] = {kind.name: kind for kind in (CausalLM, Classification, Instruction, Multitask)}
 
 
 def get_task(name: str) -> TaskKind:
-    from kubetune.errors import ConfigError
-
-    kinds = _kinds()
-    if name not in kinds:
-        raise ConfigError("task", name, f"use one of {', '.join(sorted(kinds))}")
-    return kinds[name]()
+    if name not in KINDS:
+        raise ConfigError("task", name, f"use one of {', '.join(sorted(KINDS))}")
+    return KINDS[name]()
 
 
-def _kinds() -> dict[str, type[TaskKind]]:
-    from kubetune.tasks.causal_lm import CausalLM
-    from kubetune.tasks.classification import Classification
-    from kubetune.tasks.instruction import Instruction, Multitask
-
-    return {"causal_lm": CausalLM, "classification": Classification, "instruction": Instruction,
-            "multitask": Multitask}
-
-
-__all__ = ["TaskKind", "get_task"]
+__all__ = ["KINDS", "TaskKind", "get_task"]

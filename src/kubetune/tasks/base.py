@@ -1,28 +1,113 @@
-"""The contract every task kind fulfils. Defaults here are the causal-LM behaviour."""
+"""The contract every task kind fulfils; the defaults are the causal-LM behaviour.
+
+Every stage is the same for every kind; where kinds differ, the stage asks the run's TaskKind:
+the record schema (prepare_data), what the task learns from the training split and how records
+become token ids (tokenize), the model class, head and collator (prepare_model, train), what is
+scored on held-out rows and which metrics and samples come out of the scores (evaluate), and the
+registry's promotion score and prompt format (register). The scoring itself, the same loops for
+every kind, is kubetune.scoring, driven by kubetune.evaluation.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from kubetune.config import DataConfig, RunConfig
+from kubetune.config import DataConfig, EvaluateConfig, RunConfig
+from kubetune.sources import require_fields
+
+#: Label of a token the loss skips (the default ignore_index of PyTorch's cross-entropy and of
+#: transformers' models): prompt tokens of instruction data, padding.
+IGNORE_INDEX = -100
+
+# How kubetune.evaluation scores a kind's held-out rows.
+TOKEN_LOSS = "token_loss"  # cross-entropy on each row's labelled tokens, and whether greedy decoding reproduces them
+CLASSES = "classes"  # the class the sequence-classification head predicts for each row
+
+# How forgetting is measured on general text (evaluate.retention_path).
+CAUSAL_LM = "causal_lm"  # the model's own LM head: perplexity of the text
+MASKED_LM = "masked_lm"  # an encoder read through its checkpoint's masked-LM pretraining head
+
+
+@dataclass
+class Completion:
+    """A greedy completion evaluation makes with the base and the tuned model.
+
+    prompt: the prompt as the samples show it. labelled_answer: when the row's labelled tokens are
+    the continuation of prompt_ids (an instruction's answer), a model whose greedy choice already
+    reproduces every one of them needs no generation: its completion is this text.
+    """
+
+    row: int
+    prompt_ids: list[int]
+    max_new_tokens: int
+    prompt: str = ""
+    labelled_answer: Optional[str] = None
+
+
+@dataclass
+class Scores:
+    """One model's scores on the held-out rows, as the kind's scoring mode produces them."""
+
+    losses: list[tuple[float, int]] = field(default_factory=list)  # TOKEN_LOSS: (summed loss, tokens) per row
+    greedy_exact: list[bool] = field(default_factory=list)  # TOKEN_LOSS: greedy decoding gives the labels
+    classes: list[int] = field(default_factory=list)  # CLASSES: the predicted class id per row
+    texts: dict[int, str] = field(default_factory=dict)  # the completions, by row
+
+    @property
+    def loss(self) -> float:
+        """Token-weighted mean loss: batch size and padding do not change it."""
+        return mean_loss(self.losses)
+
+
+@dataclass
+class Evaluation:
+    """What evaluate reports: metrics (MLflow and KFP), sample generations, tables too large to be
+    metrics (evaluation.json and eval/<name>.json) and figures (artifact file -> matplotlib figure)."""
+
+    metrics: dict[str, Any]
+    generations: list[dict[str, Any]] = field(default_factory=list)
+    tables: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def mean_loss(pairs: list[tuple[float, int]]) -> float:
+    return sum(loss for loss, _ in pairs) / max(1, sum(n for _, n in pairs))
+
+
+def perplexity(loss: float) -> float:
+    return round(math.exp(min(loss, 50.0)), 4)
+
+
+def change_pct(base: float, tuned: float) -> float:
+    """The tuned figure's change relative to the base figure, in percent."""
+    return round(100 * (tuned / base - 1), 2)
+
+
+def causal_labels(input_ids: list[int], pad_token_id: Optional[int]) -> list[int]:
+    """Every token is learned except padding (as transformers' causal-LM collator labels them)."""
+    return [IGNORE_INDEX if token == pad_token_id else token for token in input_ids]
 
 
 class TaskKind:
-    """One kind of fine-tuning task.
-
-    `info` is what a task learns from the training data and every later stage needs (for
-    classification: the label set). prepare_data writes it beside the splits as task_info.json;
-    tokenize copies it into the tokenized artifact, which every later stage reads.
-    """
+    """One kind of fine-tuning task. Subclasses override what differs."""
 
     name = "causal_lm"
     peft_task_type = "CAUSAL_LM"
+    scoring = TOKEN_LOSS
+    #: TOKEN_LOSS rows labelled only at their end (an answer after its prompt): scored left-padded,
+    #: the LM head on the tail only (kubetune.scoring.label_losses).
+    labelled_tail = False
+    retention_form = CAUSAL_LM
+    #: The registry's promotion gate: the metric a new version must beat, and whether higher is better.
+    registry_score = ("eval.tuned_perplexity", False)
+    #: What the end-of-run summary shows (those of them the run produced), after the retention figures.
+    headline_metrics = ("eval.base_perplexity", "eval.tuned_perplexity", "eval.perplexity_change_pct")
 
     # ---- prepare_data -----------------------------------------------------------------------
     def check_fields(self, rows: list[dict[str, Any]], cfg: DataConfig) -> None:
         """Raise DataError when the records lack a field the config names."""
-        from kubetune.data import require_fields
-
         require_fields(rows, cfg, [("data.text_field", cfg.text_field)])
 
     def normalise(self, rows: list[dict[str, Any]], cfg: DataConfig) -> list[dict[str, Any]]:
@@ -34,14 +119,17 @@ class TaskKind:
                 out.append({"text": text})
         return out
 
-    def info(self, train: list[dict[str, Any]], cfg: DataConfig) -> dict[str, Any]:
-        return {}
-
     def replay_record(self, text: str) -> dict[str, Any]:
         """A line of general text (data.replay_path) as a training record of this kind."""
         return {"text": text}
 
     # ---- tokenize ---------------------------------------------------------------------------
+    def info(self, train: list[dict[str, Any]], cfg: DataConfig) -> dict[str, Any]:
+        """What the task learns from the training split and every later stage needs (for
+        classification: the label set). Replayed general-text records may be among `train`; a kind
+        whose info depends on the rows leaves them out."""
+        return {}
+
     def encode(self, records: list[dict[str, Any]], tokenizer, cfg: DataConfig,
                info: dict[str, Any]) -> dict[str, list]:
         """Token ids per text, with EOS appended so the model learns where a text ends."""
@@ -75,16 +163,41 @@ class TaskKind:
         return None
 
     # ---- evaluate ---------------------------------------------------------------------------
-    def evaluate(self, base_model, tuned_model, tokenizer, dataset, info: dict[str, Any],
-                 cfg: RunConfig) -> dict[str, Any]:
-        """{"metrics": {...}, "generations": [...], "figures": {artifact_file: matplotlib figure}}"""
-        from kubetune.evaluation import evaluate
+    def heldout_rows(self, dataset, tokenizer, cfg: EvaluateConfig) -> list[dict[str, Any]]:
+        """The held-out rows evaluation scores (the first evaluate.max_samples), each with
+        input_ids and, for TOKEN_LOSS, labels."""
+        subset = dataset.select(range(min(cfg.max_samples, len(dataset))))
+        return [{"input_ids": list(row["input_ids"]), "labels": causal_labels(row["input_ids"], tokenizer.pad_token_id)}
+                for row in subset]
 
-        return evaluate(base_model, tuned_model, tokenizer, dataset, cfg.evaluate)
+    def completions(self, rows: list[dict[str, Any]], info: dict[str, Any], tokenizer,
+                    cfg: EvaluateConfig) -> list[Completion]:
+        """Samples: the first evaluate.prompt_tokens tokens of the first held-out texts, continued."""
+        out = []
+        special = set(tokenizer.all_special_ids)
+        for i in range(min(cfg.num_generations, len(rows))):
+            prompt = tokenizer.decode([t for t in rows[i]["input_ids"] if t not in special][: cfg.prompt_tokens])
+            out.append(Completion(row=i, prompt_ids=tokenizer(prompt)["input_ids"], max_new_tokens=cfg.max_new_tokens,
+                                  prompt=prompt))
+        return out
 
-    def retention(self, model_dir, base_model, tuned_model, tokenizer, cfg: RunConfig) -> dict[str, float] | str:
-        """Forgetting: the base and tuned models scored on general text (evaluate.retention_path),
-        or why that does not apply to this model. base_model/tuned_model are context managers."""
-        from kubetune.evaluation import retention
+    def report(self, rows: list[dict[str, Any]], scores: dict[str, Scores], completions: list[Completion],
+               info: dict[str, Any], tokenizer, cfg: EvaluateConfig) -> Evaluation:
+        """Perplexity of both models on the same held-out tokens, and the sample continuations."""
+        base, tuned = scores["base"], scores["tuned"]
+        metrics = {"eval.samples": len(rows), "eval.tokens": sum(n for _, n in base.losses),
+                   "eval.base_loss": round(base.loss, 5), "eval.base_perplexity": perplexity(base.loss),
+                   "eval.tuned_loss": round(tuned.loss, 5), "eval.tuned_perplexity": perplexity(tuned.loss)}
+        metrics["eval.perplexity_change_pct"] = change_pct(metrics["eval.base_perplexity"],
+                                                          metrics["eval.tuned_perplexity"])
+        generations = [{"prompt": c.prompt, "base": base.texts[c.row], "tuned": tuned.texts[c.row]} for c in completions]
+        return Evaluation(metrics=metrics, generations=generations)
 
-        return retention(base_model, tuned_model, tokenizer, cfg)
+    def summary(self, metrics: dict[str, Any]) -> str:
+        """One log line of the headline figures."""
+        return ", ".join(f"{key.split('.', 1)[1]} {metrics[key]}" for key in self.headline_metrics if key in metrics)
+
+    # ---- register ---------------------------------------------------------------------------
+    def prompt_format(self, cfg: DataConfig) -> Optional[dict[str, Any]]:
+        """How a served model builds prompts from its inputs, or None when it takes them as they are."""
+        return None

@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from typing import Any, Optional
 
-from kubetune.config import DataConfig, RunConfig
+from kubetune.config import DataConfig, EvaluateConfig
 from kubetune.errors import DataError, ModelError
-from kubetune.tasks.base import TaskKind
+from kubetune.sources import label_names_beside, require_fields
+from kubetune.tasks.base import CLASSES, MASKED_LM, Completion, Evaluation, Scores, TaskKind
+from kubetune.tracking import metric_key
 
 log = logging.getLogger(__name__)
-
-# Metric names MLflow accepts; other characters in a label name become "_".
-_METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /:]")
 
 
 def raw_label(value: Any) -> str:
@@ -60,8 +58,6 @@ def label_names(labels: list[str], cfg: DataConfig) -> list[str]:
         names = [str(cfg.label_names[label]) for label in labels]
         source = "data.label_names"
     else:
-        from kubetune.data import label_names_beside
-
         table = label_names_beside(cfg.path)
         names = [table.get(label, label) for label in labels]
         source = "mapping.txt beside the data" if table else "the raw labels"
@@ -75,11 +71,14 @@ def label_names(labels: list[str], cfg: DataConfig) -> list[str]:
 class Classification(TaskKind):
     name = "classification"
     peft_task_type = "SEQ_CLS"
+    scoring = CLASSES
+    retention_form = MASKED_LM
+    registry_score = ("eval.tuned_macro_f1", True)
+    headline_metrics = ("eval.base_accuracy", "eval.tuned_accuracy", "eval.base_macro_f1", "eval.tuned_macro_f1",
+                        "eval.majority_accuracy", "eval.majority_macro_f1")
 
     # ---- prepare_data -----------------------------------------------------------------------
     def check_fields(self, rows: list[dict[str, Any]], cfg: DataConfig) -> None:
-        from kubetune.data import require_fields
-
         require_fields(rows, cfg, [("data.text_field", cfg.text_field), ("data.label_field", cfg.label_field)])
         if all(not raw_label(row.get(cfg.label_field)) for row in rows):
             raise DataError("data.label_field", cfg.label_field, "every record has an empty value in this field")
@@ -179,61 +178,50 @@ class Classification(TaskKind):
         return DataCollatorWithPadding(tokenizer=tokenizer)
 
     # ---- evaluate ---------------------------------------------------------------------------
-    def evaluate(self, base_model, tuned_model, tokenizer, dataset, info: dict[str, Any],
-                 cfg: RunConfig) -> dict[str, Any]:
-        """Base and tuned predictions on the same held-out examples, scored against the truth and
-        against always predicting the most frequent training label."""
-        import numpy as np
-        import torch
+    def heldout_rows(self, dataset, tokenizer, cfg: EvaluateConfig) -> list[dict[str, Any]]:
+        subset = dataset.select(range(min(cfg.max_samples, len(dataset))))
+        return [{"input_ids": list(row["input_ids"]), "attention_mask": list(row["attention_mask"]),
+                 "labels": int(row["labels"])} for row in subset]
 
-        torch.manual_seed(cfg.train.seed)  # a base loaded here gets the same fresh head every run
-        subset = dataset.select(range(min(cfg.evaluate.max_samples, len(dataset))))
+    def completions(self, rows, info, tokenizer, cfg: EvaluateConfig) -> list[Completion]:
+        return []
+
+    def report(self, rows: list[dict[str, Any]], scores: dict[str, Scores], completions: list[Completion],
+               info: dict[str, Any], tokenizer, cfg: EvaluateConfig) -> Evaluation:
+        """Base and tuned predictions scored against the truth and against always predicting the
+        most frequent training label."""
+        import numpy as np
+
         names = [info["id2label"][str(i)] for i in range(len(info["labels"]))]
-        truth = np.asarray(list(subset["labels"]), dtype=np.int64)
-        predicted = {}
-        for variant_name, variant in (("base", base_model), ("tuned", tuned_model)):
-            with variant as model:
-                predicted[variant_name] = predict(model, tokenizer, subset, cfg.evaluate.batch_size)
+        truth = np.asarray([row["labels"] for row in rows], dtype=np.int64)
+        predicted = {variant: np.asarray(scores[variant].classes, dtype=np.int64) for variant in ("base", "tuned")}
         counts = info["label_counts"]
         majority = max(range(len(info["labels"])), key=lambda i: counts[info["labels"][i]])
         predicted["majority"] = np.full_like(truth, majority)
 
-        scores = {k: scores_from(confusion_matrix(truth, v, len(names))) for k, v in predicted.items()}
-        metrics: dict[str, float] = {"eval.samples": len(subset)}
-        for variant_name in ("base", "tuned", "majority"):
-            metrics[f"eval.{variant_name}_accuracy"] = scores[variant_name]["accuracy"]
-            metrics[f"eval.{variant_name}_macro_f1"] = scores[variant_name]["macro_f1"]
-        for variant_name in ("base", "tuned"):
+        measured = {k: scores_from(confusion_matrix(truth, v, len(names))) for k, v in predicted.items()}
+        metrics: dict[str, float] = {"eval.samples": len(rows)}
+        for variant in ("base", "tuned", "majority"):
+            metrics[f"eval.{variant}_accuracy"] = measured[variant]["accuracy"]
+            metrics[f"eval.{variant}_macro_f1"] = measured[variant]["macro_f1"]
+        for variant in ("base", "tuned"):
             for measure in ("precision", "recall", "f1"):
-                for name, value in zip(names, scores[variant_name][measure]):
-                    metrics[f"eval.{variant_name}_{measure}.{metric_safe(name)}"] = value
-        for name, value in zip(names, scores["tuned"]["support"]):
-            metrics[f"eval.support.{metric_safe(name)}"] = value
-        log.info("evaluate on %d examples: accuracy base %.3f -> tuned %.3f (majority %.3f); macro-F1 base %.3f "
-                 "-> tuned %.3f (majority %.3f)", len(subset), metrics["eval.base_accuracy"],
-                 metrics["eval.tuned_accuracy"], metrics["eval.majority_accuracy"], metrics["eval.base_macro_f1"],
-                 metrics["eval.tuned_macro_f1"], metrics["eval.majority_macro_f1"])
+                for name, value in zip(names, measured[variant][measure]):
+                    metrics[f"eval.{variant}_{measure}.{metric_key(name)}"] = value
+        for name, value in zip(names, measured["tuned"]["support"]):
+            metrics[f"eval.support.{metric_key(name)}"] = value
 
-        examples = [{"text": tokenizer.decode(subset[i]["input_ids"], skip_special_tokens=True),
+        examples = [{"text": tokenizer.decode(rows[i]["input_ids"], skip_special_tokens=True),
                      "label": names[truth[i]], "base": names[predicted["base"][i]],
                      "tuned": names[predicted["tuned"][i]]}
-                    for i in range(min(cfg.evaluate.num_generations, len(subset)))]
-        figures = {f"plots/confusion_matrix_{v}.png": confusion_figure(scores[v]["confusion"], names, v,
-                                                                       scores[v]["accuracy"])
+                    for i in range(min(cfg.num_generations, len(rows)))]
+        figures = {f"plots/confusion_matrix_{v}.png": confusion_figure(measured[v]["confusion"], names, v,
+                                                                       measured[v]["accuracy"])
                    for v in ("base", "tuned")}
         confusion = {"labels": names, "rows": "true label", "columns": "predicted label",
-                     **{v: scores[v]["confusion"].tolist() for v in ("base", "tuned")}}
-        return {"metrics": metrics, "generations": examples, "confusion_matrix": confusion, "figures": figures}
-
-    def retention(self, model_dir, base_model, tuned_model, tokenizer, cfg: RunConfig) -> dict[str, float] | str:
-        """The classifier has no LM head; an encoder whose checkpoint ships its masked-LM
-        pretraining head is scored through that head, before and after."""
-        from kubetune.evaluation import masked_lm_model, masked_lm_retention
-
-        mlm, why_not = masked_lm_model(model_dir)
-        if mlm is None:
-            return why_not
-        return masked_lm_retention(mlm, base_model, tuned_model, tokenizer, cfg)
+                     **{v: measured[v]["confusion"].tolist() for v in ("base", "tuned")}}
+        return Evaluation(metrics=metrics, generations=examples, tables={"confusion_matrix": confusion},
+                          figures=figures)
 
 
 def check_known_labels(records: list[dict[str, Any]], labels: list[str], cfg: DataConfig) -> None:
@@ -243,34 +231,6 @@ def check_known_labels(records: list[dict[str, Any]], labels: list[str], cfg: Da
                         f"label(s) {', '.join(unknown)} appear in the held-out data but not in the training "
                         f"data (labels {', '.join(labels)}); the model cannot learn them: add training examples "
                         "of them or drop those rows")
-
-
-def metric_safe(name: str) -> str:
-    return _METRIC_UNSAFE.sub("_", name)
-
-
-def predict(model, tokenizer, dataset, batch_size: int):
-    """The argmax class id of each row, batched and padded like training."""
-    import numpy as np
-    import torch
-    from transformers import DataCollatorWithPadding
-
-    config = model.config
-    if getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
-        config.pad_token_id = tokenizer.pad_token_id  # a decoder's head finds the last real token by it
-    collator = DataCollatorWithPadding(tokenizer=tokenizer)
-    device = next(model.parameters()).device
-    out = []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            rows = dataset[start:start + batch_size]
-            batch = collator([{"input_ids": ids, "attention_mask": mask}
-                              for ids, mask in zip(rows["input_ids"], rows["attention_mask"])])
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-            out.append(logits.argmax(-1).cpu())
-    return np.asarray(torch.cat(out).tolist(), dtype=np.int64)
 
 
 # ---- metrics: a few lines of numpy instead of a scikit-learn dependency --------------------------

@@ -1,0 +1,51 @@
+"""What a person watching a run sees: logging set-up for entry points, library noise filtered, progress.
+
+Library modules only log (logging.getLogger(__name__)); the entry points call setup() (the CLI) or
+setup_stage() (each stage) once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: Set by `kubetune run`: 1 shows progress bars, 0 plain log lines (pods, --no-progress).
+PROGRESS_ENV = "KUBETUNE_PROGRESS"
+
+
+class _DropNoise(logging.Filter):
+    # On the CPU bitsandbytes logs the fp16 cast on every forward, and that an optional 4-bit kernel
+    # package is missing; neither says anything actionable and they drown the training log.
+    NOISE = ("inputs will be cast from", "Failed to load CPU gemm_4bit_forward")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in self.NOISE)
+
+
+def quiet_bitsandbytes() -> None:
+    for name in ("bitsandbytes", "bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
+    warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
+
+
+def setup() -> None:
+    """Log lines with time and source (the command line)."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+
+
+def setup_stage() -> None:
+    """setup(), and in a stage's process: bitsandbytes' noise filtered, no weight-loading bars
+    (the training bar stays)."""
+    setup()
+    quiet_bitsandbytes()
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
+def progress() -> bool:
+    return os.environ.get(PROGRESS_ENV, "1") == "1"

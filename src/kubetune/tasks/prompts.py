@@ -1,0 +1,113 @@
+"""Prompts and answers of instruction data: templates, records, and what a generated answer means.
+
+A prompt is built from data.template (`alpaca`: the Stanford Alpaca prompt) with {instruction} and
+{input}; the answer follows it. Greedy answers are read the way a person would grade them: the
+first line, normalised (case, surrounding punctuation), must equal or name exactly one member of a
+closed answer set (labels, yes/no), or equal a short expected answer.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Any, Optional
+
+from kubetune.config import ALPACA_TEMPLATE
+from kubetune.errors import ConfigError
+
+#: Task name of general-text (replay) records; the progressive schedule starts from them.
+GENERAL_TASK = "general"
+ALPACA_INPUT_CLAUSE = ", paired with an input that provides further context"
+#: Answers from at most this many distinct values (each seen at least twice on average) are a
+#: closed answer set: greedy answers are then scored for accuracy.
+MAX_ANSWER_SET = 20
+#: Short answers (at most this many words) are also scored by exact match when no answer set applies.
+SHORT_ANSWER_WORDS = 3
+
+
+def check_template(template: str) -> None:
+    """A custom template may use {instruction} and {input}, nothing else."""
+    if template == "alpaca":
+        return
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ConfigError("data.template", template, f"not a valid format string ({exc}); write literal braces "
+                          "as {{ and }}") from None
+    unknown = sorted(names - {"instruction", "input"})
+    if unknown:
+        raise ConfigError("data.template", template, f"unknown placeholder {{{unknown[0]}}}; a template may use "
+                          "{instruction} and {input}, or be `alpaca`")
+    if not names:
+        raise ConfigError("data.template", template, "the template uses neither {instruction} nor {input}; "
+                          "e.g. \"{instruction}\\n{input}\\nAnswer:\\n\"")
+
+
+def build_prompt(template: str, instruction: str, input_text: str) -> str:
+    """The prompt the answer follows. `alpaca` is the Stanford Alpaca prompt, with its input block
+    only when there is an input."""
+    if template == "alpaca":
+        if input_text:
+            return ALPACA_TEMPLATE.format(instruction=instruction, input_clause=ALPACA_INPUT_CLAUSE,
+                                          input_block=f"### Input:\n{input_text}\n\n")
+        return ALPACA_TEMPLATE.format(instruction=instruction, input_clause="", input_block="")
+    return template.format(instruction=instruction, input=input_text)
+
+
+def _norm(text: str) -> str:
+    return text.strip().lower().strip(" \t.,;:!?\"'`()[]{}*")
+
+
+def first_line(text: str) -> str:
+    return next((line for line in text.strip().splitlines() if line.strip()), "")
+
+
+def match_answer(generated: str, answer_set: list[str]) -> Optional[str]:
+    """The member of answer_set a generated answer means, or None.
+
+    Normalised (stripped, lower case, surrounding punctuation dropped), the first line must equal a
+    member or name exactly one (as whole words; "not suitable" counts once, not also as
+    "suitable"). A line naming two ("positive or negative") means neither.
+    """
+    line = _norm(first_line(generated))
+    members = {_norm(answer): answer for answer in answer_set}
+    if line in members:
+        return members[line]
+    named = [key for key in members if key and re.search(rf"(?<!\w){re.escape(key)}(?!\w)", line)]
+    named = [key for key in named if not any(key != other and key in other for other in named)]
+    return members[named[0]] if len(named) == 1 else None
+
+
+def exact_match(generated: str, expected: str) -> bool:
+    return _norm(first_line(generated)) == _norm(first_line(expected))
+
+
+def closed_answer_set(answers: list[str], min_rows: int = 4) -> Optional[list[str]]:
+    """The sorted distinct answers when they form a small closed set (labels, yes/no), else None."""
+    distinct = sorted(set(answers))
+    if len(answers) >= min_rows and 1 <= len(distinct) <= MAX_ANSWER_SET and len(answers) >= 2 * len(distinct):
+        return distinct
+    return None
+
+
+def is_short(answer: str) -> bool:
+    return 0 < len(answer.split()) <= SHORT_ANSWER_WORDS and "\n" not in answer.strip()
+
+
+def expand_instances(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Self-instruct records (one task, `instances: [{input, output}, ...]`) as one record per
+    instance, each carrying the task's other fields (name, instruction, ...)."""
+    out = []
+    for row in rows:
+        instances = row.get("instances")
+        if isinstance(instances, list):
+            common = {k: v for k, v in row.items() if k != "instances"}
+            out.extend({**common, **inst} for inst in instances if isinstance(inst, dict))
+        else:
+            out.append(row)
+    return out
+
+
+def field_text(value: Any) -> str:
+    """A field of a record as stripped text; a missing or null field is empty."""
+    return "" if value is None else str(value).strip()

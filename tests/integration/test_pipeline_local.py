@@ -1,0 +1,97 @@
+"""The whole DAG under kfp.local (the same pipeline function that is compiled for Kubeflow), on a
+tiny model, against a real MLflow server and a real S3 API (moto) started by fixtures."""
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kubetune import tracking
+from kubetune.config import RunConfig
+from kubetune.launch.local import run_pipeline
+from kubetune.artifacts import INITIAL_ADAPTER
+from kubetune.paths import state_dir
+from tiny import tiny_run_config
+
+STAGES = {"preflight", "prepare_data", "tokenize", "prepare_model", "train", "evaluate", "register"}
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, quotes_file, mlflow_server, s3_server, tmp_path_factory):
+    bucket = "kubetune-dag"
+    s3_server.client().create_bucket(Bucket=bucket)
+    weights = tiny_model_dir / "model.safetensors"
+    base_before = weights.read_bytes()
+    config = tiny_run_config(tiny_model_dir, quotes_file,
+                             tracking={"mlflow_uri": mlflow_server, "experiment": "dag-test"},
+                             storage={"uri": f"s3://{bucket}/kubetune", "endpoint_url": s3_server.endpoint_url},
+                             register={"model_name": "tiny-dag"})
+    result = run_pipeline(RunConfig.from_dict(config), progress=False)
+    return {"result": result, "bucket": bucket, "base_before": base_before, "weights": weights,
+            "client": tracking.client(mlflow_server), "s3": s3_server.client()}
+
+
+def test_every_task_succeeded_and_timed(finished):
+    result = finished["result"]
+    assert result["registered"] == "tiny-dag/1"
+    assert set(result["stage_seconds"]) == STAGES
+    assert finished["client"].get_run(result["run_id"]).info.status == "FINISHED"
+
+
+def test_lora_trained_and_base_untouched(finished):
+    run_dir = max((state_dir() / "kfp").glob("kubetune-*"), key=lambda p: p.stat().st_mtime)
+    initial = load_file(run_dir / "prepare-model" / "prepared_model" / INITIAL_ADAPTER / "adapter_model.safetensors")
+    trained = load_file(run_dir / "train" / "tuned_model" / "adapter_model.safetensors")
+    assert initial.keys() == trained.keys() and all("lora_" in key for key in trained)
+    assert all(not torch.equal(initial[k], trained[k]) for k in trained)
+    assert finished["weights"].read_bytes() == finished["base_before"]
+
+
+def test_mlflow_run_holds_params_metrics_and_model(finished):
+    client, run_id = finished["client"], finished["result"]["run_id"]
+    run = client.get_run(run_id)
+    assert run.data.params["model.quantization"] == "8bit" and run.data.params["model.lora.alpha"] == "16"
+    assert run.data.tags["kubetune.base_model"].endswith("model")
+    assert run.data.tags["kubetune.version"]
+    losses = [m.value for m in sorted(client.get_metric_history(run_id, "train.loss"), key=lambda m: m.step)]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]), losses
+    assert len(client.get_metric_history(run_id, "train.learning_rate")) == 12
+    metrics = run.data.metrics
+    assert {"eval.base_perplexity", "eval.tuned_perplexity", "eval.base_loss", "eval.tuned_loss"} <= set(metrics)
+    assert metrics["model.trainable_params"] > 0
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {"preflight.json", "plots/train_loss.png"} <= artifacts
+
+    version = client.get_model_version("tiny-dag", "1")
+    assert version.run_id == run_id
+    import mlflow
+
+    mlflow.set_tracking_uri(client.tracking_uri)
+    mlflow.set_registry_uri(client.tracking_uri)
+    local = Path(mlflow.artifacts.download_artifacts("models:/tiny-dag/1"))
+    assert len(list(local.glob("artifacts/*/adapter_model.safetensors"))) == 1
+    assert float(version.tags["eval.tuned_perplexity"]) == metrics["eval.tuned_perplexity"]
+
+
+def test_registered_champion_loads_and_generates(finished):
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(finished["client"].tracking_uri)
+    mlflow.set_registry_uri(finished["client"].tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/tiny-dag@champion")
+    completions = model.predict(pd.DataFrame({"prompt": ["The only way", "Life is"]}), params={"max_new_tokens": 4})
+    assert len(completions) == 2 and all(isinstance(text, str) for text in completions)
+
+
+def test_s3_holds_checkpoints_and_adapter(finished):
+    run_id = finished["result"]["run_id"]
+    listing = finished["s3"].list_objects_v2(Bucket=finished["bucket"], Prefix=f"kubetune/runs/{run_id}/")
+    keys = {obj["Key"].split(f"{run_id}/", 1)[1] for obj in listing.get("Contents", [])}
+    assert "adapter/adapter_model.safetensors" in keys
+    assert {"checkpoints/checkpoint-6/trainer_state.json", "checkpoints/checkpoint-12/trainer_state.json"} <= keys
+    body = finished["s3"].get_object(Bucket=finished["bucket"], Key=f"kubetune/runs/{run_id}/adapter/adapter_config.json")
+    assert json.load(io.BytesIO(body["Body"].read()))["r"] == 8

@@ -1,0 +1,171 @@
+"""The layering of docs/ARCHITECTURE.md, checked on the source: imports point one way, with no cycle
+(function-local imports counted), internal imports sit at module top, and no module outgrows a page.
+
+Read from the files with `ast`, so nothing is imported and the check takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCES = {"kubetune": ROOT / "src" / "kubetune", "kubetune.components": ROOT / "components",
+           "kubetune.pipelines": ROOT / "pipelines"}
+
+# Lowest first. A module may import modules of its own layer or below, never above.
+LAYERS = [
+    ("foundation", ["kubetune", "kubetune.errors", "kubetune.paths", "kubetune.strict", "kubetune.config",
+                    "kubetune.images"]),
+    ("I/O", ["kubetune.storage", "kubetune.tracking", "kubetune.model_source", "kubetune.sources",
+             "kubetune.artifacts", "kubetune.console", "kubetune.containers", "kubetune.services"]),
+    ("tasks", ["kubetune.tasks*"]),
+    ("data and tokens", ["kubetune.data", "kubetune.tokenization"]),
+    ("model", ["kubetune.modeling"]),
+    ("scoring, evaluation, training", ["kubetune.scoring", "kubetune.evaluation", "kubetune.training",
+                                       "kubetune.distributed"]),
+    ("preflight and registry", ["kubetune.preflight", "kubetune.registry"]),
+    ("stages", ["kubetune.stages", "kubetune.train_worker"]),
+    ("KFP", ["kubetune.components*", "kubetune.pipelines*"]),
+    ("launch", ["kubetune.launch*"]),
+    ("command line", ["kubetune.cli"]),
+]
+MAX_LINES = 450
+# Function-local imports of kubetune modules that are there on purpose:
+# - a KFP lightweight component ships only its function body, so the body imports the library;
+# - the command line imports the KFP layer per command (importing the pipeline builds the DAG, ~1.5 s).
+LOCAL_IMPORTS_ALLOWED = {"kubetune.components*": {"kubetune.stages"},
+                         "kubetune.cli": {"kubetune.launch*", "kubetune.pipelines*"}}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package, folder in SOURCES.items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join([package, *parts])] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.endswith("*"):
+        return name == pattern[:-1] or name.startswith(pattern[:-1] + ".")
+    return name == pattern
+
+
+def _layer(name: str) -> int:
+    for index, (_, patterns) in enumerate(LAYERS):
+        if any(_matches(name, pattern) for pattern in patterns):
+            return index
+    raise AssertionError(f"{name} is in no layer of tests/unit/test_architecture.py: add it where it belongs")
+
+
+def _target(name: str) -> str:
+    """The module an imported name lives in: `kubetune.tasks.base` for `from kubetune.tasks.base
+    import X`, `kubetune.artifacts` for `from kubetune import artifacts`."""
+    while name not in MODULES and "." in name:
+        name = name.rsplit(".", 1)[0]
+    return name
+
+
+def _imports(path: Path, module: str) -> list[tuple[str, bool, int]]:
+    """(imported kubetune module, imported inside a function?, line) for every import in the file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    out = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                names = [alias.name for alias in child.names]
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - child.level + 1] + ([base] if base else []))
+                names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in child.names]
+            else:
+                visit(child, nested)
+                continue
+            for name in names:
+                if name == "kubetune" or name.startswith("kubetune."):
+                    out.append((_target(name), in_function, child.lineno))
+    visit(tree, False)
+    return out
+
+
+GRAPH = {module: _imports(path, module) for module, path in MODULES.items()}
+
+
+def test_every_module_has_a_layer():
+    for module in MODULES:
+        _layer(module)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_point_down(module):
+    for target, _, line in GRAPH[module]:
+        assert _layer(target) <= _layer(module), (
+            f"{MODULES[module].relative_to(ROOT)}:{line} imports {target} ({LAYERS[_layer(target)][0]}), a layer above "
+            f"{module} ({LAYERS[_layer(module)][0]})")
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str]:
+    """One import cycle as [a, b, ..., a], or [] when the graph has none (depth-first search)."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def walk(module: str) -> list[str]:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(edges.get(module, ())):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state:
+                cycle = walk(target)
+                if cycle:
+                    return cycle
+        path.pop()
+        state[module] = 2
+        return []
+
+    for module in sorted(edges):
+        if module not in state:
+            cycle = walk(module)
+            if cycle:
+                return cycle
+    return []
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_no_import_cycle_counting_function_local_imports():
+    edges = {module: {target for target, _, _ in GRAPH[module] if target != module} for module in MODULES}
+    cycle = find_cycle(edges)
+    assert not cycle, "import cycle: " + " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_internal_imports_sit_at_module_top(module):
+    allowed = next((targets for pattern, targets in LOCAL_IMPORTS_ALLOWED.items() if _matches(module, pattern)), set())
+    for target, in_function, line in GRAPH[module]:
+        if in_function:
+            assert any(_matches(target, pattern) for pattern in allowed), (
+                f"{MODULES[module].relative_to(ROOT)}:{line} imports {target} inside a function; import it at the "
+                "top (only heavy third-party packages are imported late)")
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_module_outgrows_a_page(module):
+    lines = len(MODULES[module].read_text().splitlines())
+    assert lines <= MAX_LINES, f"{MODULES[module].relative_to(ROOT)} has {lines} lines; split it by job"

@@ -1,0 +1,140 @@
+"""Model preparation on tiny real models: what is frozen, what trains, and how it is counted."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from kubetune import modeling
+from kubetune.config import LoraSettings, ModelConfig
+from kubetune.errors import ModelError
+
+
+def tiny(kind: str):
+    import transformers as t
+
+    configs = {
+        "llama": t.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=2),
+        "opt": t.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
+                           word_embed_proj_dim=32),
+        "gpt2": t.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4),
+        "bert": t.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                             num_attention_heads=4),
+    }
+    torch.manual_seed(0)
+    if kind == "bert":
+        return t.BertModel(configs[kind])
+    return t.AutoModelForCausalLM.from_config(configs[kind])
+
+
+@pytest.mark.parametrize("kind, path, expected", [
+    ("llama", "model.layers", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    ("opt", "model.decoder.layers", {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}),
+    ("gpt2", "transformer.h", {"c_attn", "c_proj", "c_fc"}),
+    ("bert", "encoder.layer", {"query", "key", "value", "dense"}),
+])
+def test_blocks_and_linear_modules_found_without_a_table(kind, path, expected):
+    model = tiny(kind)
+    found_path, blocks = modeling.find_blocks(model)
+    assert found_path == path and len(blocks) == 3
+    assert expected <= set(modeling.linear_module_names(model))
+
+
+def test_unknown_target_modules_list_the_valid_ones():
+    with pytest.raises(ModelError) as raised:
+        modeling.check_target_modules(tiny("gpt2"), ["q_proj", "c_attn"])
+    message = str(raised.value)
+    assert message.startswith("model.lora.target_modules = ['q_proj', 'c_attn']: q_proj not in this model")
+    assert "c_attn, c_fc, c_proj" in message
+
+
+def test_already_quantized_model_refuses_8bit(tmp_path):
+    model = tiny("llama")
+    model.config.quantization_config = {"quant_method": "gptq", "bits": 4}
+    model.config.save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match=r"model.quantization = '8bit': .* already quantized with gptq"):
+        modeling.check_quantizable(tmp_path, model, "8bit")
+    modeling.check_quantizable(tmp_path, model, "none")  # fine as it is
+
+
+def test_freeze_beyond_the_model_is_refused():
+    cfg = ModelConfig(quantization="none", freeze_layers=3, lora=LoraSettings())
+    with pytest.raises(ModelError, match="model.freeze_layers = 3: the model has 3 blocks"):
+        modeling.check_freeze(tiny("llama"), cfg)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    tiny("llama").save_pretrained(path)
+    return path
+
+
+def test_8bit_lora_recipe(llama_dir, tmp_path, caplog):
+    cfg = ModelConfig(name_or_path=str(llama_dir), quantization="8bit",
+                      lora=LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    with caplog.at_level(logging.INFO, logger="kubetune.modeling"):
+        plan = modeling.prepare_model(llama_dir, cfg, tmp_path / "prepared", seed=0)
+    model = modeling.load_for_training(llama_dir, tmp_path / "prepared", cfg)
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(trainable) == 3 * 2 * 2  # 3 blocks x (q, v) x (A, B)
+    quantized = [m for m in model.modules() if type(m).__name__ == "Linear8bitLt"]
+    assert quantized, "the base was not loaded in 8-bit"
+    norms = [p for n, p in model.named_parameters() if p.ndim == 1 and "norm" in n]
+    assert norms and all(p.dtype == torch.float32 for p in norms)
+    assert model.base_model.model.is_activation_checkpointing
+
+    # The logged line is PEFT's own count, exactly.
+    expected = modeling.trainable_line(*model.get_nb_trainable_parameters())
+    assert f"prepare_model: {expected}" in caplog.messages and plan["trainable_line"] == expected
+    # per block: q_proj 32->32 gives A 4x32 + B 32x4; v_proj 32->16 (2 kv heads) gives A 4x32 + B 16x4
+    assert plan["trainable_params"] == 3 * ((4 * 32 + 32 * 4) + (4 * 32 + 16 * 4))
+    ids = torch.randint(0, 64, (2, 8))
+    output = model(input_ids=ids, labels=ids)
+    assert output.logits.dtype == torch.float32
+    output.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_initial_adapter_is_reused_exactly(llama_dir, tmp_path):
+    cfg = ModelConfig(name_or_path=str(llama_dir), quantization="none", lora=LoraSettings(r=4, alpha=8))
+    modeling.prepare_model(llama_dir, cfg, tmp_path / "prepared", seed=0)
+    one = modeling.load_for_training(llama_dir, tmp_path / "prepared", cfg)
+    two = modeling.load_for_training(llama_dir, tmp_path / "prepared", cfg)
+    for (name, a), (_, b) in zip(one.named_parameters(), two.named_parameters()):
+        if "lora_A" in name:
+            assert torch.equal(a, b)
+
+
+def test_freezing_without_lora_trains_only_upper_blocks(llama_dir):
+    cfg = ModelConfig(quantization="none", freeze_layers=2, lora=None, gradient_checkpointing=False)
+    model = modeling.prepare_for_training(modeling.load_base_model(llama_dir, "none"), cfg, "none")
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("model.embed_tokens") for n in frozen)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n.startswith(("model.layers.0.", "model.layers.1.")))
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith("model.layers.2."))
+
+
+def test_lora_with_frozen_blocks_adapts_only_the_rest(llama_dir):
+    cfg = ModelConfig(quantization="none", freeze_layers=2, lora=LoraSettings(r=2, alpha=4))
+    model = modeling.prepare_for_training(modeling.load_base_model(llama_dir, "none"), cfg, "none")
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, _ in model.named_parameters() if "lora_" in n}
+    assert adapted == {"2"}
+
+
+def test_4bit_loads_and_trains_after_a_no_grad_forward(llama_dir, tmp_path):
+    cfg = ModelConfig(name_or_path=str(llama_dir), quantization="4bit", lora=LoraSettings(r=4, alpha=8))
+    modeling.prepare_model(llama_dir, cfg, tmp_path / "prepared", seed=0)
+    model = modeling.load_for_training(llama_dir, tmp_path / "prepared", cfg)
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    plan = json.loads((tmp_path / "prepared" / "plan.json").read_text())
+    assert plan["quantization"] == "4bit" and plan["trainable_params"] > 0
