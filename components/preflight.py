@@ -15,6 +15,6 @@ def preflight(config_json: str, accelerator_count: int,
 
     from kubetune import stages
 
-    run_id = stages.preflight(config_json, lineage.path)
+    run_id = stages.preflight(config_json, lineage.path, accelerator_count)
     train_accelerators = stages.train_accelerators(config_json, accelerator_count)
     return namedtuple("PreflightOutputs", ["run_id", "train_accelerators"])(run_id, train_accelerators)

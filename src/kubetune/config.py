@@ -136,6 +136,11 @@ class DataConfig:
     validation_fraction: float = _help("Share of rows held out for evaluation, in (0, 0.5].", 0.1)
     max_length: int = _help("Longer texts are truncated to this many tokens.", 64)
     max_rows: Optional[int] = _help("Use at most this many rows (after shuffling with train.seed).", None)
+    drop_invalid: bool = _help(
+        "Drop records whose required fields (text, label, answer, ...) are missing, null, NaN or empty, "
+        "counting them in the log and in MLflow; false stops the run on the first such record instead.", False)
+    min_train_rows: int = _help("Fewest training rows a run accepts (after splitting, before replay).", 8)
+    min_validation_rows: int = _help("Fewest held-out validation rows a run accepts.", 2)
 
     def validate(self) -> None:
         _require(bool(self.path.strip()), "data.path", self.path, "give a file, a directory or an s3:// URI")
@@ -145,6 +150,9 @@ class DataConfig:
         _require(self.max_length >= 8, "data.max_length", self.max_length, "must be at least 8 tokens")
         _require(self.max_rows is None or self.max_rows >= 4, "data.max_rows", self.max_rows,
                  "must be null (all rows) or at least 4")
+        _require(self.min_train_rows >= 1, "data.min_train_rows", self.min_train_rows, "must be 1 or more")
+        _require(self.min_validation_rows >= 1, "data.min_validation_rows", self.min_validation_rows,
+                 "must be 1 or more")
         _require(0 <= self.replay_fraction <= 0.9, "data.replay_fraction", self.replay_fraction,
                  "must be in [0, 0.9], e.g. 0.1")
         _require(self.replay_fraction == 0 or self.replay_path is not None, "data.replay_fraction",
@@ -315,7 +323,12 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError("--set", item, "write section.key=value, e.g. --set train.max_steps=20")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--set {key.strip()}", raw, f"not a valid YAML value ({problem}); quote text that "
+                          "holds YAML syntax, e.g. --set 'data.instruction=\"Classify: the review\"'") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -34,10 +35,18 @@ class ServiceError(UserError):
 
 
 class StageFailed(Exception):
-    """A pipeline stage failed where it ran (a container); the message ends with the stage's own last
-    error line. Exit code 2 when that line is one of the errors above, 1 otherwise."""
+    """A pipeline stage failed where it ran (a subprocess or a container). Exit code 2 when its last
+    error line is one of the errors above (shown as the user error it is), 1 otherwise (shown with
+    the exception line and where the stage's full log is)."""
 
-    def __init__(self, stage: str, where: str, exit_code: int, error: str):
-        self.stage, self.where, self.error = stage, where, error
-        self.exit_code = 2 if error.startswith("kubetune.errors.") else 1
-        super().__init__(f"stage {stage} failed in {where} (exit {exit_code}): {error}")
+    def __init__(self, stage: str, where: str, exit_code: int, error: str, log: str = ""):
+        self.stage, self.where, self.error, self.log = stage, where, error, log
+        user_error = re.match(r"kubetune\.errors\.\w+: (.*)$", error)
+        self.exit_code = 2 if user_error else 1
+        if user_error:
+            message = f"{user_error.group(1)} (in stage {stage})"
+        else:
+            message = f"stage {stage} failed in {where} (exit {exit_code}): {error}"
+            if log:
+                message += f"; its full log: {log}"
+        super().__init__(message)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from kubetune import modeling, tracking
 from kubetune.config import RunConfig
+from kubetune.errors import ConfigError
 from kubetune.data import prepare_data
 from kubetune.evaluation import retention_texts
-from kubetune.model_source import describe_source, resolve_model
+from kubetune.model_source import check_snapshot, describe_source, resolve_model
 from kubetune.storage import open_store
 from kubetune.tasks import get_task
 
@@ -45,6 +46,7 @@ def check_data(cfg: RunConfig) -> dict[str, Any]:
 
 def check_model(cfg: RunConfig, info: dict[str, Any]) -> dict[str, Any]:
     model_dir = resolve_model(cfg.model.name_or_path, endpoint_url=cfg.storage.endpoint_url)
+    check_snapshot(cfg.model.name_or_path, model_dir)
     skeleton = modeling.meta_model(model_dir, get_task(cfg.task), info)
     modeling.check_quantizable(model_dir, skeleton, cfg.model.quantization)
     blocks = modeling.check_freeze(skeleton, cfg.model)
@@ -52,6 +54,24 @@ def check_model(cfg: RunConfig, info: dict[str, Any]) -> dict[str, Any]:
         modeling.check_target_modules(skeleton, cfg.model.lora.target_modules)
     return {"path": str(model_dir), "architecture": type(skeleton).__name__, "blocks": blocks,
             **describe_source(cfg.model.name_or_path, endpoint_url=cfg.storage.endpoint_url)}
+
+
+def check_precision(cfg: RunConfig, train_gpus: Optional[bool]) -> None:
+    """fp16 and bf16 need a GPU where train runs: on this machine (train_gpus None) or, on a cluster,
+    as the pipeline's accelerator settings grant. Whether a cluster GPU has bf16 is only known there."""
+    if cfg.train.precision not in ("fp16", "bf16"):
+        return
+    if train_gpus is None:
+        import torch
+
+        train_gpus = torch.cuda.is_available()
+        if train_gpus and cfg.train.precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("train.precision", cfg.train.precision, "this GPU has no bf16 support; use auto, fp16 "
+                              "or fp32")
+    if not train_gpus:
+        raise ConfigError("train.precision", cfg.train.precision,
+                          f"{cfg.train.precision} training needs a GPU and train gets none here; use auto (picks "
+                          "fp16/bf16 where a GPU has them) or fp32")
 
 
 def check_services(cfg: RunConfig) -> tuple[str, str]:
@@ -62,9 +82,11 @@ def check_services(cfg: RunConfig) -> tuple[str, str]:
     return uri, store.uri()
 
 
-def preflight(cfg: RunConfig) -> PreflightReport:
-    """Cheap checks first: config, data, services, then the model's structure."""
+def preflight(cfg: RunConfig, train_gpus: Optional[bool] = None) -> PreflightReport:
+    """Cheap checks first: config, data, services, then the model's structure. train_gpus: whether
+    the train stage gets GPUs (on a cluster, from the accelerator settings); None = this machine's."""
     cfg.validate()
+    check_precision(cfg, train_gpus)
     data_facts = check_data(cfg)
     tracking_uri, storage_uri = check_services(cfg)
     model_facts = check_model(cfg, data_facts["info"])

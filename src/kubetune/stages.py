@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from kubetune import __version__, artifacts, console, data, distributed, evaluation, modeling, registry, tracking
 from kubetune import preflight as checks
@@ -49,12 +49,13 @@ def run_prefix(run_id: str) -> str:
     return f"runs/{run_id}"
 
 
-def preflight(config: Config, lineage_path: str) -> str:
+def preflight(config: Config, lineage_path: str, accelerator_count: Optional[int] = None) -> str:
     """Checks everything, then opens the pipeline's MLflow run; returns its id and writes the
-    run's lineage (what register tags the model version with)."""
+    run's lineage (what register tags the model version with). accelerator_count: the GPUs the
+    pipeline grants its GPU stages (train gets GPUs when it is above 0); None checks this machine."""
     started = time.monotonic()
     cfg = _start(config)
-    report = checks.preflight(cfg)
+    report = checks.preflight(cfg, None if accelerator_count is None else accelerator_count > 0)
     lineage = {"kubetune.task": cfg.task, "kubetune.base_model": cfg.model.name_or_path,
                "kubetune.data_sha256": report.data["sha256"], "kubetune.version": __version__,
                "kubetune.storage": report.storage_uri, "kubetune.technique": cfg.model.technique()}

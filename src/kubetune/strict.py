@@ -1,12 +1,15 @@
 """Dataclasses from plain dicts (YAML, JSON), with strict key and type checks.
 
 Every key must be a field; every value must have the field's type (an int is accepted as a float,
-one string as a list of strings). A refusal is a ConfigError naming the key by its full path.
+one string as a list of strings, and a string that spells a finite number, such as `1e-4`, as a
+float: YAML 1.1, which PyYAML reads, takes `1e-4` for a string because it has no dot). A refusal is a
+ConfigError naming the key by its full path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Any
 
@@ -46,6 +49,8 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(name, value, f"expected a {_type_name(tp)}")
         return [_convert(item_type, item, f"{name}[{i}]") for i, item in enumerate(value)]
+    if tp is float and isinstance(value, str):
+        value = _number(value)
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -55,6 +60,13 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
     if not ok:
         raise ConfigError(name, value, f"expected {_type_name(tp)}")
     return float(value) if tp is float else value
+
+
+def _number(text: str) -> Any:
+    """The float a string spells (1e-4, -1E+3, .5), or the string itself when it spells none."""
+    if not re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", text):
+        return text  # not "nan", "inf" or "1_000": those are refused as the string they are
+    return float(text)
 
 
 def build(cls: Any, data: Any, prefix: str) -> Any:

@@ -77,9 +77,33 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                                "URI, or set it to null for the embedded store") from None
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
-        folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK):
-            raise ServiceError("tracking.mlflow_uri", uri, f"{folder} is not writable")
+        database = Path(uri[len("sqlite:///"):])
+        try:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ServiceError("tracking.mlflow_uri", uri, f"cannot create the folder {database.parent} "
+                               f"({exc.strerror}); choose a writable place, or null for the embedded store") from None
+        if database.is_dir() or not os.access(database.parent, os.W_OK) or \
+                (database.exists() and not os.access(database, os.W_OK)):
+            raise ServiceError("tracking.mlflow_uri", uri, f"{database} cannot be written as a database file; "
+                               "choose a writable file path, or null for the embedded store")
+        initialise_sqlite(uri, database)
+
+
+def initialise_sqlite(uri: str, database: Path) -> None:
+    """Create (or migrate) a sqlite store's schema under a file lock. Two first runs on a fresh store
+    raced in MLflow's migration (`table _alembic_tmp_experiments already exists`) without it."""
+    import fcntl
+
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client(uri).search_experiments(max_results=1)
+        except Exception as exc:  # a file that is not a database, a newer schema, a locked file
+            raise ServiceError("tracking.mlflow_uri", uri, f"the store cannot be opened ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:200]}); point at another file") from None
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def experiment_id(uri: str, name: str) -> str:

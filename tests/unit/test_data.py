@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -36,7 +37,7 @@ def test_every_format_reads_the_same_texts(tmp_path, suffix):
 def test_directory_of_files_and_hash(tmp_path):
     write(tmp_path / "a.json", ROWS[:10])
     write(tmp_path / "b.jsonl", ROWS[10:])
-    rows, digest = sources.load_records(DataConfig(path=str(tmp_path)))
+    rows, digest, _ = sources.load_records(DataConfig(path=str(tmp_path)))
     assert len(rows) == 20 and len(digest) == 64
     (tmp_path / "b.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
     assert sources.load_records(DataConfig(path=str(tmp_path)))[1] != digest
@@ -52,9 +53,9 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
 
 
 def test_max_rows_caps_after_shuffle(tmp_path):
-    cfg = DataConfig(path=str(write(tmp_path / "d.json")), max_rows=10)
+    cfg = DataConfig(path=str(write(tmp_path / "d.json")), max_rows=20)
     splits = data.prepare_data(cfg, "causal_lm", seed=0)
-    assert len(splits.train) + len(splits.validation) == 10
+    assert len(splits.train) + len(splits.validation) == 20
 
 
 def test_missing_file_is_named(tmp_path):
@@ -69,9 +70,14 @@ def test_missing_text_field_lists_the_fields(tmp_path):
 
 
 def test_too_few_rows(tmp_path):
-    cfg = DataConfig(path=str(write(tmp_path / "d.json", ROWS[:1])))
-    with pytest.raises(DataError, match="need at least 2"):
+    cfg = DataConfig(path=str(write(tmp_path / "d.json", ROWS[:9])), validation_fraction=0.25)
+    with pytest.raises(DataError, match=r"data.path = .*: 7 usable training records \(of 9, 2 held out\), fewer than "
+                                        r"data.min_train_rows \(8\)"):
         data.prepare_data(cfg, "causal_lm", seed=0)
+    with pytest.raises(DataError, match=r"data.validation_fraction = 0.1: holds out 1 of 9 usable records, fewer "
+                                        r"than data.min_validation_rows \(2\)"):
+        data.prepare_data(dataclasses.replace(cfg, validation_fraction=0.1), "causal_lm", seed=0)
+    assert len(data.prepare_data(dataclasses.replace(cfg, min_train_rows=7), "causal_lm", seed=0).train) == 7
 
 
 def test_save_and_load_round_trip(tmp_path):

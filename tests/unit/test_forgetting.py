@@ -30,11 +30,11 @@ def test_paired_text_and_label_files_and_test_split(tmp_path):
     (tmp_path / "test_text.txt").write_text("great\nterrible\n")
     (tmp_path / "test_labels.txt").write_text("2\n0\n")
     (tmp_path / "mapping.txt").write_text("0\tnegative\n1\tneutral\n2\tpositive\n")
-    rows = sources.read_records(tmp_path / "val_text.txt")
+    rows = sources.read_records(tmp_path / "val_text.txt").rows
     assert rows[1] == {"text": "bad day", "label": "0"}
     assert sources.label_names_beside(str(tmp_path / "val_text.txt")) == {"0": "negative", "1": "neutral", "2": "positive"}
     cfg = DataConfig(path=str(tmp_path / "val_text.txt"), text_field="text", test_path=str(tmp_path / "test_text.txt"),
-                     validation_fraction=0.25)
+                     validation_fraction=0.25, min_train_rows=1, min_validation_rows=1)
     splits = data.prepare_data(cfg, "causal_lm", seed=0)
     assert [r["text"] for r in splits.test] == ["great", "terrible"]
     artifacts.write_dataset(tmp_path / "out", splits.by_name(), splits.stats)

@@ -109,13 +109,13 @@ def test_guides_form_on_uci_sentiment():
     splits = data.prepare_data(cfg, "instruction", seed=0)
     assert Instruction().info(splits.train, cfg) == {"answer_set": ["negative", "positive"]}
     assert {r["answer"] for r in splits.train} == {"negative", "positive"}
-    raw = {row["reviews"].strip(): row["sentiment"] for row in sources.read_records(YELP)}
+    raw = {row["reviews"].strip(): row["sentiment"] for row in sources.read_records(YELP).rows}
     record = splits.train[0]
     review = record["prompt"].split("### Input:\n")[1].split("\n\n### Response:")[0]
     assert record["answer"] == {"0": "negative", "1": "positive"}[raw[review]]
     assert "### Instruction:\nPositive or negative?\n\n" in record["prompt"]
     with pytest.raises(DataError, match=r"data.label_names.*label '1'"):
-        Instruction().normalise(sources.read_records(YELP)[:5], data_cfg(YELP, **{**GUIDE, "label_names": {"0": "neg"}}))
+        Instruction().normalise(sources.read_records(YELP).rows[:5], data_cfg(YELP, **{**GUIDE, "label_names": {"0": "neg"}}))
 
 
 def test_answer_set_only_for_a_small_repeated_set():

@@ -6,20 +6,25 @@ runs as a subprocess in this virtualenv, or in its component's image (kubetune.l
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import logging
 import os
+import shutil
+import subprocess
+import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
 from kubetune import tracking
 from kubetune.config import INPUT, RunConfig, locations, with_value
 from kubetune.console import PROGRESS_ENV
-from kubetune.errors import ConfigError
+from kubetune.errors import ConfigError, StageFailed
 from kubetune.launch import container_runner
-from kubetune.paths import STATE_ENV, state_dir
+from kubetune.paths import STATE_ENV, checkout_root, state_dir
 from kubetune.pipelines.pipeline import kubetune_pipeline
 from kubetune.preflight import preflight
 
@@ -29,9 +34,32 @@ log = logging.getLogger(__name__)
 RUNNERS = ("process", "container")
 
 
+def anchor_defaults(cfg: RunConfig) -> RunConfig:
+    """Input paths left at their defaults (the repository's shared data, `../shared/data/...`) are
+    resolved against the kubetune checkout, so the embedded config runs from any directory. Where the
+    default retention text is not there (an installed wheel, an image), forgetting is not measured
+    and the log says how to measure it; a missing default data path is preflight's to report."""
+    root = checkout_root()
+    for key, default, kind in locations(RunConfig()):
+        value = dict((k, v) for k, v, _ in locations(cfg)).get(key)
+        if kind != INPUT or value != default or Path(default).is_absolute() or "://" in default \
+                or default.startswith("package:"):
+            continue
+        anchored = (root / default).resolve() if root is not None else None
+        if anchored is not None and anchored.exists():
+            cfg = with_value(cfg, key, str(anchored))
+        elif key == "evaluate.retention_path":
+            log.warning("evaluate.retention_path: the default retention text (%s, beside a kubetune checkout) is not "
+                        "here, so forgetting is not measured; set evaluate.retention_path to general text to measure "
+                        "it, or to null to silence this", default)
+            cfg = with_value(cfg, key, None)
+    return cfg
+
+
 def pin_locations(cfg: RunConfig) -> RunConfig:
     """Make every place the config names absolute and explicit, so that each stage (a subprocess or a
     container, started in another directory) and the MLflow params agree on where things are."""
+    cfg = anchor_defaults(cfg)
     cfg = with_value(cfg, "storage.uri", cfg.storage.uri or str(state_dir() / "storage"))
     cfg = with_value(cfg, "tracking.mlflow_uri", tracking.resolve_uri(cfg.tracking.mlflow_uri))
     for key, value, kind in locations(cfg):
@@ -47,6 +75,65 @@ def pin_locations(cfg: RunConfig) -> RunConfig:
             continue  # a hub id, or a missing file that preflight reports
         cfg = with_value(cfg, key, str(path.resolve()))
     return cfg
+
+
+class ProcessTasks:
+    """Runs kfp.local's subprocess tasks (in place of its own runner) so that:
+
+    - the executor input reaches the task as written: kfp.local swaps the string `python3` for this
+      interpreter's path in every element of the command line, config JSON and artifact paths
+      included, so a data path inside a virtualenv's lib/python3.11/ pointed nowhere; only the shell
+      script that starts Python is rewritten here;
+    - each task's output goes to the console and to logs/<time>-<task>.log under the state folder,
+      and a failed task's last error line is kept (kubetune.errors.StageFailed), so the CLI prints one
+      `kubetune: error:` line instead of kfp's RuntimeError traceback;
+    - the temporary folders a task makes (kfp's component script, about 8 per run) go to one folder
+      that is removed when the run ends.
+    """
+
+    def __init__(self, home: Path):
+        self.logs = home / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix="run-", dir=home))
+        self.failures: list[StageFailed] = []
+
+    def keep_arguments(self, original):
+        def script_only(full_command: list[str], new_executable: str) -> list[str]:
+            rewritten = original(full_command, new_executable)
+            return [old if i > 0 and full_command[i - 1] == "--executor_input" else new
+                    for i, (old, new) in enumerate(zip(full_command, rewritten))]
+        return script_only
+
+    def __call__(self, full_command: list[str], env_vars: Optional[dict[str, str]] = None) -> int:
+        task = container_runner.task_name(full_command)
+        log_path = self.logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{task}.log"
+        env = {**os.environ, **(env_vars or {}), "TMPDIR": str(self.tmp)}
+        tail: collections.deque[str] = collections.deque(maxlen=80)
+        with log_path.open("w") as log_file, subprocess.Popen(
+                full_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                env=env) as process:
+            for line in iter(process.stdout.readline, ""):
+                print(line, end="", flush=True)
+                log_file.write(line)
+                tail.append(line.rstrip("\n"))
+            exit_code = process.wait()
+        if exit_code != 0:
+            self.failures.append(StageFailed(task, "a subprocess", exit_code, container_runner.error_line(list(tail)),
+                                             log=str(log_path)))
+        return exit_code
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["ProcessTasks"]:
+        from kfp.local import subprocess_task_handler as handler
+
+        originals = handler.replace_python_executable, handler.run_local_subprocess
+        handler.replace_python_executable = self.keep_arguments(originals[0])
+        handler.run_local_subprocess = self
+        try:
+            yield self
+        finally:
+            handler.replace_python_executable, handler.run_local_subprocess = originals
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process") -> dict[str, Any]:
@@ -77,7 +164,13 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process")
     else:
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
                    workspace_root=str(home / "kfp-workspace"), raise_on_error=True)
-        registered = kubetune_pipeline(config_json=json.dumps(cfg.to_dict())).output
+        with ProcessTasks(home).installed() as tasks:
+            try:
+                registered = kubetune_pipeline(config_json=json.dumps(cfg.to_dict())).output
+            except RuntimeError:
+                if tasks.failures:
+                    raise tasks.failures[-1] from None
+                raise
     wall = time.monotonic() - started
     return summarize(cfg, registered, wall)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from kubetune.config import DataConfig, EvaluateConfig, RunConfig
-from kubetune.sources import require_fields
+from kubetune.sources import require_fields, text_of
 
 #: Label of a token the loss skips (the default ignore_index of PyTorch's cross-entropy and of
 #: transformers' models): prompt tokens of instruction data, padding.
@@ -106,6 +106,15 @@ class TaskKind:
     headline_metrics = ("eval.base_perplexity", "eval.tuned_perplexity", "eval.perplexity_change_pct")
 
     # ---- prepare_data -----------------------------------------------------------------------
+    def expand(self, rows: list[dict[str, Any]], where: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+        """The source's records as this kind's examples (one each, by default), with their origins."""
+        return rows, where
+
+    def required_fields(self, cfg: DataConfig) -> list[tuple[str, str]]:
+        """(config key, field) pairs every example must hold a value in: the data contract
+        (kubetune.data) rejects or drops an example with a missing, null or NaN value there."""
+        return [("data.text_field", cfg.text_field)]
+
     def check_fields(self, rows: list[dict[str, Any]], cfg: DataConfig) -> None:
         """Raise DataError when the records lack a field the config names."""
         require_fields(rows, cfg, [("data.text_field", cfg.text_field)])
@@ -114,7 +123,7 @@ class TaskKind:
         """Records in this kind's schema; unusable rows dropped."""
         out = []
         for row in rows:
-            text = str(row.get(cfg.text_field) or "").strip()
+            text = text_of(row.get(cfg.text_field))
             if text:
                 out.append({"text": text})
         return out

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from kubetune.config import DataConfig, EvaluateConfig
 from kubetune.errors import DataError, ModelError
-from kubetune.sources import label_names_beside, require_fields
+from kubetune.sources import label_names_beside, require_fields, text_of
 from kubetune.tasks.base import CLASSES, MASKED_LM, Completion, Evaluation, Scores, TaskKind
 from kubetune.tracking import metric_key
 
@@ -29,10 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def raw_label(value: Any) -> str:
-    """The label as a string: 1 and 1.0 (from JSON) both become "1"."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return "" if value is None else str(value).strip()
+    """The label as a string: 1 and 1.0 (from JSON) both become "1"; a missing value is empty."""
+    return text_of(value)
 
 
 def label_order(labels) -> list[str]:
@@ -78,6 +76,9 @@ class Classification(TaskKind):
                         "eval.majority_accuracy", "eval.majority_macro_f1")
 
     # ---- prepare_data -----------------------------------------------------------------------
+    def required_fields(self, cfg: DataConfig) -> list[tuple[str, str]]:
+        return [("data.text_field", cfg.text_field), ("data.label_field", cfg.label_field)]
+
     def check_fields(self, rows: list[dict[str, Any]], cfg: DataConfig) -> None:
         require_fields(rows, cfg, [("data.text_field", cfg.text_field), ("data.label_field", cfg.label_field)])
         if all(not raw_label(row.get(cfg.label_field)) for row in rows):
@@ -88,7 +89,7 @@ class Classification(TaskKind):
         line breaks, which a line-based reader would split records on)."""
         out = []
         for row in rows:
-            text, label = " ".join(str(row.get(cfg.text_field) or "").split()), raw_label(row.get(cfg.label_field))
+            text, label = " ".join(text_of(row.get(cfg.text_field)).split()), raw_label(row.get(cfg.label_field))
             if text and label:
                 out.append({"text": text, "label": label})
         return out

@@ -50,9 +50,19 @@ class Instruction(TaskKind):
                         "eval.base_answer_accuracy", "eval.tuned_answer_accuracy")
 
     # ---- prepare_data -------------------------------------------------------------------------
+    def expand(self, rows: list[dict[str, Any]], where: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+        return expand_instances(rows, where)
+
+    def required_fields(self, cfg: DataConfig) -> list[tuple[str, str]]:
+        """The answer, and the instruction (or, under one fixed data.instruction, the text); the
+        input field may be empty (Alpaca's records without input)."""
+        prompt = ("data.text_field", cfg.text_field) if cfg.instruction is not None else \
+            ("data.instruction_field", cfg.instruction_field)
+        return [prompt, ("data.label_field", cfg.label_field)]
+
     def check_fields(self, rows: list[dict[str, Any]], cfg: DataConfig) -> None:
         check_template(cfg.template)
-        rows = expand_instances(rows)
+        rows = expand_instances(rows)[0]
         fields = {key for row in rows[:100] for key in row}
         if cfg.instruction is not None:
             if not cfg.instruction.strip():
@@ -98,7 +108,7 @@ class Instruction(TaskKind):
 
     def normalise(self, rows: list[dict[str, Any]], cfg: DataConfig) -> list[dict[str, Any]]:
         names = self.label_names(cfg)
-        out = [rec for rec in (self.record(row, cfg, names) for row in expand_instances(rows)) if rec is not None]
+        out = [rec for rec in (self.record(row, cfg, names) for row in expand_instances(rows)[0]) if rec is not None]
         if not out:
             raise DataError("data.label_field", cfg.label_field, "no record has both a prompt and an answer; check "
                             "data.label_field and the instruction/input fields")
@@ -177,9 +187,12 @@ class Instruction(TaskKind):
 class Multitask(Instruction):
     name = "multitask"
 
+    def required_fields(self, cfg: DataConfig) -> list[tuple[str, str]]:
+        return [*super().required_fields(cfg), ("data.task_field", cfg.task_field)]
+
     def check_fields(self, rows: list[dict[str, Any]], cfg: DataConfig) -> None:
         super().check_fields(rows, cfg)
-        expanded = expand_instances(rows)
+        expanded = expand_instances(rows)[0]
         require_fields(expanded, cfg, [("data.task_field", cfg.task_field)])
         tasks = {field_text(row.get(cfg.task_field)) for row in expanded}
         unknown = sorted(set(cfg.task_weights or {}) - tasks - {GENERAL_TASK})

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from kubetune.config import ALPACA_TEMPLATE
 from kubetune.errors import ConfigError
+from kubetune.sources import text_of
 
 #: Task name of general-text (replay) records; the progressive schedule starts from them.
 GENERAL_TASK = "general"
@@ -94,20 +95,26 @@ def is_short(answer: str) -> bool:
     return 0 < len(answer.split()) <= SHORT_ANSWER_WORDS and "\n" not in answer.strip()
 
 
-def expand_instances(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def expand_instances(rows: list[dict[str, Any]], where: Optional[list[str]] = None
+                     ) -> tuple[list[dict[str, Any]], list[str]]:
     """Self-instruct records (one task, `instances: [{input, output}, ...]`) as one record per
-    instance, each carrying the task's other fields (name, instruction, ...)."""
-    out = []
-    for row in rows:
+    instance, each carrying the task's other fields (name, instruction, ...), and where each came from."""
+    where = where if where is not None else [f"record {i + 1}" for i in range(len(rows))]
+    out, out_where = [], []
+    for row, at in zip(rows, where):
         instances = row.get("instances")
         if isinstance(instances, list):
             common = {k: v for k, v in row.items() if k != "instances"}
-            out.extend({**common, **inst} for inst in instances if isinstance(inst, dict))
+            for number, inst in enumerate(instances, start=1):
+                if isinstance(inst, dict):
+                    out.append({**common, **inst})
+                    out_where.append(f"{at} instance {number}")
         else:
             out.append(row)
-    return out
+            out_where.append(at)
+    return out, out_where
 
 
 def field_text(value: Any) -> str:
-    """A field of a record as stripped text; a missing or null field is empty."""
-    return "" if value is None else str(value).strip()
+    """A field of a record as stripped text; a missing, null or NaN field is empty."""
+    return text_of(value)
