@@ -7,9 +7,14 @@ the classification tests, the instruction tests' shared data, and a small file t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import socket
+import threading
 from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
 
 import pytest
 
@@ -277,3 +282,63 @@ def make_tree(root: Path) -> dict[str, bytes]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     return files
+
+
+class SwitchableProxy:
+    """A TCP proxy on loopback in front of a server, which can be switched off for a while: its
+    listening socket closes, so clients get "connection refused" as from a server that is down."""
+
+    def __init__(self, target_url: str):
+        parsed = urlparse(target_url)
+        self.target = (parsed.hostname, parsed.port)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._listener: Optional[socket.socket] = None
+        self._lock = threading.Lock()
+        self.up()
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        with self._lock:
+            self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it (close alone does not)
+            listener.close()
+
+    def down_for(self, seconds: float) -> None:
+        """Down now, up again after `seconds` (in the background)."""
+        self.down()
+        threading.Timer(seconds, self.up).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed: the proxy is down
+            upstream = socket.create_connection(self.target)
+            for source, dest in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, dest), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, dest: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                dest.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, dest):
+                with contextlib.suppress(OSError):
+                    end.close()

@@ -172,6 +172,8 @@ class TrainConfig:
     precision: str = _help("auto picks bf16/fp16 only where the device supports it; or fp32, fp16, bf16.",
                            "auto")
     save_steps: int = _help("Save (and upload) a checkpoint every N optimizer steps; 0 = only at the end.", 20)
+    keep_checkpoints: int = _help("Newest checkpoints kept, on local disk and in storage; older ones are deleted "
+                                  "once a newer one is stored.", 2)
     processes: int = _help("Data-parallel training processes on one node (DDP via torchrun): one per GPU; "
                            "on the CPU they use the gloo backend.", 1)
     schedule: str = _help("mixed: all tasks from the start; progressive: start from the general (replay) "
@@ -184,6 +186,7 @@ class TrainConfig:
             _require(value > 0, f"train.{name}", value, "must be a positive integer")
         _require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be 0 or more")
         _require(self.save_steps >= 0, "train.save_steps", self.save_steps, "must be 0 or more")
+        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "must be 1 or more")
         _require(0 < self.learning_rate < 1, "train.learning_rate", self.learning_rate,
                  "must be in (0, 1), e.g. 2.0e-4")
         _require(self.precision in PRECISIONS, "train.precision", self.precision,
@@ -245,8 +248,13 @@ class StorageConfig:
     endpoint_url: Optional[str] = _help(
         "S3 endpoint for MinIO or other S3-compatible stores; null uses AWS_ENDPOINT_URL or AWS.", None
     )
+    retry_seconds: float = _help(
+        "How long a storage call that fails for a passing reason (endpoint down, 5xx, throttling) is "
+        "retried, with backoff, before the stage gives up; 0 = no retries. A checkpoint upload that still "
+        "fails is retried at the next save instead of failing training.", 120.0)
 
     def validate(self) -> None:
+        _require(self.retry_seconds >= 0, "storage.retry_seconds", self.retry_seconds, "must be 0 or more, e.g. 120")
         if self.uri is not None:
             _require(bool(self.uri.strip()) and self.uri != "s3://", "storage.uri", self.uri,
                      "give s3://bucket/prefix, a local directory, or null")

@@ -128,12 +128,16 @@ def services_status() -> dict[str, Any]:
     }
 
 
-def _wait_healthy(pid: int, url: str, timeout: float) -> None:
+def _wait_healthy(pid: int, url: str, timeout: float, process: Optional[subprocess.Popen] = None) -> None:
+    """Until url/health answers. Whether the server still lives is asked of `process` when this
+    process started it: _alive's /proc check looks for "mlflow" in the command line, which a child
+    does not show until its exec is done, so on a loaded machine a server that had just been forked
+    was taken for dead and reported without the reason its log gives."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _healthy(url):
             return
-        if not _alive(pid):
+        if (process.poll() is not None) if process is not None else not _alive(pid):
             _clear_state()
             raise ServiceError("services.mlflow", url,
                                f"the MLflow server exited while starting; its log ({_log_file()}) ends with:\n"
@@ -179,7 +183,7 @@ def services_up(port: int = 5000, host: str = "127.0.0.1") -> str:
     _pid_file().write_text(f"{process.pid}\n")
     _url_file().write_text(f"{url}\n")
     log.info("starting the MLflow server at %s (pid %d, log %s)", url, process.pid, _log_file())
-    _wait_healthy(process.pid, url, START_TIMEOUT_S)
+    _wait_healthy(process.pid, url, START_TIMEOUT_S, process)
     log.info("the MLflow server answers at %s", url)
     return url
 

@@ -38,7 +38,7 @@ def _logger(cfg: RunConfig, run_id: str) -> tracking.RunLogger:
 
 
 def _store(cfg: RunConfig):
-    return open_store(cfg.storage.uri, cfg.storage.endpoint_url)
+    return open_store(cfg.storage.uri, cfg.storage.endpoint_url, retry_seconds=cfg.storage.retry_seconds)
 
 
 def _model_dir(cfg: RunConfig) -> Path:

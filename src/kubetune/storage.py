@@ -6,6 +6,10 @@ prefix means a folder: `list("ckpt")` lists `ckpt/a` but not `ckpt2/a`.
 S3 endpoint and credentials follow boto3's own lookup (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws/...); an explicit `endpoint_url` wins.
 boto3 uses path-style addressing for a custom endpoint, which MinIO/SeaweedFS/moto need.
+
+A call to S3 that fails for a reason that passes (the endpoint unreachable, a 5xx, throttling) is
+retried with exponential backoff (1, 2, 4 ... 15 s apart) for up to `retry_seconds`
+(storage.retry_seconds), each retry logged; a refusal (no bucket, access denied) is not retried.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import contextlib
 import logging
 import shutil
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 from urllib.parse import unquote, urlparse
 
 from kubetune import paths
@@ -25,6 +30,11 @@ from kubetune.errors import ConfigError, DataError, ServiceError
 log = logging.getLogger(__name__)
 
 DEFAULT_REGION = "us-east-1"
+#: S3 error codes that say "try again" rather than "no".
+TRANSIENT_CODES = frozenset({"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError",
+                             "ServiceUnavailable", "Throttling", "ThrottlingException"})
+MAX_RETRY_DELAY = 15.0
+T = TypeVar("T")
 
 
 def _join(*parts: str) -> str:
@@ -165,8 +175,9 @@ class S3Store(Store):
     """A prefix in an S3 bucket, on AWS or any S3-compatible endpoint."""
 
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: Optional[str] = None,
-                 field: str = "storage.uri", value: Optional[str] = None):
+                 field: str = "storage.uri", value: Optional[str] = None, retry_seconds: float = 0.0):
         super().__init__(field, value if value is not None else f"s3://{_join(bucket, prefix)}")
+        self.retry_seconds = retry_seconds
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         # Transfers may be large and slow; connecting should not be. The standard retry mode backs
@@ -193,25 +204,28 @@ class S3Store(Store):
         from botocore.exceptions import (
             ClientError,
             ConnectionError as BotoConnectionError,
+            HTTPClientError,
             NoCredentialsError,
             PartialCredentialsError,
         )
 
         try:
-            yield
+            try:
+                yield
+            except S3UploadFailedError as exc:  # boto3 wraps the real failure of an upload
+                cause = exc.__cause__ or exc.__context__
+                raise cause if isinstance(cause, (ClientError, BotoConnectionError, HTTPClientError)) else exc
         except (NoCredentialsError, PartialCredentialsError):
             raise ServiceError(self.field, self.value,
                                "no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                                "(or AWS_PROFILE)") from None
-        except BotoConnectionError as exc:
-            raise ServiceError(self.field, self.value,
-                               f"cannot reach the S3 endpoint {self.endpoint_url} ({exc}); start the object "
-                               "store or fix storage.endpoint_url / AWS_ENDPOINT_URL") from None
-        except (ClientError, S3UploadFailedError) as exc:
-            if isinstance(exc, S3UploadFailedError):  # boto3 wraps the ClientError of a failed upload
-                exc = exc.__cause__ or exc.__context__
-                if not isinstance(exc, ClientError):
-                    raise
+        except (BotoConnectionError, HTTPClientError) as exc:  # refused, reset, timed out
+            error = ServiceError(self.field, self.value,
+                                 f"cannot reach the S3 endpoint {self.endpoint_url} ({exc}); start the object "
+                                 "store or fix storage.endpoint_url / AWS_ENDPOINT_URL")
+            error.transient = True
+            raise error from None
+        except ClientError as exc:
             error = exc.response.get("Error", {})
             code = str(error.get("Code", ""))
             # HEAD requests have no body, so a missing key and a missing bucket are both a bare 404.
@@ -225,7 +239,27 @@ class S3Store(Store):
                        "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and the bucket policy")
             else:
                 fix = f"the S3 request failed: {code} {error.get('Message', '')}".rstrip()
-            raise ServiceError(self.field, self.value, fix) from None
+            failure = ServiceError(self.field, self.value, fix)
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            failure.transient = status >= 500 or code in TRANSIENT_CODES
+            raise failure from None
+
+    def _call(self, what: str, operation: Callable[[], T], key: Optional[str] = None) -> T:
+        """operation() under _errors, retried with backoff while its failure is transient and
+        retry_seconds have not run out."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 1.0
+        while True:
+            try:
+                with self._errors(key):
+                    return operation()
+            except ServiceError as exc:
+                if not getattr(exc, "transient", False) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("storage: %s failed (%s); retrying in %.0f s (storage.retry_seconds: %.0f s left)",
+                            what, exc.fix.split(";")[0], delay, deadline - time.monotonic())
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
 
     def check(self) -> None:
         # A client of its own: one attempt, short timeouts, so a dead endpoint fails in seconds.
@@ -234,50 +268,52 @@ class S3Store(Store):
             client.head_bucket(Bucket=self.bucket)
 
     def upload_file(self, path: str | Path, key: str) -> None:
-        with self._errors():
-            self.client.upload_file(str(path), self.bucket, self._key(key))
+        self._call(f"upload of {self.uri(key)}", lambda: self.client.upload_file(str(path), self.bucket, self._key(key)))
 
     def download_file(self, key: str, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with self._errors(key):
-            self.client.download_file(self.bucket, self._key(key), str(path))
+        self._call(f"download of {self.uri(key)}",
+                   lambda: self.client.download_file(self.bucket, self._key(key), str(path)), key)
         return path
 
     def list(self, key_prefix: str = "") -> list[str]:
         folder = _folder(self._key(key_prefix))
         root = _folder(self.prefix)
-        keys = []
-        with self._errors():
+
+        def list_keys() -> list[str]:
+            keys = []
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder):
                 keys.extend(obj["Key"][len(root):] for obj in page.get("Contents", [])
                             if not obj["Key"].endswith("/"))  # folder markers made by some tools
-        return sorted(keys)
+            return sorted(keys)
+
+        return self._call(f"listing of {self.uri(key_prefix)}", list_keys)
 
     def exists(self, key: str) -> bool:
         if not key.strip("/"):
             return False
         try:
-            with self._errors(key):
-                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            self._call(f"lookup of {self.uri(key)}",
+                       lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)), key)
         except FileNotFoundError:
             return False
         return True
 
     def read_bytes(self, key: str) -> bytes:
-        with self._errors(key):
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        return self._call(f"read of {self.uri(key)}",
+                          lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read(), key)
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        with self._errors():
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        self._call(f"write of {self.uri(key)}",
+                   lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
 
     def delete_prefix(self, key_prefix: str) -> int:
         keys = [self._key(k) for k in self.list(key_prefix)]
-        with self._errors():
-            for start in range(0, len(keys), 1000):  # the API's batch limit
-                batch = [{"Key": k} for k in keys[start:start + 1000]]
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        for start in range(0, len(keys), 1000):  # the API's batch limit
+            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            self._call(f"deletion under {self.uri(key_prefix)}",
+                       lambda: self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}))
         return len(keys)
 
 
@@ -305,16 +341,18 @@ def _split_s3(uri: str, field: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
-def open_store(uri: Optional[str], endpoint_url: Optional[str] = None, *, field: str = "storage.uri") -> Store:
+def open_store(uri: Optional[str], endpoint_url: Optional[str] = None, *, field: str = "storage.uri",
+               retry_seconds: float = 0.0) -> Store:
     """s3://bucket/prefix -> S3Store; a path or file:// URI -> LocalStore; None -> .kubetune/storage.
 
-    `field` is the config key the URI came from; errors name it.
+    `field` is the config key the URI came from; errors name it. retry_seconds: how long an S3 call
+    that fails for a passing reason is retried (storage.retry_seconds).
     """
     if uri is None:
         return LocalStore(paths.state_dir() / "storage", field=field, value=None)
     if uri.startswith("s3://"):
         bucket, prefix = _split_s3(uri, field)
-        return S3Store(bucket, prefix, endpoint_url=endpoint_url, field=field, value=uri)
+        return S3Store(bucket, prefix, endpoint_url=endpoint_url, field=field, value=uri, retry_seconds=retry_seconds)
     if "://" in uri and not uri.startswith("file://"):
         raise ConfigError(field, uri, "use s3://bucket/prefix, a local path or file:///path")
     return LocalStore(_local_path(uri), field=field, value=uri)

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from kubetune import errors
 from kubetune.errors import ServiceError
 from kubetune.paths import state_dir
 
@@ -187,15 +188,44 @@ class RunLogger:
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
+    def metric_values(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every value logged for key in this run, oldest first."""
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator["RunLogger"]:
-        """Times a stage; on failure marks the run FAILED and names the stage, then re-raises."""
+        """Times a stage; on failure marks the run FAILED and names the stage, then re-raises.
+
+        A retried attempt of a stage (KFP's retry of train) first clears the failed attempt's
+        tags and sets the run RUNNING again; stage_seconds.<name> then covers every attempt. An
+        attempt that failed on bad input is not redone: the retry stops at once with the same error.
+        """
         started = time.monotonic()
+        earlier = [value for _, value in self.metric_values(f"stage_attempt_seconds.{name}")]
+        run_tags = self.client.get_run(self.run_id).data.tags
+        if run_tags.get("kubetune.failed_stage") == name:
+            refused = run_tags.get("kubetune.user_error")
+            if refused:
+                kind, field, value, fix = json.loads(refused)
+                raise getattr(errors, kind, errors.UserError)(field, value, f"{fix} (an earlier attempt of {name} "
+                                                                          "failed on this; a retry cannot fix it)")
+            for key in ("kubetune.failed_stage", "kubetune.error"):
+                self.client.delete_tag(self.run_id, key)
+            self.client.update_run(self.run_id, status="RUNNING")
+            log.info("%s: attempt %d, after %d failed (%.0f s)", name, len(earlier) + 1, len(earlier), sum(earlier))
         self.tags({"kubetune.stage": name})
         try:
             yield self
         except BaseException as exc:
-            self.tags({"kubetune.failed_stage": name, "kubetune.error": str(exc)[:500]})
+            seconds = round(time.monotonic() - started, 2)
+            self.metrics({f"stage_attempt_seconds.{name}": seconds}, step=len(earlier) + 1)
+            failure = {"kubetune.failed_stage": name, "kubetune.error": str(exc)[:500]}
+            if isinstance(exc, errors.UserError) and not isinstance(exc, errors.ServiceError):
+                failure["kubetune.user_error"] = json.dumps([type(exc).__name__, exc.field, exc.value, exc.fix],
+                                                            default=str)[:5000]
+            self.tags(failure)
             self.finish("FAILED")
             raise
-        self.metrics({f"stage_seconds.{name}": round(time.monotonic() - started, 2)})
+        seconds = round(time.monotonic() - started, 2)
+        self.metrics({f"stage_seconds.{name}": round(sum(earlier) + seconds, 2),
+                      **({f"stage_attempts.{name}": len(earlier) + 1} if earlier else {})})

@@ -14,12 +14,13 @@ from typing import Any, Optional
 
 from kubetune import artifacts
 from kubetune.config import TrainConfig
-from kubetune.errors import ConfigError
+from kubetune.errors import ConfigError, ServiceError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
+COMPLETE_MARKER = "trainer_state.json"  # written by the Trainer into every checkpoint; uploaded last
 
 
 def precision_flags(precision: str) -> dict[str, bool]:
@@ -44,9 +45,8 @@ def _step_of(name: str) -> int:
 
 def latest_checkpoint(store, prefix: str) -> Optional[str]:
     """The key prefix of the newest complete checkpoint under prefix/checkpoints, if any."""
-    keys = store.list(f"{prefix}/{CHECKPOINTS}")
-    complete = {key.rsplit("/", 1)[0] for key in keys if key.endswith("trainer_state.json")}
-    return max(complete, key=_step_of) if complete else None
+    complete = [step for step, done in _checkpoint_steps(store, prefix).items() if done]
+    return f"{prefix}/{CHECKPOINTS}/checkpoint-{max(complete)}" if complete else None
 
 
 def _completed(checkpoint: Path, max_steps: int) -> bool:
@@ -65,27 +65,88 @@ def _load_weights(model, checkpoint: Path) -> None:
         model.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False)
 
 
-def make_callbacks(logger, store, prefix: str):
+def _checkpoint_steps(store, prefix: str) -> dict[int, bool]:
+    """Step -> whether complete, for every checkpoint stored under prefix/checkpoints."""
+    found: dict[int, bool] = {}
+    for key in store.list(f"{prefix}/{CHECKPOINTS}"):
+        step = _step_of(key.rsplit("/", 1)[0])
+        found[step] = found.get(step, False) or key.endswith(COMPLETE_MARKER)
+    return found
+
+
+def store_checkpoint(store, folder: Path, prefix: str, keep: int) -> int:
+    """Upload one checkpoint folder with trainer_state.json last (a checkpoint counts as complete only
+    once it is there, so a half-uploaded one is never resumed from), then delete the stored
+    checkpoints older than the newest `keep` complete ones. Returns the files uploaded."""
+    key = f"{prefix}/{CHECKPOINTS}/{folder.name}"
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == COMPLETE_MARKER)
+    for path in files:
+        store.upload_file(path, f"{key}/{path.relative_to(folder).as_posix()}")
+    stored = _checkpoint_steps(store, prefix)
+    kept = sorted((step for step, complete in stored.items() if complete), reverse=True)[:keep]
+    for step in stored:
+        if step not in kept and step < max(kept, default=0):
+            store.delete_prefix(f"{prefix}/{CHECKPOINTS}/checkpoint-{step}")
+    return len(files)
+
+
+def make_callbacks(logger, store, prefix: str, keep: int, runtime: "Runtime"):
     from transformers import TrainerCallback
+
+    # A resumed attempt redoes the steps after its checkpoint; an earlier attempt logged them
+    # already (with the same values: training is deterministic), so they are not logged twice.
+    logged_through = max((step for step, _ in logger.metric_values("train.loss")), default=0) if logger else 0
 
     class MlflowSteps(TrainerCallback):
         """Loss, learning rate and gradient norm per optimizer step, with step=."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logger is None or not logs or not state.is_world_process_zero:
+            if logger is None or not logs or not state.is_world_process_zero or state.global_step <= logged_through:
                 return
             names = {"loss": "train.loss", "learning_rate": "train.learning_rate", "grad_norm": "train.grad_norm"}
             logger.metrics({names[k]: v for k, v in logs.items() if k in names}, step=state.global_step)
 
     class UploadCheckpoints(TrainerCallback):
+        """Each checkpoint to storage. Storage that stays down past storage.retry_seconds costs a
+        warning, not the attempt: the checkpoint is on local disk and the next save uploads again."""
+
         def on_save(self, args, state, control, **kwargs):
-            if store is None or not state.is_world_process_zero:
+            if not state.is_world_process_zero:
                 return
-            name = f"checkpoint-{state.global_step}"
-            count = store.upload_dir(Path(args.output_dir) / name, f"{prefix}/{CHECKPOINTS}/{name}")
-            log.info("checkpoint %s: %d files -> %s", name, count, store.uri(f"{prefix}/{CHECKPOINTS}/{name}"))
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            runtime.write(folder)
+            if store is None:
+                return
+            try:
+                count = store_checkpoint(store, folder, prefix, keep)
+            except ServiceError as exc:
+                log.warning("checkpoint %s could not be stored (%s); training goes on and the next save "
+                            "uploads again", folder.name, exc)
+                return
+            log.info("checkpoint %s: %d files -> %s", folder.name, count,
+                     store.uri(f"{prefix}/{CHECKPOINTS}/{folder.name}"))
 
     return [MlflowSteps(), UploadCheckpoints()]
+
+
+class Runtime:
+    """Training seconds summed over attempts: each checkpoint records the total so far, and a resumed
+    attempt starts from its checkpoint's total (time an attempt spent after its last checkpoint is
+    redone, and counted once)."""
+
+    FILE = "kubetune_runtime.json"
+
+    def __init__(self, resume_from: Optional[Path]):
+        self.started = time.monotonic()
+        marker = resume_from / self.FILE if resume_from is not None else None
+        self.before = json.loads(marker.read_text())["train_seconds"] if marker and marker.exists() else 0.0
+
+    def total(self) -> float:
+        return round(self.before + time.monotonic() - self.started, 1)
+
+    def write(self, folder: Path) -> None:
+        (folder / self.FILE).write_text(json.dumps({"train_seconds": self.total()}))
 
 
 def loss_curve(history: list[dict[str, Any]]):
@@ -117,7 +178,6 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
     import torch
     from transformers import Trainer, TrainingArguments
 
-    started = time.monotonic()
     work_dir.mkdir(parents=True, exist_ok=True)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if order is not None:
@@ -136,7 +196,7 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps or cfg.max_steps,
-        save_total_limit=2,
+        save_total_limit=cfg.keep_checkpoints,
         report_to=[],
         disable_tqdm=not progress,
         dataloader_num_workers=0,
@@ -155,16 +215,16 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
                 if not (Path(resume_from) / "trainer_state.json").exists():
                     store.download_dir(latest, Path(resume_from))
             log.info("resuming from %s", store.uri(latest))
+    runtime = Runtime(Path(resume_from) if resume_from else None)
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                      callbacks=make_callbacks(logger, store, prefix))
+                      callbacks=make_callbacks(logger, store, prefix, cfg.keep_checkpoints, runtime))
     if resume_from is not None and _completed(Path(resume_from), cfg.max_steps):
         # An earlier attempt finished training but failed later: take its weights as they are
         # (the Trainer would otherwise run one step more on resume).
         _load_weights(model, Path(resume_from))
         trainer.state = trainer.state.load_from_json(str(Path(resume_from) / "trainer_state.json"))
-        train_loss = None
     else:
-        train_loss = trainer.train(resume_from_checkpoint=resume_from).training_loss
+        trainer.train(resume_from_checkpoint=resume_from)
 
     if not trainer.is_world_process_zero():
         return {}
@@ -173,10 +233,12 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
     tokenizer.save_pretrained(out_dir)
     history = [row for row in trainer.state.log_history if "loss" in row]
     losses = [row["loss"] for row in history]
-    summary = {"steps": trainer.state.global_step, "train_runtime_seconds": round(time.monotonic() - started, 1),
+    # From the whole log history (a resumed Trainer restores it from the checkpoint), so the figures
+    # cover every attempt; the Trainer's own training_loss covers only the last one.
+    summary = {"steps": trainer.state.global_step, "train_runtime_seconds": runtime.total(),
                "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
-               "train_loss_mean": None if train_loss is None else round(train_loss, 4), "resumed_from": resume_from,
-               "processes": args.world_size}
+               "train_loss_mean": round(sum(losses) / len(losses), 4) if losses else None,
+               "resumed_from": resume_from, "processes": args.world_size}
     artifacts.write_training_summary(out_dir, summary, history)
     if logger is not None and history:
         import matplotlib.pyplot as plt

@@ -143,6 +143,13 @@ def test_retry_mid_training_resumes_from_the_last_stored_checkpoint(run):
     _, summary = retry_train(run, "tuned_retry_mid")
     assert summary["resumed_from"].endswith("checkpoint-6") and summary["steps"] == 12
     assert [row["step"] for row in summary["history"]] == list(range(1, 13))
+    # The summary covers both attempts; MLflow holds each step's loss once, the redone steps 7-12 included.
+    losses = [row["loss"] for row in summary["history"]]
+    assert summary["train_loss_mean"] == round(sum(losses) / 12, 4)
+    logged = tracking.client(run["uri"]).get_metric_history(run["run_id"], "train.loss")
+    assert sorted(m.step for m in logged) == list(range(1, 13))
+    # Storage keeps the newest train.keep_checkpoints (2) complete checkpoints.
+    assert sorted(p.name for p in storage.iterdir()) == ["checkpoint-12", "checkpoint-6"]
 
 
 def test_train_with_two_data_parallel_processes(run):

@@ -80,6 +80,9 @@ def test_up_refuses_a_port_in_use(free_port, no_server_left):
 
 def test_up_reports_a_server_that_dies(free_port, monkeypatch, no_server_left):
     monkeypatch.setattr("kubetune.services.embedded_uri", lambda: "nosuchdb://x")
+    # As on a loaded machine, where the child's /proc command line does not yet say "mlflow" (its
+    # exec is not done) when it is first checked: the server it started must not be taken for dead.
+    monkeypatch.setattr("kubetune.services._alive", lambda pid: False)
     with pytest.raises(ServiceError, match="exited while starting") as info:
         services_up(port=free_port)
     assert "nosuchdb" in str(info.value)  # the log tail says why

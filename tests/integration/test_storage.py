@@ -159,3 +159,45 @@ def test_s3_large_files_go_up_in_parts(s3_server, s3_bucket, tmp_path):
     head = s3_server.client().head_object(Bucket=s3_bucket, Key="ckpt/model.safetensors")
     assert head["ContentLength"] == len(data) and "-" in head["ETag"]  # a multipart ETag
     assert store.download_file("model.safetensors", tmp_path / "back.bin").read_bytes() == data
+
+
+def outage_store(proxy, bucket, retry_seconds):
+    return S3Store(bucket, "runs/1", endpoint_url=proxy.url, retry_seconds=retry_seconds)
+
+
+@pytest.mark.parametrize("outage_seconds", [pytest.param(3, id="3s"), pytest.param(15, id="15s", marks=pytest.mark.slow)])
+def test_an_upload_during_an_s3_outage_is_retried_until_the_endpoint_is_back(outage_seconds, s3_server, s3_bucket,
+                                                                            tmp_path, caplog):
+    from tiny import SwitchableProxy
+
+    (tmp_path / "ckpt.bin").write_bytes(b"weights" * 1000)
+    proxy = SwitchableProxy(s3_server.endpoint_url)
+    try:
+        store = outage_store(proxy, s3_bucket, retry_seconds=outage_seconds + 30)
+        proxy.down_for(outage_seconds)
+        store.upload_file(tmp_path / "ckpt.bin", "ckpt/a.bin")
+        assert store.read_bytes("ckpt/a.bin") == b"weights" * 1000
+        assert any("retrying in" in r.getMessage() for r in caplog.records)
+    finally:
+        proxy.down()
+
+
+def test_without_retries_an_outage_fails_at_once_naming_the_field(s3_server, s3_bucket, tmp_path):
+    from tiny import SwitchableProxy
+
+    (tmp_path / "f").write_bytes(b"x")
+    proxy = SwitchableProxy(s3_server.endpoint_url)
+    proxy.down()
+    with pytest.raises(ServiceError, match=r"storage.uri = .*cannot reach the S3 endpoint"):
+        outage_store(proxy, s3_bucket, retry_seconds=0).upload_file(tmp_path / "f", "k")
+
+
+def test_a_refusal_is_not_retried(s3_server, tmp_path):
+    import time
+
+    (tmp_path / "f").write_bytes(b"x")
+    store = S3Store("no-such-bucket-here", endpoint_url=s3_server.endpoint_url, retry_seconds=60)
+    started = time.monotonic()
+    with pytest.raises(ServiceError, match="does not exist"):
+        store.upload_file(tmp_path / "f", "k")
+    assert time.monotonic() - started < 10
