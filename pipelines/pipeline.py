@@ -114,6 +114,7 @@ def kubetune_pipeline(
     accelerator_type: str = ACCELERATOR_TYPE,
     accelerator_count: int = ACCELERATOR_COUNT,
     gpu_node_selector: dict = GPU_NODE_SELECTOR,
+    resume_run_id: str = "",
 ) -> str:
     # The whole run config travels as one JSON string: KFP struct parameters cannot hold null,
     # and null is meaningful here (lora: null = no LoRA).
@@ -121,7 +122,10 @@ def kubetune_pipeline(
     # process: train.processes in the config is the only place that number is set, and preflight
     # hands it on (none when accelerator_count is 0).
     config = config_json
-    checked = _on_cluster(preflight(config_json=config, accelerator_count=accelerator_count), "preflight")
+    # resume_run_id: an MLflow run whose pipeline run died; this run continues it (same config),
+    # train resuming from its last stored checkpoint.
+    checked = _on_cluster(preflight(config_json=config, accelerator_count=accelerator_count,
+                                    resume_run_id=resume_run_id), "preflight")
     run_id = checked.outputs["run_id"]
     data = _on_cluster(prepare_data(config_json=config, run_id=run_id), "prepare_data")
     tokens = _on_cluster(tokenize(config_json=config, run_id=run_id, dataset=data.outputs["dataset"]), "tokenize")

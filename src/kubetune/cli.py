@@ -28,7 +28,7 @@ def _run(args: argparse.Namespace) -> int:
     from kubetune.launch.local import run_pipeline
 
     cfg = load_config(args.config, args.set)
-    result = run_pipeline(cfg, progress=not args.no_progress, runner=args.runner)
+    result = run_pipeline(cfg, progress=not args.no_progress, runner=args.runner, resume=args.resume or "")
     print()
     print(f"kubetune: run finished in {result['wall_seconds']:.0f} s")
     for stage, seconds in result["stage_seconds"].items():
@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the whole pipeline on this machine (kfp.local)")
     config_args(run)
     run.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+    run.add_argument("--resume", metavar="RUN_ID",
+                     help="continue the MLflow run of a `kubetune run` that died (same --config/--set): its "
+                          "stages run again, training from the run's last stored checkpoint")
     run.add_argument("--runner", choices=["process", "container"], default="process",
                      help="process: each stage a Python process in this environment (default); container: each "
                           "stage in its component's image, through podman (build them with make images-local)")

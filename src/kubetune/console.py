@@ -6,6 +6,7 @@ setup_stage() (each stage) once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -13,6 +14,8 @@ import warnings
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Set by `kubetune run`: 1 shows progress bars, 0 plain log lines (pods, --no-progress).
 PROGRESS_ENV = "KUBETUNE_PROGRESS"
+#: Set by `kubetune run` for the stage processes it starts on this machine.
+LOCAL_RUN_ENV = "KUBETUNE_LOCAL_RUN"
 
 
 class _DropNoise(logging.Filter):
@@ -37,10 +40,27 @@ def setup() -> None:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
 
+def die_with_parent() -> None:
+    """This process gets SIGKILL when its parent dies (Linux). `kubetune run` sets it for each
+    stage's shell, and each stage for itself (the shell's child), so no stage trains on, unseen,
+    after the `kubetune run` that started it is gone; `kubetune run --resume` continues the run."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took hold
+        os._exit(137)
+
+
 def setup_stage() -> None:
     """setup(), and in a stage's process: bitsandbytes' noise filtered, no weight-loading bars
-    (the training bar stays)."""
+    (the training bar stays); under `kubetune run`, the stage dies with it."""
     setup()
+    if os.environ.get(LOCAL_RUN_ENV) == "1":
+        die_with_parent()
     quiet_bitsandbytes()
     from transformers.utils import logging as transformers_logging
 

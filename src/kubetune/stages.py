@@ -49,18 +49,23 @@ def run_prefix(run_id: str) -> str:
     return f"runs/{run_id}"
 
 
-def preflight(config: Config, lineage_path: str, accelerator_count: Optional[int] = None) -> str:
-    """Checks everything, then opens the pipeline's MLflow run; returns its id and writes the
-    run's lineage (what register tags the model version with). accelerator_count: the GPUs the
-    pipeline grants its GPU stages (train gets GPUs when it is above 0); None checks this machine."""
+def preflight(config: Config, lineage_path: str, accelerator_count: Optional[int] = None,
+              resume_run_id: str = "") -> str:
+    """Checks everything, then opens the pipeline's MLflow run (or reopens resume_run_id: a run
+    with this config that did not finish); returns its id and writes the run's lineage (what
+    register tags the model version with). accelerator_count: the GPUs the pipeline grants its GPU
+    stages (train gets GPUs when it is above 0); None checks this machine."""
     started = time.monotonic()
     cfg = _start(config)
     report = checks.preflight(cfg, None if accelerator_count is None else accelerator_count > 0)
     lineage = {"kubetune.task": cfg.task, "kubetune.base_model": cfg.model.name_or_path,
                "kubetune.data_sha256": report.data["sha256"], "kubetune.version": __version__,
                "kubetune.storage": report.storage_uri, "kubetune.technique": cfg.model.technique()}
-    run_name = f"{cfg.register.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = tracking.start_run(report.tracking_uri, cfg.tracking.experiment, run_name, cfg.to_dict(), lineage)
+    if resume_run_id:
+        run_id = tracking.reopen_run(report.tracking_uri, cfg.tracking.experiment, resume_run_id, cfg.to_dict())
+    else:
+        run_name = f"{cfg.register.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_id = tracking.start_run(report.tracking_uri, cfg.tracking.experiment, run_name, cfg.to_dict(), lineage)
     logger = tracking.RunLogger(report.tracking_uri, run_id)
     logger.json({"data": report.data, "model": report.model, "storage": report.storage_uri}, "preflight.json")
     lineage["kubetune.storage_run_prefix"] = _store(cfg).uri(run_prefix(run_id))

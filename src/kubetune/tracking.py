@@ -143,6 +143,45 @@ def start_run(uri: str, experiment: str, run_name: str, config: dict[str, Any], 
     return run.info.run_id
 
 
+def check_resumable(uri: str, experiment: str, run_id: str, config: dict[str, Any]):
+    """The run `kubetune run --resume` continues: it must exist in this experiment, not have
+    finished, and have been started with this config. Refusals name --resume."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(uri)
+    try:
+        run = mlflow_client.get_run(run_id)
+    except MlflowException:
+        raise ServiceError("--resume", run_id, f"no such run in {uri}; give the id of the run to continue "
+                           "(the interrupted `kubetune run` logged it, as does the MLflow UI)") from None
+    found = mlflow_client.get_experiment(run.info.experiment_id).name
+    if found != experiment:
+        raise ServiceError("--resume", run_id, f"the run belongs to experiment {found!r}, this config names "
+                           f"{experiment!r}; resume with the run's own config")
+    if run.info.status == "FINISHED":
+        raise ServiceError("--resume", run_id, "the run finished; start a new run instead")
+    now = flatten(config)
+    differing = sorted(key for key, value in now.items() if run.data.params.get(key, value) != value)
+    if differing:
+        key = differing[0]
+        raise ServiceError("--resume", run_id, f"the run was started with another config: {key} was "
+                           f"{run.data.params[key]}, now {now[key]} ({len(differing)} keys differ); resume with "
+                           "the run's own config")
+    return run
+
+
+def reopen_run(uri: str, experiment: str, run_id: str, config: dict[str, Any]) -> str:
+    """Make an unfinished run of this config RUNNING again, for a pipeline run that continues it."""
+    run = check_resumable(uri, experiment, run_id, config)
+    mlflow_client = client(uri)
+    for key in ("kubetune.failed_stage", "kubetune.error", "kubetune.user_error"):
+        if key in run.data.tags:
+            mlflow_client.delete_tag(run_id, key)
+    mlflow_client.set_tag(run_id, "kubetune.resumed", str(int(run.data.tags.get("kubetune.resumed", "0")) + 1))
+    mlflow_client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
 class RunLogger:
     """Logs into an existing run by id, without making it the process's active run."""
 
@@ -152,10 +191,14 @@ class RunLogger:
         self.client = client(uri)
 
     def metrics(self, values: dict[str, float], step: Optional[int] = None) -> None:
+        """Logs values at step (0 for summary figures). A summary figure the run already holds with
+        the same value is not logged again, so a resumed run's redone stages add no duplicates."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in values.items() if v is not None]
+        held = self.client.get_run(self.run_id).data.metrics if not step else {}
+        batch = [Metric(k, float(v), now, step or 0) for k, v in values.items()
+                 if v is not None and held.get(k) != float(v)]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 

@@ -365,7 +365,7 @@ def artifact_folder(tracking_uri: str, experiment: str) -> Optional[Path]:
 
 
 def run(cfg: RunConfig, podman: containers.Podman, gpu: bool, state: Path, progress: bool,
-        pipeline_root: Path, workspace_root: Path) -> str:
+        pipeline_root: Path, workspace_root: Path, resume: str = "") -> str:
     """Run the DAG in containers; returns register's output ("name/version")."""
     from kfp import local
 
@@ -386,7 +386,7 @@ def run(cfg: RunConfig, podman: containers.Podman, gpu: bool, state: Path, progr
         local.init(runner=local.DockerRunner(**docker_run_args(container_plan)), pipeline_root=str(pipeline_root),
                    workspace_root=str(workspace_root), raise_on_error=True)
         try:
-            return kubetune_pipeline(config_json=json.dumps(cfg.to_dict())).output
+            return kubetune_pipeline(config_json=json.dumps(cfg.to_dict()), resume_run_id=resume).output
         except RuntimeError:
             if runner.failures:
                 raise runner.failures[-1] from None

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional
 
 from kubetune import tracking
 from kubetune.config import INPUT, RunConfig, locations, with_value
-from kubetune.console import PROGRESS_ENV
+from kubetune.console import LOCAL_RUN_ENV, PROGRESS_ENV, die_with_parent
 from kubetune.errors import ConfigError, StageFailed
 from kubetune.launch import container_runner
 from kubetune.paths import STATE_ENV, checkout_root, state_dir
@@ -107,11 +107,11 @@ class ProcessTasks:
     def __call__(self, full_command: list[str], env_vars: Optional[dict[str, str]] = None) -> int:
         task = container_runner.task_name(full_command)
         log_path = self.logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{task}.log"
-        env = {**os.environ, **(env_vars or {}), "TMPDIR": str(self.tmp)}
+        env = {**os.environ, **(env_vars or {}), "TMPDIR": str(self.tmp), LOCAL_RUN_ENV: "1"}
         tail: collections.deque[str] = collections.deque(maxlen=80)
         with log_path.open("w") as log_file, subprocess.Popen(
                 full_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                env=env) as process:
+                env=env, preexec_fn=die_with_parent) as process:
             for line in iter(process.stdout.readline, ""):
                 print(line, end="", flush=True)
                 log_file.write(line)
@@ -136,17 +136,20 @@ class ProcessTasks:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process") -> dict[str, Any]:
+def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process", resume: str = "") -> dict[str, Any]:
     """Preflight in this process (so bad input fails fast with one message), then the whole DAG
     under kfp.local: each task a subprocess in this virtualenv (runner "process") or a container
     of its component's image (runner "container", kubetune.launch.container_runner). Returns what the run
-    produced."""
+    produced. resume: the id of an MLflow run whose `kubetune run` died, to continue with its
+    stored checkpoints (same config)."""
     if runner not in RUNNERS:
         raise ConfigError("--runner", runner, f"use one of {', '.join(RUNNERS)}")
     cfg = pin_locations(cfg)
     if runner == "container":  # before anything is loaded: containers must be able to run here
         podman, gpu = container_runner.ready()
-    preflight(cfg)
+    report = preflight(cfg)
+    if resume:
+        tracking.check_resumable(report.tracking_uri, cfg.tracking.experiment, resume, cfg.to_dict())
 
     from kfp import local
 
@@ -160,13 +163,13 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process")
     started = time.monotonic()
     if runner == "container":
         registered = container_runner.run(cfg, podman, gpu, home, progress, pipeline_root=home / "kfp",
-                                          workspace_root=home / "kfp-workspace")
+                                          workspace_root=home / "kfp-workspace", resume=resume)
     else:
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
                    workspace_root=str(home / "kfp-workspace"), raise_on_error=True)
         with ProcessTasks(home).installed() as tasks:
             try:
-                registered = kubetune_pipeline(config_json=json.dumps(cfg.to_dict())).output
+                registered = kubetune_pipeline(config_json=json.dumps(cfg.to_dict()), resume_run_id=resume).output
             except RuntimeError:
                 if tasks.failures:
                     raise tasks.failures[-1] from None
