@@ -373,9 +373,13 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not path.is_file():
             raise ConfigError("--config", str(path), "no such file; give the path of a YAML config")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError("--config", str(path), f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                              f"{exc.start}); save the file as UTF-8") from None
         except yaml.YAMLError as exc:
-            raise ConfigError("--config", str(path), f"not valid YAML: {exc}") from None
+            problem = " ".join(str(exc).split())
+            raise ConfigError("--config", str(path), f"not valid YAML: {problem}") from None
         if not isinstance(loaded, dict):
             raise ConfigError("--config", str(path), "the file must hold a mapping of sections")
         build(RunConfig, loaded, "")  # unknown keys are reported against the user's own file

@@ -82,6 +82,11 @@ def split(rows: list[dict[str, Any]], cfg: DataConfig, seed: int) -> tuple[list,
     random.Random(seed).shuffle(rows)
     if cfg.max_rows is not None:
         rows = rows[: cfg.max_rows]
+    needed = cfg.min_train_rows + cfg.min_validation_rows
+    if len(rows) < needed:
+        raise DataError("data.path", cfg.path, f"{len(rows)} usable records, fewer than the {needed} a run needs "
+                        f"(data.min_train_rows {cfg.min_train_rows} + data.min_validation_rows "
+                        f"{cfg.min_validation_rows}); add data, or lower the minimums for a smoke test")
     n_val = max(1, round(len(rows) * cfg.validation_fraction))
     if n_val < cfg.min_validation_rows:
         raise DataError("data.validation_fraction", cfg.validation_fraction,

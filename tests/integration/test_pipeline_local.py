@@ -25,12 +25,17 @@ def finished(tiny_model_dir, quotes_file, mlflow_server, s3_server, tmp_path_fac
     s3_server.client().create_bucket(Bucket=bucket)
     weights = tiny_model_dir / "model.safetensors"
     base_before = weights.read_bytes()
-    config = tiny_run_config(tiny_model_dir, quotes_file,
+    # Data under a path that holds "python3", as a virtualenv's site-packages does: kfp.local would
+    # rewrite it to this interpreter's path in every task's command line (kubetune.launch.local).
+    data = tmp_path_factory.mktemp("venv") / "lib" / "python3.11" / "site-packages" / "quotes.json"
+    data.parent.mkdir(parents=True)
+    data.write_bytes(quotes_file.read_bytes())
+    config = tiny_run_config(tiny_model_dir, data,
                              tracking={"mlflow_uri": mlflow_server, "experiment": "dag-test"},
                              storage={"uri": f"s3://{bucket}/kubetune", "endpoint_url": s3_server.endpoint_url},
                              register={"model_name": "tiny-dag"})
     result = run_pipeline(RunConfig.from_dict(config), progress=False)
-    return {"result": result, "bucket": bucket, "base_before": base_before, "weights": weights,
+    return {"result": result, "bucket": bucket, "base_before": base_before, "weights": weights, "data": data,
             "client": tracking.client(mlflow_server), "s3": s3_server.client()}
 
 
@@ -39,6 +44,14 @@ def test_every_task_succeeded_and_timed(finished):
     assert result["registered"] == "tiny-dag/1"
     assert set(result["stage_seconds"]) == STAGES
     assert finished["client"].get_run(result["run_id"]).info.status == "FINISHED"
+
+
+def test_config_strings_reach_the_stages_unaltered_and_nothing_is_left_in_tmp(finished):
+    run = finished["client"].get_run(finished["result"]["run_id"])
+    assert run.data.params["data.path"] == str(finished["data"])
+    assert not list(state_dir().glob("run-*")), "the run's temporary folder was not removed"
+    logs = {p.name.split("-", 2)[-1] for p in (state_dir() / "logs").glob("*.log")}
+    assert {f"{stage}.log" for stage in STAGES} <= logs
 
 
 def test_lora_trained_and_base_untouched(finished):

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -71,10 +72,13 @@ def test_missing_text_field_lists_the_fields(tmp_path):
 
 def test_too_few_rows(tmp_path):
     cfg = DataConfig(path=str(write(tmp_path / "d.json", ROWS[:9])), validation_fraction=0.25)
-    with pytest.raises(DataError, match=r"data.path = .*: 7 usable training records \(of 9, 2 held out\), fewer than "
-                                        r"data.min_train_rows \(8\)"):
+    with pytest.raises(DataError, match=r"data.path = .*: 9 usable records, fewer than the 10 a run needs"):
         data.prepare_data(cfg, "causal_lm", seed=0)
-    with pytest.raises(DataError, match=r"data.validation_fraction = 0.1: holds out 1 of 9 usable records, fewer "
+    cfg = DataConfig(path=str(write(tmp_path / "d.json", ROWS[:12])), validation_fraction=0.4)
+    with pytest.raises(DataError, match=r"data.path = .*: 7 usable training records \(of 12, 5 held out\), fewer "
+                                        r"than data.min_train_rows \(8\)"):
+        data.prepare_data(cfg, "causal_lm", seed=0)
+    with pytest.raises(DataError, match=r"data.validation_fraction = 0.1: holds out 1 of 12 usable records, fewer "
                                         r"than data.min_validation_rows \(2\)"):
         data.prepare_data(dataclasses.replace(cfg, validation_fraction=0.1), "causal_lm", seed=0)
     assert len(data.prepare_data(dataclasses.replace(cfg, min_train_rows=7), "causal_lm", seed=0).train) == 7
@@ -85,3 +89,70 @@ def test_save_and_load_round_trip(tmp_path):
     artifacts.write_dataset(tmp_path / "out", splits.by_name(), splits.stats)
     assert artifacts.read_split(tmp_path / "out", "validation") == splits.validation
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["rows_train"] == 18
+
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def physical_lines(path: Path) -> int:
+    """Non-blank lines, split on line feeds only (as the reader does)."""
+    return sum(1 for line in path.read_bytes().split(b"\n") if line.strip())
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the checkout")
+@pytest.mark.parametrize("name, header_lines", [
+    ("sentiment/binary/amazon_cells_labelled.tsv", 1), ("sentiment/binary/imdb_labelled.tsv", 1),
+    ("sentiment/binary/yelp_labelled.tsv", 1), ("sentiment/3class/tweeteval/val_text.txt", 0),
+    ("sentiment/3class/tweeteval/test_text.txt", 0), ("instruction/multitask/self_instruct_seed_tasks.jsonl", 0),
+    ("instruction/multitask/self_instruct_user_oriented_instructions.jsonl", 0),
+    ("retention/wikitext2_test.txt", 0), ("retention/tinyshakespeare_input.txt", 0),
+])
+def test_every_line_of_the_shared_data_is_one_record(name, header_lines):
+    """The UCI IMDb file has sentences that open a quote and never close it; a CSV reader merged
+    lines under them and read 748 of its 1,000 rows. Each line must be one record."""
+    path = SHARED / name
+    assert len(sources.read_records(path).rows) == physical_lines(path) - header_lines
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the checkout")
+def test_the_uci_files_hold_1000_labelled_sentences_each():
+    for name in ("amazon_cells", "imdb", "yelp"):
+        records = sources.read_records(SHARED / "sentiment" / "binary" / f"{name}_labelled.tsv").rows
+        assert len(records) == 1000 and {r["sentiment"] for r in records} == {"0", "1"}
+        assert max(len(r["reviews"]) for r in records) < 1000  # no merged lines
+
+
+def test_csv_quoting_spans_lines_only_when_well_formed(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\n"Hello, world",1\n" opens and never closes,0\nplain,1\n"two\nlines",0\n'
+                    '"He said ""hi""",1\n')
+    assert sources.read_records(path).rows == [
+        {"text": "Hello, world", "label": "1"}, {"text": '" opens and never closes', "label": "0"},
+        {"text": "plain", "label": "1"}, {"text": "two\nlines", "label": "0"}, {"text": 'He said "hi"', "label": "1"}]
+
+
+def test_gzip_and_byte_order_mark_are_read(tmp_path):
+    import gzip
+
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(b'{"content": "a"}\n{"content": "b"}\n'))
+    assert [r["content"] for r in sources.read_records(tmp_path / "d.jsonl.gz").rows] == ["a", "b"]
+    (tmp_path / "bom.tsv").write_bytes("\ufefftext\tlabel\nx\t1\n".encode())
+    assert sources.read_records(tmp_path / "bom.tsv").rows == [{"text": "x", "label": "1"}]
+
+
+def test_missing_values_are_recognised():
+    for value in (None, float("nan"), float("inf"), "", "  ", "NaN", "nan", "null", "None", "N/A", "#N/A", "<NA>"):
+        assert sources.is_missing(value), value
+    for value in (0, 0.0, "0", "no", "NA-42", False):
+        assert not sources.is_missing(value), value
+    assert sources.text_of(1.0) == "1" and sources.text_of(float("nan")) == ""
+
+
+def test_drop_invalid_drops_and_counts(tmp_path):
+    rows = [{"content": f"quote {i}"} for i in range(20)] + [{"content": None}, {"content": "NaN"}, {"author": "x"}]
+    cfg = DataConfig(path=str(write(tmp_path / "d.json", rows)), drop_invalid=True)
+    splits = data.prepare_data(cfg, "causal_lm", seed=0)
+    assert splits.stats["rows_invalid"] == 3 and splits.stats["rows_source"] == 23
+    assert len(splits.train) + len(splits.validation) == 20
+    with pytest.raises(DataError, match=r"data.text_field = 'content': 3 of 23 records"):
+        data.prepare_data(dataclasses.replace(cfg, drop_invalid=False), "causal_lm", seed=0)
