@@ -286,7 +286,8 @@ def make_tree(root: Path) -> dict[str, bytes]:
 
 class SwitchableProxy:
     """A TCP proxy on loopback in front of a server, which can be switched off for a while: its
-    listening socket closes, so clients get "connection refused" as from a server that is down."""
+    listening socket and every open connection close, so clients get "connection refused" (and
+    kept-alive connections are cut) as from a server that is down."""
 
     def __init__(self, target_url: str):
         parsed = urlparse(target_url)
@@ -296,6 +297,7 @@ class SwitchableProxy:
             self.port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._listener: Optional[socket.socket] = None
+        self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.up()
 
@@ -311,6 +313,11 @@ class SwitchableProxy:
     def down(self) -> None:
         with self._lock:
             listener, self._listener = self._listener, None
+            connections, self._open = self._open, set()
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+            connection.close()
         if listener is not None:
             with contextlib.suppress(OSError):
                 listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it (close alone does not)
@@ -328,6 +335,8 @@ class SwitchableProxy:
             except OSError:
                 return  # closed: the proxy is down
             upstream = socket.create_connection(self.target)
+            with self._lock:
+                self._open.update((client, upstream))
             for source, dest in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(source, dest), daemon=True).start()
 

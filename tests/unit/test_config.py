@@ -72,3 +72,37 @@ def test_examples_are_valid_configs():
     assert EXAMPLES, "examples/ holds no configs"
     for path in EXAMPLES:
         load_config(path)
+
+
+def test_numbers_in_e_notation_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-4 as a string: it has no dot."""
+    assert load_config(overrides=["train.learning_rate=1e-4"]).train.learning_rate == 1e-4
+    (tmp_path / "run.yaml").write_text("train:\n  learning_rate: 3E-4\n  max_steps: 5\n")
+    assert load_config(tmp_path / "run.yaml").train.learning_rate == 3e-4
+    with pytest.raises(ConfigError, match=r"train.learning_rate = -0.0001: must be in \(0, 1\)"):
+        load_config(overrides=["train.learning_rate=-1e-4"])
+    for text in ("nan", "inf", "1e-4x"):
+        with pytest.raises(ConfigError, match="expected number"):
+            load_config(overrides=[f"train.learning_rate={text}"])
+    with pytest.raises(ConfigError, match="expected integer"):
+        load_config(overrides=["train.max_steps=1e3"])
+
+
+def test_default_paths_do_not_depend_on_the_current_directory(tmp_path, monkeypatch):
+    from kubetune.launch.local import anchor_defaults, pin_locations
+    from kubetune.paths import checkout_root
+
+    monkeypatch.chdir(tmp_path)
+    cfg = pin_locations(RunConfig())
+    shared = (checkout_root() / "../shared/data").resolve()
+    if not shared.is_dir():
+        pytest.skip("../shared/data is not beside the checkout")
+    assert cfg.data.path == str(shared / "quotes" / "quotable_sample_quotes.json")
+    assert cfg.evaluate.retention_path == str(shared / "retention" / "wikitext2_test.txt")
+    # a path the user gives stays relative to where they run kubetune
+    mine = RunConfig.from_dict({"data": {"path": "mine.jsonl"}})
+    (tmp_path / "mine.jsonl").write_text("{}\n")
+    assert pin_locations(mine).data.path == str(tmp_path / "mine.jsonl")
+    # without a checkout (an installed wheel), the default retention text is skipped, not a failure
+    monkeypatch.setattr("kubetune.launch.local.checkout_root", lambda: None)
+    assert anchor_defaults(mine).evaluate.retention_path is None

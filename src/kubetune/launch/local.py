@@ -88,13 +88,17 @@ class ProcessTasks:
       and a failed task's last error line is kept (kubetune.errors.StageFailed), so the CLI prints one
       `kubetune: error:` line instead of kfp's RuntimeError traceback;
     - the temporary folders a task makes (kfp's component script, about 8 per run) go to one folder
-      that is removed when the run ends.
+      that is removed when the run ends (or, after a kill, when the next run starts).
     """
 
     def __init__(self, home: Path):
         self.logs = home / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix="run-", dir=home))
+        for stale in home.glob("run-*-*"):  # left by a `kubetune run` that was killed
+            owner = stale.name.split("-")[1]
+            if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+                shutil.rmtree(stale, ignore_errors=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=home))
         self.failures: list[StageFailed] = []
 
     def keep_arguments(self, original):

@@ -1,0 +1,101 @@
+"""Faults an operator meets, on real processes: two first runs on one fresh MLflow store, and a
+`kubetune run` killed mid-training and continued with --resume. (A stage's own retry after a kill
+is tests/integration/test_components.py; an S3 outage during an upload, test_storage.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from kubetune import tracking
+from tiny import tiny_run_config
+
+
+def test_two_first_runs_on_a_fresh_store_do_not_race(tmp_path):
+    """MLflow's schema migration failed in one of two runs that opened a new sqlite store at once
+    (`table _alembic_tmp_experiments already exists`); preflight now creates it under a file lock."""
+    check = "import sys; from kubetune import tracking; tracking.check_reachable(sys.argv[1])"
+    for attempt in range(2):
+        uri = f"sqlite:///{tmp_path / f'store{attempt}' / 'mlflow.db'}"
+        processes = [subprocess.Popen([sys.executable, "-c", check, uri], stderr=subprocess.PIPE, text=True)
+                     for _ in range(2)]
+        for process in processes:
+            _, err = process.communicate(timeout=120)
+            assert process.returncode == 0, err[-2000:]
+        assert tracking.client(uri).search_experiments()  # the store works
+
+
+def kubetune(*args: str, env: dict, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kubetune.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_a_killed_run_continues_with_resume(tiny_model_dir, quotes_file, tmp_path):
+    storage, uri = tmp_path / "storage", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_run_config(tiny_model_dir, quotes_file, tracking={"mlflow_uri": uri},
+                             storage={"uri": str(storage)}, evaluate={"retention_path": None},
+                             train={"max_steps": 120, "save_steps": 10, "batch_size": 8, "warmup_steps": 2,
+                                    "learning_rate": 1.0e-3, "seed": 0})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "KUBETUNE_HOME": str(tmp_path / "home")}
+
+    first = kubetune("run", "--no-progress", "--config", str(tmp_path / "run.yaml"), env=env)
+    deadline = time.monotonic() + 600
+    while not list(storage.glob("runs/*/checkpoints/checkpoint-20/trainer_state.json")):
+        assert first.poll() is None, first.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    run_dir = next(storage.glob("runs/*"))
+    run_id = run_dir.name
+    time.sleep(5)
+    stored = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    time.sleep(5)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == stored, "a stage trained on after its parent died"
+    assert max(int(name.split("-")[1]) for name in stored) < 120
+    client = tracking.client(uri)
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    resumed = kubetune("run", "--no-progress", "--config", str(tmp_path / "run.yaml"), "--resume", run_id, env=env)
+    output, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, output[-3000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["kubetune.resumed"] == "1"
+    assert "kubetune.failed_stage" not in run.data.tags
+    steps = [m.step for m in client.get_metric_history(run_id, "train.loss")]
+    assert sorted(steps) == list(range(1, 121)), "a step was lost or logged twice"
+    assert client.get_model_version("tiny-lora", "1").run_id == run_id
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-110", "checkpoint-120"]
+    assert "resuming from" in output
+    assert not list((tmp_path / "home").glob("run-*")), "temporary folders left behind"
+    print(f"killed after {stored}; resumed and finished")
+
+
+@pytest.mark.slow
+def test_metrics_logged_while_mlflow_is_down_for_20_s_arrive(mlflow_server):
+    """The MLflow client retries with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 by default), so a
+    stage that logs during a short outage waits rather than fails or loses the value."""
+    from tiny import SwitchableProxy
+
+    proxy = SwitchableProxy(mlflow_server)
+    try:
+        run_id = tracking.start_run(proxy.url, "outage", "outage", {"train": {"max_steps": 1}}, {})
+        logger = tracking.RunLogger(proxy.url, run_id)
+        proxy.down_for(20)
+        started = time.monotonic()
+        for step in (1, 2, 3):
+            logger.metrics({"train.loss": 1.0 / step}, step=step)
+        waited = time.monotonic() - started
+    finally:
+        proxy.down()
+    history = tracking.client(mlflow_server).get_metric_history(run_id, "train.loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)]
+    assert waited >= 15
