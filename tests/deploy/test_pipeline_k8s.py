@@ -52,7 +52,9 @@ def quantity(text):
 
 def test_cluster_parameters_and_their_defaults(compiled):
     parameters = compiled[0]["root"]["inputDefinitions"]["parameters"]
-    assert set(parameters) == {"config_json", "accelerator_type", "accelerator_count", "gpu_node_selector"}
+    assert set(parameters) == {"config_json", "accelerator_type", "accelerator_count", "gpu_node_selector",
+                               "resume_run_id"}
+    assert parameters["resume_run_id"] == {"defaultValue": "", "isOptional": True, "parameterType": "STRING"}
     assert parameters["accelerator_type"] == {"defaultValue": "nvidia.com/gpu", "isOptional": True,
                                               "parameterType": "STRING"}
     assert parameters["accelerator_count"] == {"defaultValue": 1.0, "isOptional": True,
