@@ -96,7 +96,9 @@ def initialise_sqlite(uri: str, database: Path) -> None:
     raced in MLflow's migration (`table _alembic_tmp_experiments already exists`) without it."""
     import fcntl
 
-    with open(database.with_name(database.name + ".lock"), "a") as lock:
+    # Read-only is enough for flock, and a lock file another user made (the host's, seen from a
+    # container) can be opened that way.
+    with open(os.open(database.with_name(database.name + ".lock"), os.O_RDONLY | os.O_CREAT, 0o644)) as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             client(uri).search_experiments(max_results=1)
