@@ -33,7 +33,7 @@ define LOCK_HEADER
 endef
 export LOCK_HEADER
 
-.PHONY: help venv demo-deps demo test test-slow test-containers compile check-compiled services-up services-down readme-config \
+.PHONY: help venv demo-deps demo bench test test-slow test-containers compile check-compiled services-up services-down readme-config \
         images images-local lock-cuda \
         lock clean distclean
 
@@ -67,6 +67,11 @@ test: venv ## run the fast test suite (extra pytest args: PYTEST_ARGS="-k foo -x
 
 test-slow: venv demo-deps ## run the slow tests (real pretrained weights)
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+BENCH_ARGS ?=
+bench: venv demo-deps ## kubetune's training vs the plain script and TRL, and the whole run; writes bench/results/latest.*
+	$(PIP) install -c $(LOCK) -e ".[bench]" 2>&1 | $(QUIET)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 test-containers: venv ## build or reuse the CPU image with podman, then run the DAG and the images in containers
 	$(BIN)/pytest -m containers $(PYTEST_ARGS)

@@ -179,6 +179,10 @@ class TrainConfig:
     schedule: str = _help("mixed: all tasks from the start; progressive: start from the general (replay) "
                           "data and ramp the new tasks in (the guide's schedule).", "mixed")
     logging_steps: int = _help("Log loss and learning rate every N optimizer steps.", 1)
+    group_by_length: bool = _help(
+        "Put examples of similar length in the same batch (shuffled in groups of 50 batches) so that little "
+        "of a batch is padding; ignored where the task fixes the order (task weights, progressive schedule).",
+        True)
 
     def validate(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps", "processes"):

@@ -91,7 +91,7 @@ def store_checkpoint(store, folder: Path, prefix: str, keep: int) -> int:
     return len(files)
 
 
-def make_callbacks(logger, store, prefix: str, keep: int, runtime: "Runtime"):
+def make_callbacks(logger, store, prefix: str, keep: int, runtime: "Runtime", counter: "TokenCounter"):
     from transformers import TrainerCallback
 
     # A resumed attempt redoes the steps after its checkpoint; an earlier attempt logged them
@@ -106,6 +106,25 @@ def make_callbacks(logger, store, prefix: str, keep: int, runtime: "Runtime"):
                 return
             names = {"loss": "train.loss", "learning_rate": "train.learning_rate", "grad_norm": "train.grad_norm"}
             logger.metrics({names[k]: v for k, v in logs.items() if k in names}, step=state.global_step)
+
+    class Throughput(TrainerCallback):
+        """Tokens/s, padding share and seconds per step since the last log, logged with the loss."""
+
+        def __init__(self):
+            self.mark = (time.monotonic(), 0, 0, 0)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logger is None or not state.is_world_process_zero or state.global_step <= logged_through:
+                return
+            now = (time.monotonic(), counter.tokens, counter.positions, state.global_step)
+            seconds, tokens, positions, steps = (a - b for a, b in zip(now, self.mark))
+            self.mark = now
+            if seconds > 0 and steps > 0 and positions > 0:
+                # _step: the series; the run's own train.tokens_per_s and train.padding_share (step 0)
+                # cover the whole loop.
+                logger.metrics({"train.tokens_per_s_step": round(tokens / seconds, 2),
+                                "train.padding_share_step": round(1 - tokens / positions, 4),
+                                "train.seconds_per_step": round(seconds / steps, 3)}, step=state.global_step)
 
     class UploadCheckpoints(TrainerCallback):
         """Each checkpoint to storage. Storage that stays down past storage.retry_seconds costs a
@@ -127,7 +146,40 @@ def make_callbacks(logger, store, prefix: str, keep: int, runtime: "Runtime"):
             log.info("checkpoint %s: %d files -> %s", folder.name, count,
                      store.uri(f"{prefix}/{CHECKPOINTS}/{folder.name}"))
 
-    return [MlflowSteps(), UploadCheckpoints()]
+    return [MlflowSteps(), Throughput(), UploadCheckpoints()]
+
+
+class TokenCounter:
+    """Counts the real (attention_mask 1) and padded token positions of every batch the model is
+    given (a forward pre-hook, so a batch the data loader fetched ahead is counted when it is used):
+    the figures behind tokens/s and the padding share."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.positions = 0
+
+    def count(self, input_ids, attention_mask=None) -> None:
+        self.tokens += int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
+        self.positions += input_ids.numel()
+
+    def attach(self, model):
+        def hook(module, args, kwargs):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            if input_ids is not None:
+                self.count(input_ids, kwargs.get("attention_mask"))
+        return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process (and the GPU's peak allocation where there is one), in MB."""
+    import resource
+
+    import torch
+
+    peaks = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        peaks["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peaks
 
 
 class Runtime:
@@ -192,7 +244,9 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
         lr_scheduler_type="linear",
         seed=cfg.seed,
         data_seed=cfg.seed,
-        train_sampling_strategy="random" if order is None else "sequential",
+        # Grouping by length cut padding from 29% to a few percent of the quotes' batches (bench/).
+        train_sampling_strategy="sequential" if order is not None else
+        "group_by_length" if cfg.group_by_length else "random",
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps or cfg.max_steps,
@@ -216,8 +270,11 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
                     store.download_dir(latest, Path(resume_from))
             log.info("resuming from %s", store.uri(latest))
     runtime = Runtime(Path(resume_from) if resume_from else None)
+    counter = TokenCounter()
+    counting = counter.attach(model)
+    loop_started = time.monotonic()
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                      callbacks=make_callbacks(logger, store, prefix, cfg.keep_checkpoints, runtime))
+                      callbacks=make_callbacks(logger, store, prefix, cfg.keep_checkpoints, runtime, counter))
     if resume_from is not None and _completed(Path(resume_from), cfg.max_steps):
         # An earlier attempt finished training but failed later: take its weights as they are
         # (the Trainer would otherwise run one step more on resume).
@@ -225,6 +282,8 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
         trainer.state = trainer.state.load_from_json(str(Path(resume_from) / "trainer_state.json"))
     else:
         trainer.train(resume_from_checkpoint=resume_from)
+    loop_seconds = time.monotonic() - loop_started
+    counting.remove()
 
     if not trainer.is_world_process_zero():
         return {}
@@ -238,7 +297,11 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
     summary = {"steps": trainer.state.global_step, "train_runtime_seconds": runtime.total(),
                "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
                "train_loss_mean": round(sum(losses) / len(losses), 4) if losses else None,
-               "resumed_from": resume_from, "processes": args.world_size}
+               "resumed_from": resume_from, "processes": args.world_size,
+               # this attempt's loop (per process): what the batches held and how fast they went
+               "tokens": counter.tokens, "tokens_per_s": round(counter.tokens / loop_seconds, 2) if counter.tokens else None,
+               "padding_share": round(1 - counter.tokens / counter.positions, 4) if counter.positions else None,
+               **peak_memory_mb()}
     artifacts.write_training_summary(out_dir, summary, history)
     if logger is not None and history:
         import matplotlib.pyplot as plt

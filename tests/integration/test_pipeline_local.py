@@ -72,6 +72,9 @@ def test_mlflow_run_holds_params_metrics_and_model(finished):
     losses = [m.value for m in sorted(client.get_metric_history(run_id, "train.loss"), key=lambda m: m.step)]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]), losses
     assert len(client.get_metric_history(run_id, "train.learning_rate")) == 12
+    assert len(client.get_metric_history(run_id, "train.tokens_per_s_step")) == 12  # telemetry per step ...
+    assert run.data.metrics["train.tokens_per_s"] > 0 and 0 <= run.data.metrics["train.padding_share"] < 0.5
+    assert run.data.metrics["train.peak_rss_mb"] > 100  # ... and for the run
     metrics = run.data.metrics
     assert {"eval.base_perplexity", "eval.tuned_perplexity", "eval.base_loss", "eval.tuned_loss"} <= set(metrics)
     assert metrics["model.trainable_params"] > 0

@@ -103,7 +103,7 @@ def test_a_checkpoint_upload_that_fails_does_not_fail_training(tmp_path, caplog)
     checkpoint (the Trainer's callbacks, called as the Trainer calls them)."""
     from types import SimpleNamespace
 
-    from kubetune.training import Runtime, make_callbacks
+    from kubetune.training import Runtime, TokenCounter, make_callbacks
 
     class Flaky(LocalStore):
         failures = 1
@@ -115,7 +115,7 @@ def test_a_checkpoint_upload_that_fails_does_not_fail_training(tmp_path, caplog)
             super().upload_file(path, key)
 
     store = Flaky(tmp_path / "store")
-    _, upload = make_callbacks(None, store, "runs/r", keep=2, runtime=Runtime(None))
+    *_, upload = make_callbacks(None, store, "runs/r", keep=2, runtime=Runtime(None), counter=TokenCounter())
     args = SimpleNamespace(output_dir=str(tmp_path / "work"))
     for step in (2, 4):
         checkpoint(tmp_path / "work", step)
