@@ -18,7 +18,7 @@ batches, one result per row. On it:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from kubetune.tasks.base import IGNORE_INDEX
 
@@ -42,11 +42,15 @@ def per_row(model, rows: Sequence[Any], batch_size: int, score_batch: Callable[[
     return out
 
 
-def compare(variants, score: Callable[[Any], T]) -> dict[str, T]:
+def compare(variants, score: Callable[[Any], T], base: Optional[T] = None) -> dict[str, T]:
     """{"base": score(base model), "tuned": score(tuned model)} on whatever `score` reads.
-    variants.base / variants.tuned are factories of context managers that yield a model."""
+    variants.base / variants.tuned are factories of context managers that yield a model. `base`,
+    when given (the base model's scores from an earlier run), is used instead of scoring it again."""
     results = {}
     for name, variant in (("base", variants.base), ("tuned", variants.tuned)):
+        if name == "base" and base is not None:
+            results[name] = base
+            continue
         with variant() as model:
             results[name] = score(model)
     return results

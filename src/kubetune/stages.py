@@ -19,7 +19,7 @@ from kubetune import __version__, artifacts, console, data, distributed, evaluat
 from kubetune import preflight as checks
 from kubetune import tokenization, training
 from kubetune.config import RunConfig
-from kubetune.model_source import describe_source, resolve_model
+from kubetune.model_source import describe_source, fingerprint, resolve_model
 from kubetune.storage import open_store
 from kubetune.tasks import get_task
 
@@ -160,14 +160,20 @@ def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, ou
         split = artifacts.heldout_split(Path(tokenized_dir))
         dataset = artifacts.read_tokenized(Path(tokenized_dir), split)
         variants = modeling.variants(model_dir, Path(tuned_dir), cfg.model, kind, info, seed=cfg.train.seed)
-        result = evaluation.evaluate(kind, variants, tokenizer, dataset, info, cfg)
+        cache = evaluation.BaseCache(_store(cfg), {
+            "model": fingerprint(model_dir), "quantization": cfg.model.quantization, "task": cfg.task,
+            "seed": cfg.train.seed, "batch_size": cfg.evaluate.batch_size, "kubetune": __version__})
+        result = evaluation.evaluate(kind, variants, tokenizer, dataset, info, cfg, cache)
         result.metrics["eval.split_" + split] = 1
         if cfg.evaluate.retention_path:
-            retained = evaluation.retention(kind, model_dir, variants, tokenizer, cfg)
+            retained = evaluation.retention(kind, model_dir, variants, tokenizer, cfg, cache)
             if retained.not_applicable:
                 log.info("retention: not applicable: %s", retained.not_applicable)
                 logger.tags({"eval.retention": f"not applicable: {retained.not_applicable}"})
             result.metrics.update(retained.metrics)
+        result.metrics["eval.base_reused"] = len(cache.reused)  # base figures taken from an earlier run
+        if cache.reused:
+            logger.tags({"eval.base_reused": ", ".join(cache.reused)})
         for artifact_file, figure in result.figures.items():
             logger.figure(figure, artifact_file)
             plt.close(figure)

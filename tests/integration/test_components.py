@@ -105,6 +105,21 @@ def test_evaluate_scores_base_and_tuned(run):
     run["evaluation"] = evaluation
 
 
+def test_a_second_evaluate_reuses_the_base_figures(run):
+    """The base model's scores are kept by content (storage cache/base-scores/) and reused: the
+    figures are the same, and the run says which were reused."""
+    again = artifact(dsl.Artifact, run["root"], "evaluation_again")
+    metrics = artifact(dsl.Metrics, run["root"], "metrics_again")
+    components.evaluate.python_func(config_json=run["config_json"], run_id=run["run_id"], tokenized=run["tokenized"],
+                                    tuned_model=run["tuned"], evaluation=again, metrics=metrics)
+    first = json.loads((Path(run["evaluation"].path) / "evaluation.json").read_text())
+    second = json.loads((Path(again.path) / "evaluation.json").read_text())
+    assert first["metrics"]["eval.base_reused"] == 0 and second["metrics"]["eval.base_reused"] >= 1
+    assert {k: v for k, v in second["metrics"].items() if k != "eval.base_reused"} == \
+        {k: v for k, v in first["metrics"].items() if k != "eval.base_reused"}
+    assert second["generations"] == first["generations"]
+
+
 def test_register_adds_a_version_and_finishes_the_run(run):
     version = components.register.python_func(config_json=run["config_json"], run_id=run["run_id"],
                                               lineage=run["lineage"], tokenized=run["tokenized"],
