@@ -162,6 +162,14 @@ def _unquote_tsv(field: str) -> str:
     return field
 
 
+def _record(path: Path, number: int, header: list[str], fields: list[str], separator: str, fix: str) -> dict[str, str]:
+    """One delimited line as a record under the header, or a DataError at path:number."""
+    if len(fields) != len(header):
+        raise DataError("data.path", f"{path}:{number}", f"{len(fields)} {separator}-separated fields where the header "
+                        f"has {len(header)}; {fix}")
+    return dict(zip(header, fields))
+
+
 def _read_tsv(path: Path) -> Records:
     """Every physical line is one row (text/tab-separated-values has no quoting across lines): a quote
     character that opens a sentence must not swallow the lines after it, as a CSV reader would."""
@@ -172,10 +180,7 @@ def _read_tsv(path: Path) -> Records:
         if not line.strip():
             continue
         fields = [_unquote_tsv(value) for value in line.split("\t")]
-        if len(fields) != len(header):
-            raise DataError("data.path", f"{path}:{number}", f"{len(fields)} tab-separated fields where the header "
-                            f"has {len(header)}; a text that holds a tab must be cleaned first")
-        rows.append(dict(zip(header, fields)))
+        rows.append(_record(path, number, header, fields, "tab", "a text that holds a tab must be cleaned first"))
         where.append(f"{path}:{number}")
     return Records(rows, where)
 
@@ -214,10 +219,7 @@ def _read_csv(path: Path) -> Records:
                     break
         if fields is None or len(fields) != len(header):
             fields = line.split(",")  # read as it stands: its quote characters are text
-        if len(fields) != len(header):
-            raise DataError("data.path", f"{path}:{start}", f"{len(fields)} comma-separated fields where the header "
-                            f"has {len(header)}; put a text that holds commas in double quotes")
-        rows.append(dict(zip(header, fields)))
+        rows.append(_record(path, start, header, fields, "comma", "put a text that holds commas in double quotes"))
         where.append(f"{path}:{start}")
     return Records(rows, where)
 

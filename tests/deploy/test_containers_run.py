@@ -66,7 +66,9 @@ def test_same_mlflow_record(both_runs):
     assert runs["container"].info.status == "FINISHED"
     assert runs["container"].data.params == runs["process"].data.params
     assert set(runs["container"].data.metrics) == set(runs["process"].data.metrics)
-    assert set(runs["container"].data.tags) == set(runs["process"].data.tags)
+    # the second run reuses the base model's figures the first one kept in the shared storage
+    assert set(runs["container"].data.tags) == set(runs["process"].data.tags) | {"eval.base_reused"}
+    assert (runs["process"].data.metrics["eval.base_reused"], runs["container"].data.metrics["eval.base_reused"]) == (0, 2)
     losses = {kind: [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train.loss"),
                                              key=lambda m: m.step)] for kind, run in runs.items()}
     assert len(losses["container"]) == 12
