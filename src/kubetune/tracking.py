@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from kubetune import errors
-from kubetune.errors import ServiceError
+from kubetune.errors import ConfigError, ServiceError
 from kubetune.paths import state_dir
 
 # There is no outside network on the machines this runs on; telemetry would only time out.
@@ -77,7 +77,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                                f"MLflow does not answer ({reason}); start it (kubetune services up) or fix the "
                                "URI, or set it to null for the embedded store") from None
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
         database = Path(uri[len("sqlite:///"):])
         try:
             database.parent.mkdir(parents=True, exist_ok=True)
@@ -154,19 +153,19 @@ def check_resumable(uri: str, experiment: str, run_id: str, config: dict[str, An
     try:
         run = mlflow_client.get_run(run_id)
     except MlflowException:
-        raise ServiceError("--resume", run_id, f"no such run in {uri}; give the id of the run to continue "
+        raise ConfigError("--resume", run_id, f"no such run in {uri}; give the id of the run to continue "
                            "(the interrupted `kubetune run` logged it, as does the MLflow UI)") from None
     found = mlflow_client.get_experiment(run.info.experiment_id).name
     if found != experiment:
-        raise ServiceError("--resume", run_id, f"the run belongs to experiment {found!r}, this config names "
+        raise ConfigError("--resume", run_id, f"the run belongs to experiment {found!r}, this config names "
                            f"{experiment!r}; resume with the run's own config")
     if run.info.status == "FINISHED":
-        raise ServiceError("--resume", run_id, "the run finished; start a new run instead")
+        raise ConfigError("--resume", run_id, "the run finished; start a new run instead")
     now = flatten(config)
     differing = sorted(key for key, value in now.items() if run.data.params.get(key, value) != value)
     if differing:
         key = differing[0]
-        raise ServiceError("--resume", run_id, f"the run was started with another config: {key} was "
+        raise ConfigError("--resume", run_id, f"the run was started with another config: {key} was "
                            f"{run.data.params[key]}, now {now[key]} ({len(differing)} keys differ); resume with "
                            "the run's own config")
     return run

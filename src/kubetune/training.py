@@ -78,17 +78,13 @@ def store_checkpoint(store, folder: Path, prefix: str, keep: int) -> int:
     """Upload one checkpoint folder with trainer_state.json last (a checkpoint counts as complete only
     once it is there, so a half-uploaded one is never resumed from), then delete the stored
     checkpoints older than the newest `keep` complete ones. Returns the files uploaded."""
-    key = f"{prefix}/{CHECKPOINTS}/{folder.name}"
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    files.sort(key=lambda p: p.name == COMPLETE_MARKER)
-    for path in files:
-        store.upload_file(path, f"{key}/{path.relative_to(folder).as_posix()}")
+    count = store.upload_dir(folder, f"{prefix}/{CHECKPOINTS}/{folder.name}", last=COMPLETE_MARKER)
     stored = _checkpoint_steps(store, prefix)
     kept = sorted((step for step, complete in stored.items() if complete), reverse=True)[:keep]
     for step in stored:
         if step not in kept and step < max(kept, default=0):
             store.delete_prefix(f"{prefix}/{CHECKPOINTS}/checkpoint-{step}")
-    return len(files)
+    return count
 
 
 def make_callbacks(logger, store, prefix: str, keep: int, runtime: "Runtime", counter: "TokenCounter"):

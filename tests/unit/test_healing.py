@@ -123,3 +123,23 @@ def test_a_checkpoint_upload_that_fails_does_not_fail_training(tmp_path, caplog)
     assert any("checkpoint-2 could not be stored" in r.getMessage() for r in caplog.records)
     assert latest_checkpoint(store, "runs/r") == "runs/r/checkpoints/checkpoint-4"
     assert json.loads(store.read_bytes("runs/r/checkpoints/checkpoint-4/kubetune_runtime.json"))["train_seconds"] >= 0
+
+
+def test_resume_refuses_a_run_it_cannot_continue(logger):
+    config = {"train": {"max_steps": 1}}
+    uri = logger.uri
+    with pytest.raises(ConfigError, match=r"--resume = 'nosuchrun': no such run"):
+        tracking.check_resumable(uri, "heal", "nosuchrun", config)
+    with pytest.raises(ConfigError, match=r"--resume = .*: the run belongs to experiment 'heal'"):
+        tracking.check_resumable(uri, "other", logger.run_id, config)
+    with pytest.raises(ConfigError, match=r"another config: train.max_steps was 1, now 2 \(1 keys differ\)"):
+        tracking.check_resumable(uri, "heal", logger.run_id, {"train": {"max_steps": 2}})
+    logger.tags({"kubetune.failed_stage": "train"})
+    logger.finish("FAILED")
+    assert tracking.reopen_run(uri, "heal", logger.run_id, config) == logger.run_id
+    reopened = run_of(logger)
+    assert reopened.info.status == "RUNNING" and reopened.data.tags["kubetune.resumed"] == "1"
+    assert "kubetune.failed_stage" not in reopened.data.tags
+    logger.finish()
+    with pytest.raises(ConfigError, match="the run finished"):
+        tracking.check_resumable(uri, "heal", logger.run_id, config)

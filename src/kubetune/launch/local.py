@@ -40,9 +40,9 @@ def anchor_defaults(cfg: RunConfig) -> RunConfig:
     default retention text is not there (an installed wheel, an image), forgetting is not measured
     and the log says how to measure it; a missing default data path is preflight's to report."""
     root = checkout_root()
+    current = {key: value for key, value, _ in locations(cfg)}
     for key, default, kind in locations(RunConfig()):
-        value = dict((k, v) for k, v, _ in locations(cfg)).get(key)
-        if kind != INPUT or value != default or Path(default).is_absolute() or "://" in default \
+        if kind != INPUT or current.get(key) != default or Path(default).is_absolute() or "://" in default \
                 or default.startswith("package:"):
             continue
         anchored = (root / default).resolve() if root is not None else None
