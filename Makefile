@@ -33,7 +33,7 @@ define LOCK_HEADER
 endef
 export LOCK_HEADER
 
-.PHONY: help venv demo-deps demo bench test test-slow test-containers compile check-compiled services-up services-down readme-config \
+.PHONY: help venv demo-deps demo bench bench-gpu test test-slow test-containers compile check-compiled services-up services-down readme-config \
         images images-local lock-cuda \
         lock clean distclean
 
@@ -72,6 +72,10 @@ BENCH_ARGS ?=
 bench: venv demo-deps ## kubetune's training vs the plain script and TRL, and the whole run; writes bench/results/latest.*
 	$(PIP) install -c $(LOCK) -e ".[bench]" 2>&1 | $(QUIET)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+BENCH_GPU_ARGS ?=
+bench-gpu: venv demo-deps ## on one CUDA GPU (<8 min): 8/4-bit LoRA tokens/s, peak memory, MFU vs the plain script; writes bench/results/gpu-latest.*
+	$(BIN)/python bench/gpu.py $(BENCH_GPU_ARGS)
 
 test-containers: venv ## build or reuse the CPU image with podman, then run the DAG and the images in containers
 	$(BIN)/pytest -m containers $(PYTEST_ARGS)

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -39,13 +39,21 @@ def write_splits(work: Path) -> None:
         (work / f"{name}.json").write_text(json.dumps([{"text": row["text"]} for row in getattr(splits, name)]))
 
 
-def run_side(side: str, work: Path, steps: int) -> dict:
+class SideFailed(SystemExit):
+    """A side's process failed; the message holds the end of its output. A SystemExit, so `make bench`
+    stops with that message; bench/gpu.py catches it and goes on with the other sides."""
+
+
+def run_side(side: str, work: Path, steps: int, options: Sequence[str] = ()) -> dict:
+    """One side in a fresh process (bench/sides.py; options: its --model, --quantization, --max-length)."""
     out = work / f"{side}.json"
+    out.unlink(missing_ok=True)
     started = time.monotonic()
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "sides.py"), side, str(work), str(out)],
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "sides.py"), side, str(work), str(out), *options],
                           env={**os.environ, "BENCH_STEPS": str(steps)}, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"bench side {side} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise SideFailed(f"bench side {' '.join([side, *options])} failed:\n"
+                         f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return {**json.loads(out.read_text()), "process_seconds": round(time.monotonic() - started, 2)}
 
 

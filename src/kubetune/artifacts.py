@@ -18,6 +18,7 @@ into the tokenized artifact, and read from there by every later stage.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterable
@@ -36,6 +37,15 @@ LINEAGE = "lineage.json"
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
+
+
+def digest(folder: Path) -> str:
+    """sha256 over every file's relative path and bytes: what an artifact holds, wherever it lies."""
+    sha = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        sha.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        sha.update(path.read_bytes())
+    return sha.hexdigest()
 
 
 def _read_json(path: Path) -> Any:
@@ -86,6 +96,10 @@ def write_tokenized(out_dir: Path, columns_by_split: dict[str, dict[str, list]],
     tokenizer.save_pretrained(out_dir / TOKENIZER)
     _write_json(out_dir / TASK_INFO, info)
     _write_json(out_dir / DATA_STATS, stats)
+
+
+def read_token_stats(tokenized_dir: Path) -> dict[str, Any]:
+    return _read_json(Path(tokenized_dir) / DATA_STATS)
 
 
 def read_tokenized(tokenized_dir: Path, split: str):

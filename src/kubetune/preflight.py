@@ -8,7 +8,11 @@ check` run the same checks in the CLI's process, so bad input fails before any t
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -22,6 +26,10 @@ from kubetune.storage import open_store
 from kubetune.tasks import get_task
 
 log = logging.getLogger(__name__)
+
+#: Set by `kubetune run` for the stages it starts: the config its own preflight passed and what that
+#: preflight found, so the pipeline's preflight task, seconds later, does not check it all again.
+PASSED_ENV = "KUBETUNE_PREFLIGHT_PASSED"
 
 
 @dataclass
@@ -93,3 +101,28 @@ def preflight(cfg: RunConfig, train_gpus: Optional[bool] = None) -> PreflightRep
     log.info("preflight passed: %d rows, %s with %d blocks", data_facts["rows"], model_facts["architecture"],
              model_facts["blocks"])
     return PreflightReport(tracking_uri=tracking_uri, data=data_facts, model=model_facts, storage_uri=storage_uri)
+
+
+def _digest(cfg: RunConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def passed_record(cfg: RunConfig, report: PreflightReport) -> str:
+    """What `kubetune run` hands its stages (in PASSED_ENV) after its preflight passed."""
+    return json.dumps({"config": _digest(cfg), "report": dataclasses.asdict(report)}, default=str)
+
+
+def passed_earlier(cfg: RunConfig, train_gpus: Optional[bool]) -> Optional[PreflightReport]:
+    """The report of the preflight `kubetune run` passed for exactly this config, or None (a cluster,
+    another config): then the checks run. The precision check runs again: it depends on the GPUs the
+    stage is granted, which the run's own process did not know."""
+    try:
+        record = json.loads(os.environ.get(PASSED_ENV) or "null")
+        if not isinstance(record, dict) or record.get("config") != _digest(cfg):
+            return None
+        report = PreflightReport(**record["report"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    check_precision(cfg, train_gpus)
+    log.info("preflight passed in `kubetune run` for this config; not repeated")
+    return report

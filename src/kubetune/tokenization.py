@@ -7,13 +7,16 @@ token statistics are counted.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import statistics
 from pathlib import Path
 from typing import Any
 
-from kubetune import artifacts
-from kubetune.config import DataConfig
+from kubetune import __version__, artifacts
+from kubetune.config import DataConfig, locations
 from kubetune.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -56,3 +59,14 @@ def tokenize(data_dir: Path, model_dir: Path, cfg: DataConfig, out_dir: Path, ta
     artifacts.write_tokenized(out_dir, columns_by_split, tokenizer, info, stats)
     log.info("tokenize: %s", stats)
     return stats
+
+
+def cache_key(data_dir: Path, tokenizer_fingerprint: str, cfg: DataConfig, task: str) -> str:
+    """What the tokenized artifact depends on: the prepared rows (by content, not by where the run
+    put them), the tokenizer, the data settings other than where the data came from, the task and
+    kubetune's version. Equal keys mean an equal artifact, so a later run can reuse it."""
+    places = {key for key, _, _ in locations(cfg)}
+    settings = {key: value for key, value in dataclasses.asdict(cfg).items() if key not in places}
+    text = json.dumps({"rows": artifacts.digest(data_dir), "tokenizer": tokenizer_fingerprint, "settings": settings,
+                       "task": task, "kubetune": __version__}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -44,6 +44,8 @@ def test_every_task_succeeded_and_timed(finished):
     assert result["registered"] == "tiny-dag/1"
     assert set(result["stage_seconds"]) == STAGES
     assert finished["client"].get_run(result["run_id"]).info.status == "FINISHED"
+    # every task forked from the warm starter (kubetune.launch.warm), none fell back to a fresh process
+    assert set(result["started_warm"]) == STAGES
 
 
 def test_config_strings_reach_the_stages_unaltered_and_nothing_is_left_in_tmp(finished):

@@ -24,9 +24,10 @@ from kubetune.config import INPUT, RunConfig, locations, with_value
 from kubetune.console import LOCAL_RUN_ENV, PROGRESS_ENV, die_with_parent
 from kubetune.errors import ConfigError, StageFailed
 from kubetune.launch import container_runner
+from kubetune.launch import warm as warm_start
 from kubetune.paths import STATE_ENV, checkout_root, state_dir
 from kubetune.pipelines.pipeline import kubetune_pipeline
-from kubetune.preflight import preflight
+from kubetune.preflight import PASSED_ENV, passed_record, preflight
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,12 @@ class ProcessTasks:
       and a failed task's last error line is kept (kubetune.errors.StageFailed), so the CLI prints one
       `kubetune: error:` line instead of kfp's RuntimeError traceback;
     - the temporary folders a task makes (kfp's component script, about 8 per run) go to one folder
-      that is removed when the run ends (or, after a kill, when the next run starts).
+      that is removed when the run ends (or, after a kill, when the next run starts);
+    - a task starts warm, forked from a process that has imported the stages' libraries once
+      (kubetune.launch.warm), where that process can serve it; otherwise as a plain subprocess.
     """
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, warm: Optional[warm_start.WarmStarter] = None):
         self.logs = home / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         for stale in home.glob("run-*-*"):  # left by a `kubetune run` that was killed
@@ -100,6 +103,8 @@ class ProcessTasks:
                 shutil.rmtree(stale, ignore_errors=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=home))
         self.failures: list[StageFailed] = []
+        self.warm = warm
+        self.started_warm: list[str] = []
 
     def keep_arguments(self, original):
         def script_only(full_command: list[str], new_executable: str) -> list[str]:
@@ -113,14 +118,21 @@ class ProcessTasks:
         log_path = self.logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{task}.log"
         env = {**os.environ, **(env_vars or {}), "TMPDIR": str(self.tmp), LOCAL_RUN_ENV: "1"}
         tail: collections.deque[str] = collections.deque(maxlen=80)
-        with log_path.open("w") as log_file, subprocess.Popen(
-                full_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                env=env, preexec_fn=die_with_parent) as process:
-            for line in iter(process.stdout.readline, ""):
+        with log_path.open("w") as log_file:
+            def show(line: str) -> None:
                 print(line, end="", flush=True)
                 log_file.write(line)
                 tail.append(line.rstrip("\n"))
-            exit_code = process.wait()
+
+            if self.warm is not None and self.warm.can_run(full_command):
+                self.started_warm.append(task)
+                exit_code = self.warm.run(full_command, env, show)
+            else:
+                with subprocess.Popen(full_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      bufsize=1, env=env, preexec_fn=die_with_parent) as process:
+                    for line in iter(process.stdout.readline, ""):
+                        show(line)
+                    exit_code = process.wait()
         if exit_code != 0:
             self.failures.append(StageFailed(task, "a subprocess", exit_code, container_runner.error_line(list(tail)),
                                              log=str(log_path)))
@@ -148,38 +160,56 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process",
     stored checkpoints (same config)."""
     if runner not in RUNNERS:
         raise ConfigError("--runner", runner, f"use one of {', '.join(RUNNERS)}")
+    started = time.monotonic()
     cfg = pin_locations(cfg)
     if runner == "container":  # before anything is loaded: containers must be able to run here
         podman, gpu = container_runner.ready()
-    report = preflight(cfg)
-    if resume:
-        tracking.check_resumable(report.tracking_uri, cfg.tracking.experiment, resume, cfg.to_dict())
-
-    from kfp import local
-
     home = state_dir()
-    os.environ[STATE_ENV] = str(home)  # the stage subprocesses inherit it
+    os.environ[STATE_ENV] = str(home)  # the stage processes inherit it
     os.environ[PROGRESS_ENV] = "1" if progress else "0"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The zygote imports while this process runs preflight (both mostly import time).
+    warm = warm_start.WarmStarter(warm_start.modules_for(), home / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-warm-start.log") \
+        if runner == "process" else None
+    try:
+        report = preflight(cfg)
+        if resume:
+            tracking.check_resumable(report.tracking_uri, cfg.tracking.experiment, resume, cfg.to_dict())
+        os.environ[PASSED_ENV] = passed_record(cfg, report)  # the preflight task need not check it all again
+        if warm is not None and not warm_start.has_nvidia_gpu():
+            warm.preload(warm_start.model_modules(Path(report.model["path"])))
+        registered, started_warm = _run_dag(cfg, home, runner, resume, warm, *(
+            (podman, gpu) if runner == "container" else (None, False)))
+    finally:
+        os.environ.pop(PASSED_ENV, None)
+        if warm is not None:
+            warm.close()
+    wall = time.monotonic() - started
+    return {**summarize(cfg, registered, wall), "started_warm": started_warm}
+
+
+def _run_dag(cfg: RunConfig, home: Path, runner: str, resume: str, warm: Optional[warm_start.WarmStarter],
+             podman: Any, gpu: bool) -> tuple[str, list[str]]:
+    """The DAG under kfp.local; returns the registered "name/version" and the tasks that started warm."""
+    from kfp import local
+
     # Resource, accelerator and Kubernetes settings belong to the cluster; kfp.local ignores them.
     warnings.filterwarnings("ignore", message=r"Task '.*': settings .* have no effect in the current local runner")
     warnings.filterwarnings("ignore", message=r".*custom or non-Python base image.*")
-    started = time.monotonic()
     if runner == "container":
-        registered = container_runner.run(cfg, podman, gpu, home, progress, pipeline_root=home / "kfp",
-                                          workspace_root=home / "kfp-workspace", resume=resume)
-    else:
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
-                   workspace_root=str(home / "kfp-workspace"), raise_on_error=True)
-        with ProcessTasks(home).installed() as tasks:
-            try:
-                registered = kubetune_pipeline(config_json=json.dumps(cfg.to_dict()), resume_run_id=resume).output
-            except RuntimeError:
-                if tasks.failures:
-                    raise tasks.failures[-1] from None
-                raise
-    wall = time.monotonic() - started
-    return summarize(cfg, registered, wall)
+        return container_runner.run(cfg, podman, gpu, home, os.environ[PROGRESS_ENV] == "1",
+                                    pipeline_root=home / "kfp", workspace_root=home / "kfp-workspace",
+                                    resume=resume), []
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
+               workspace_root=str(home / "kfp-workspace"), raise_on_error=True)
+    with ProcessTasks(home, warm).installed() as tasks:
+        try:
+            registered = kubetune_pipeline(config_json=json.dumps(cfg.to_dict()), resume_run_id=resume).output
+            return registered, tasks.started_warm
+        except RuntimeError:
+            if tasks.failures:
+                raise tasks.failures[-1] from None
+            raise
 
 
 def summarize(cfg: RunConfig, registered: str, wall_seconds: float) -> dict[str, Any]:
