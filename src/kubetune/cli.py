@@ -14,6 +14,7 @@ import yaml
 from kubetune import __version__, console, services
 from kubetune.config import describe, load_config, reference_markdown
 from kubetune.errors import StageFailed, UserError
+from kubetune.export import export
 from kubetune.preflight import preflight
 from kubetune.tasks import get_task
 
@@ -74,6 +75,16 @@ def _config(args: argparse.Namespace) -> int:
             print(f"{key:<34} {default!r:<40} {help_text}")
         return 0
     print(yaml.safe_dump(load_config(args.config, args.set).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    done = export(args.tracking_uri, args.model, Path(args.out), dtype=args.dtype, register_as=args.register,
+                  endpoint_url=args.endpoint_url)
+    print(f"kubetune: {done.source_uri} merged into {done.base_model}: {done.path} ({done.bytes / 1e6:.1f} MB)")
+    print("  load it with: transformers.AutoModelFor...from_pretrained(" + repr(str(done.path)) + ")")
+    if done.registered:
+        print(f"registered model version: {done.registered} (MLflow transformers flavor)")
     return 0
 
 
@@ -181,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--name", required=True, help="name of the recurring run")
     schedule.add_argument("--max-concurrency", type=int, default=1, help="runs of it at the same time (default: 1)")
     schedule.set_defaults(func=_cluster_command)
+
+    export = commands.add_parser("export", help="merge a registered adapter into its base: a standalone model folder")
+    export.add_argument("--model", required=True, metavar="NAME/VERSION",
+                        help="the registered version (NAME/VERSION, NAME@ALIAS, a run id or a models:/ URI)")
+    export.add_argument("--out", required=True, help="a new or empty folder to write the merged model to")
+    export.add_argument("--dtype", default="float32", help="weights of the merged model: float32 (default), "
+                                                           "bfloat16 or float16")
+    export.add_argument("--register", metavar="NAME", help="also register the merged model under NAME (MLflow "
+                                                           "transformers flavor: loads without kubetune)")
+    export.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the "
+                                               "state folder's store, as `kubetune run` uses)")
+    export.add_argument("--endpoint-url", help="S3 endpoint for an s3:// base model (MinIO and the like)")
+    export.set_defaults(func=_export)
 
     services = commands.add_parser("services", help="a local MLflow server (UI included) in the background")
     services.add_argument("action", choices=["up", "status", "down"])

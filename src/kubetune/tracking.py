@@ -58,6 +58,22 @@ def local_path(uri: str) -> Optional[Path]:
     return None
 
 
+@contextlib.contextmanager
+def process_uris(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (log_model) only takes the process-wide URIs: set them for the call,
+    then put them back."""
+    import mlflow
+
+    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
 def client(uri: str):
     from mlflow import MlflowClient
 

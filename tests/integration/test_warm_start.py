@@ -30,6 +30,8 @@ def main():
     print("cwd", os.getcwd())
     print("marker", os.environ.get("WARM_TEST_MARKER"), os.environ.get("_KFP_RUNTIME"))
     print("kfp arguments", sys.argv[1:])
+    import random, tempfile
+    print("tmp", tempfile.gettempdir(), "draw", random.random())
     print("to stderr", file=sys.stderr)
     mode = os.environ.get("WARM_TEST_MODE", "")
     if mode == "raise":
@@ -44,8 +46,14 @@ main()
 
 
 @pytest.fixture
-def zygote(tmp_path):
-    starter = warm.WarmStarter(["json"], tmp_path / "logs" / "warm.log")
+def zygote(tmp_path, monkeypatch):
+    # A module that, like many libraries, asks for the temporary folder while it is imported.
+    preload = tmp_path / "preload"
+    preload.mkdir()
+    (preload / "caches_tmp.py").write_text("import tempfile\ntempfile.gettempdir()\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(preload), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("TMPDIR", "/tmp")
+    starter = warm.WarmStarter(["json", "caches_tmp"], tmp_path / "logs" / "warm.log")
     yield starter
     starter.close()
 
@@ -53,7 +61,8 @@ def zygote(tmp_path):
 def run(starter, tmp_path, monkeypatch, **env):
     monkeypatch.chdir(tmp_path)
     lines: list[str] = []
-    full_env = {**os.environ, "WARM_TEST_MARKER": "m1", "PYTHONPATH": os.pathsep.join(sys.path), **env}
+    full_env = {**os.environ, "WARM_TEST_MARKER": "m1", "PYTHONPATH": os.pathsep.join(sys.path),
+                "TMPDIR": str(tmp_path), **env}
     # kfp's executor would import the component module and run it; a plain script is a module too,
     # and runs at import (before the executor looks for its function, which it never reaches).
     command = kfp_command(TASK, "--executor_input", "{}", "--function_to_execute", "main")
@@ -78,8 +87,11 @@ def test_task_gets_its_environment_directory_output_and_exit_status(zygote, tmp_
     assert f"cwd {tmp_path}" in output
     assert "marker m1 true" in output  # the task's environment, and what kfp's launcher sets
     assert "to stderr" in output
-    code, output = run(zygote, tmp_path, monkeypatch, WARM_TEST_MARKER="m2")  # the next task, its own env
-    assert code == 0 and "marker m2 true" in output
+    assert f"tmp {tmp_path}" in output  # the task's TMPDIR, not the one the zygote started with
+    code, second = run(zygote, tmp_path, monkeypatch, WARM_TEST_MARKER="m2")  # the next task, its own env
+    assert code == 0 and "marker m2 true" in second
+    draw = [line for line in output.splitlines() if line.startswith("tmp ")]
+    assert draw != [line for line in second.splitlines() if line.startswith("tmp ")]  # random streams differ
 
 
 def test_a_failing_task_reports_its_traceback_and_the_zygote_serves_on(zygote, tmp_path, monkeypatch):

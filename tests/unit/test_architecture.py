@@ -26,7 +26,7 @@ LAYERS = [
     ("model", ["kubetune.modeling"]),
     ("scoring, evaluation, training", ["kubetune.scoring", "kubetune.evaluation", "kubetune.training",
                                        "kubetune.distributed"]),
-    ("preflight and registry", ["kubetune.preflight", "kubetune.registry"]),
+    ("preflight, registry and export", ["kubetune.preflight", "kubetune.registry", "kubetune.export"]),
     ("stages", ["kubetune.stages", "kubetune.train_worker"]),
     ("KFP", ["kubetune.components*", "kubetune.pipelines*"]),
     ("launch", ["kubetune.launch*"]),

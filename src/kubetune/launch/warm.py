@@ -106,6 +106,19 @@ def _unsafe_to_fork() -> str:
     return ""
 
 
+def _fresh_process_state() -> None:
+    """What a fresh process would not share with its siblings: the temporary folder (tempfile caches
+    the first TMPDIR it saw, the zygote's) and the unseeded random streams (a fresh process seeds
+    them from the OS; forked siblings would all draw the same numbers)."""
+    import random
+
+    tempfile.tempdir = None
+    random.seed()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
+
+
 def _run_task(command: list[str], environment: dict[str, str], cwd: str) -> int:
     """In the forked child: become the task's process and run kfp's executor as its launcher does."""
     os.environ.clear()
@@ -113,6 +126,7 @@ def _run_task(command: list[str], environment: dict[str, str], cwd: str) -> int:
     os.environ["_KFP_RUNTIME"] = "true"  # what kfp's launcher script sets
     os.chdir(cwd)
     die_with_parent()
+    _fresh_process_state()
     source, arguments = kfp_launch(command)
     program = Path(tempfile.mkdtemp()) / "ephemeral_component.py"
     program.write_text(source)
@@ -135,17 +149,20 @@ def _run_task(command: list[str], environment: dict[str, str], cwd: str) -> int:
     return code
 
 
-def _serve_one(request: dict, output_fd: int) -> int:
+def _serve_one(channel: socket.socket, request: dict, output_fd: int) -> int:
     child = os.fork()
     if child == 0:
         code = 1
         try:
+            channel.close()  # the zygote's; kubetune run must see it close when the zygote goes
             os.dup2(output_fd, 1)
             os.dup2(output_fd, 2)
             os.close(output_fd)
             sys.stdout.reconfigure(line_buffering=True)
             sys.stderr.reconfigure(line_buffering=True)
             code = _run_task(request["command"], request["env"], request["cwd"])
+        except BaseException:  # noqa: BLE001 - setting up the task failed: say why, as a process would
+            traceback.print_exc()
         finally:
             os._exit(code)
     os.close(output_fd)
@@ -173,7 +190,7 @@ def serve(channel: socket.socket, modules: list[str]) -> None:
             if refused:
                 return
             continue
-        channel.send(json.dumps({"exit": _serve_one(request, fds[0])}).encode())
+        channel.send(json.dumps({"exit": _serve_one(channel, request, fds[0])}).encode())
 
 
 # ---- kubetune run's side ------------------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""What keeps `kubetune run` from paying twice: the run's own preflight handed to the preflight task,
+tokenized artifacts reused by content, stage timers that start with the stage's process."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from kubetune import artifacts, console
+from kubetune.config import RunConfig, with_value
+from kubetune.errors import ConfigError
+from kubetune.preflight import PASSED_ENV, PreflightReport, passed_earlier, passed_record
+from kubetune.storage import LocalStore, reuse_or_build
+from kubetune.tokenization import cache_key
+
+
+def test_stage_timer_starts_with_a_kfp_tasks_process(monkeypatch):
+    monkeypatch.delenv("_KFP_RUNTIME", raising=False)
+    assert abs(console.stage_started() - time.monotonic()) < 0.5  # a stage function called in a test
+    monkeypatch.setenv("_KFP_RUNTIME", "true")
+    # This pytest process started well before now; a KFP task's process exists for its stage.
+    assert time.monotonic() - console.stage_started() > 1.0
+
+
+def report() -> PreflightReport:
+    return PreflightReport(tracking_uri="sqlite:///x.db", data={"rows": 10, "sha256": "abc", "info": {}},
+                           model={"path": "/m", "architecture": "LlamaForCausalLM", "blocks": 2}, storage_uri="/s")
+
+
+def test_preflight_task_takes_the_runs_own_report_for_exactly_that_config(monkeypatch):
+    cfg = RunConfig()
+    monkeypatch.setenv(PASSED_ENV, passed_record(cfg, report()))
+    # The stage receives the config as JSON and rebuilds it: the same config.
+    assert passed_earlier(RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))), None) == report()
+    assert passed_earlier(with_value(cfg, "train.max_steps", 41), None) is None
+    monkeypatch.setenv(PASSED_ENV, "{not json")
+    assert passed_earlier(cfg, None) is None
+    monkeypatch.delenv(PASSED_ENV)
+    assert passed_earlier(cfg, None) is None
+
+
+def test_precision_is_still_checked_against_the_gpus_the_task_is_granted(monkeypatch):
+    cfg = with_value(RunConfig(), "train.precision", "bf16")
+    monkeypatch.setenv(PASSED_ENV, passed_record(cfg, report()))
+    with pytest.raises(ConfigError, match="train.precision"):
+        passed_earlier(cfg, train_gpus=False)
+
+
+def write_rows(folder: Path, rows: list[dict]) -> Path:
+    artifacts.write_dataset(folder, {"train": rows, "validation": rows[:1]}, {"rows_source": len(rows)})
+    return folder
+
+
+def test_tokenize_key_follows_content_and_settings_not_places(tmp_path):
+    rows = [{"text": f"row {i}"} for i in range(5)]
+    cfg = RunConfig().data
+    first = cache_key(write_rows(tmp_path / "a", rows), "tok1", cfg, "causal_lm")
+    assert cache_key(write_rows(tmp_path / "b", rows), "tok1", with_value(RunConfig(), "data.path",
+                                                                          "/elsewhere/q.json").data,
+                     "causal_lm") == first  # the same rows read from another place
+    assert cache_key(write_rows(tmp_path / "c", rows[:4]), "tok1", cfg, "causal_lm") != first
+    assert cache_key(tmp_path / "a", "tok2", cfg, "causal_lm") != first
+    assert cache_key(tmp_path / "a", "tok1", with_value(RunConfig(), "data.max_length", 32).data, "causal_lm") != first
+    assert cache_key(tmp_path / "a", "tok1", cfg, "classification") != first
+
+
+def test_reuse_or_build_builds_once_and_never_reuses_a_copy_cut_short(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    built = []
+
+    def build(folder: Path) -> None:
+        built.append(folder)
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "file.txt").write_text("made")
+
+    assert reuse_or_build(store, "thing", "k1", tmp_path / "out1", build) is False
+    assert reuse_or_build(store, "thing", "k1", tmp_path / "out2", build) is True
+    assert len(built) == 1 and (tmp_path / "out2" / "sub" / "file.txt").read_text() == "made"
+    assert not (tmp_path / "out2" / "k1.complete").exists()  # the marker is beside the copy, not in it
+    (store.root / "cache" / "thing" / "k1.complete").unlink()  # as if the copy had been cut short
+    assert reuse_or_build(store, "thing", "k1", tmp_path / "out3", build) is False
+    assert len(built) == 2
