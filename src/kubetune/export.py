@@ -74,8 +74,8 @@ def fetch(tracking_uri: str, reference: str, dest: Path) -> tuple[str, Path, dic
 
     uri = model_uri(reference)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest),
-                                                         tracking_uri=tracking_uri))
+        with tracking.process_uris(tracking_uri):  # models:/ URIs resolve through the process's registry URI
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
     except MlflowException as exc:
         raise ModelError("--model", reference, f"no such model in {tracking_uri} ({str(exc).splitlines()[0][:200]}); "
                                                "list versions in the MLflow UI or with the registry API") from None
@@ -152,15 +152,24 @@ def export(tracking_uri: str, reference: str, out_dir: Path, dtype: str = "float
 def register_merged(tracking_uri: str, exported: Exported, model_name: str) -> str:
     """Logs the merged folder with MLflow's transformers flavor (loadable with mlflow and
     transformers alone, no kubetune) into a new run, with an input example, and registers it."""
+    from importlib.metadata import version
+
     import mlflow
 
     kind = get_task(exported.task)
     pipeline_task = "text-classification" if kind.scoring == CLASSES else "text-generation"
     example = "This is great" if pipeline_task == "text-classification" else "The best way to learn is"
+    from transformers import pipeline
+
+    # A pipeline object, not the folder's path: MLflow's path mode reads pipeline metadata that
+    # transformers 5 no longer has (mlflow 3.17.2 fails with "'str' object has no attribute '__name__'").
+    served = pipeline(pipeline_task, model=str(exported.path), tokenizer=str(exported.path))
     with tracking.process_uris(tracking_uri), mlflow.start_run(run_name=f"export-{model_name}") as run:
         mlflow.set_tags({"kubetune.exported_from": exported.source_uri, "kubetune.base_model": exported.base_model})
-        info = mlflow.transformers.log_model(transformers_model=str(exported.path), task=pipeline_task, name="model",
+        info = mlflow.transformers.log_model(transformers_model=served, task=pipeline_task, name="model",
                                              input_example=[example], registered_model_name=model_name,
+                                             pip_requirements=[f"{name}=={version(name)}" for name in
+                                                               ("torch", "transformers")],
                                              await_registration_for=60)
     version = f"{model_name}/{info.registered_model_version}"
     log.info("export: registered %s (run %s)", version, run.info.run_id)

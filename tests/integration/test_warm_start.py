@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from components.register import register
+from kubetune.components.register import register
 from kubetune.launch import warm
 
 
