@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -97,6 +98,14 @@ def _check_target(out_dir: Path) -> None:
                                                  "(export never writes over files)")
 
 
+def _readable_as_umask_allows(folder: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def merge(settings: dict[str, Any], adapter_dir: Path, out_dir: Path, dtype: str = "float32",
           endpoint_url: Optional[str] = None) -> None:
     """The base at full precision plus the adapter, merged, saved to out_dir with the tokenizer."""
@@ -137,6 +146,7 @@ def export(tracking_uri: str, reference: str, out_dir: Path, dtype: str = "float
         (built / "kubetune_export.json").write_text(json.dumps(
             {"source": uri, "base_model": settings["base_model"], "task": settings.get("task", "causal_lm"),
              "dtype": dtype, "task_info": settings.get("task_info") or {}}, indent=2) + "\n")
+        _readable_as_umask_allows(built)  # files written through temporary files come out 0600
         _check_target(out_dir)  # nothing appeared there while merging
         if out_dir.exists():
             out_dir.rmdir()
