@@ -7,14 +7,13 @@ becomes the `champion` when it beats the current one on the task kind's registry
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Optional
 
 import mlflow.pyfunc
 
-from kubetune import __version__
+from kubetune import __version__, tracking
 from kubetune.config import LoraSettings, ModelConfig
 from kubetune.model_source import resolve_model
 from kubetune.modeling import load_tuned
@@ -103,7 +102,7 @@ def register(tracking_uri: str, run_id: str, model_name: str, adapter_dir: Path,
     import mlflow
     from mlflow import MlflowClient
 
-    with _uris(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
+    with tracking.process_uris(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=AdapterModel(),
@@ -124,21 +123,6 @@ def register(tracking_uri: str, run_id: str, model_name: str, adapter_dir: Path,
     promoted = promote_if_better(client, model_name, version, score_key, metrics.get(score_key), higher_is_better)
     log.info("registered %s version %s (champion: %s)", model_name, version, promoted)
     return {"model_name": model_name, "version": version, "model_uri": info.model_uri, "champion": promoted}
-
-
-@contextlib.contextmanager
-def _uris(uri: str):
-    """log_model only takes the process-wide URIs: set them for the call, then put them back."""
-    import mlflow
-
-    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
 
 
 def promote_if_better(client, model_name: str, version: str, score_key: str, score: Optional[float],
