@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -57,12 +59,39 @@ def die_with_parent() -> None:
         os._exit(137)
 
 
+class _OutputOrDie:
+    """A stage's stdout/stderr under `kubetune run`: when the pipe to `kubetune run` breaks, the run
+    is gone, so the stage ends as die_with_parent would end it, instead of failing on the broken pipe
+    (which would mark the MLflow run FAILED before the parent's death reached this process)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            os.kill(os.getpid(), signal.SIGKILL)
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            os.kill(os.getpid(), signal.SIGKILL)
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def setup_stage() -> None:
     """setup(), and in a stage's process: bitsandbytes' noise filtered, no weight-loading bars
     (the training bar stays); under `kubetune run`, the stage dies with it."""
-    setup()
     if os.environ.get(LOCAL_RUN_ENV) == "1":
         die_with_parent()
+        sys.stdout, sys.stderr = _OutputOrDie(sys.stdout), _OutputOrDie(sys.stderr)
+    setup()
     quiet_bitsandbytes()
     from transformers.utils import logging as transformers_logging
 
