@@ -68,18 +68,18 @@ class _OutputOrDie:
         self._stream = stream
 
     def write(self, text: str) -> int:
-        try:
-            return self._stream.write(text)
-        except BrokenPipeError:
-            os.kill(os.getpid(), signal.SIGKILL)
-            raise
+        return self._or_die(self._stream.write, text)
 
     def flush(self) -> None:
+        self._or_die(self._stream.flush)
+
+    @staticmethod
+    def _or_die(call, *args):
         try:
-            self._stream.flush()
+            return call(*args)
         except BrokenPipeError:
             os.kill(os.getpid(), signal.SIGKILL)
-            raise
+            raise  # not reached: SIGKILL cannot be caught
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)

@@ -86,7 +86,7 @@ def train_accelerators(config: Config, accelerator_count: int) -> int:
 
 def prepare_data(config: Config, run_id: str, out_dir: str) -> dict[str, Any]:
     cfg = _start(config)
-    with _logger(cfg, run_id).stage("prepare_data", console.stage_started()) as logger:
+    with _logger(cfg, run_id).stage("prepare_data") as logger:
         splits = data.prepare_data(cfg.data, cfg.task, cfg.train.seed, cfg.storage.endpoint_url)
         artifacts.write_dataset(Path(out_dir), splits.by_name(), splits.stats)
         logger.metrics({f"data.{k}": v for k, v in splits.stats.items() if isinstance(v, (int, float))})
@@ -96,7 +96,7 @@ def prepare_data(config: Config, run_id: str, out_dir: str) -> dict[str, Any]:
 
 def tokenize(config: Config, run_id: str, data_dir: str, out_dir: str) -> dict[str, Any]:
     cfg = _start(config)
-    with _logger(cfg, run_id).stage("tokenize", console.stage_started()) as logger:
+    with _logger(cfg, run_id).stage("tokenize") as logger:
         model_dir = _model_dir(cfg)
         key = tokenization.cache_key(Path(data_dir), fingerprint(model_dir), cfg.data, cfg.task)
         reused = reuse_or_build(_store(cfg), "tokenized", key, Path(out_dir), lambda folder: tokenization.tokenize(
@@ -108,7 +108,7 @@ def tokenize(config: Config, run_id: str, data_dir: str, out_dir: str) -> dict[s
 
 def prepare_model(config: Config, run_id: str, tokenized_dir: str, out_dir: str) -> dict[str, Any]:
     cfg = _start(config)
-    with _logger(cfg, run_id).stage("prepare_model", console.stage_started()) as logger:
+    with _logger(cfg, run_id).stage("prepare_model") as logger:
         source = describe_source(cfg.model.name_or_path, endpoint_url=cfg.storage.endpoint_url)
         plan = modeling.prepare_model(_model_dir(cfg), cfg.model, Path(out_dir), cfg.train.seed, source, cfg.task,
                                       artifacts.read_task_info(Path(tokenized_dir)))
@@ -126,7 +126,7 @@ def train(config: Config, run_id: str, tokenized_dir: str, prepared_dir: str, ou
     """Trains in this process, or with train.processes > 1 in that many data-parallel worker
     processes (kubetune.distributed, each running train_worker)."""
     cfg = _start(config)
-    with _logger(cfg, run_id).stage("train", console.stage_started()) as logger:
+    with _logger(cfg, run_id).stage("train") as logger:
         if cfg.train.processes > 1:
             arguments = {"config": config if isinstance(config, str) else json.dumps(config), "run_id": run_id,
                          "tokenized_dir": tokenized_dir, "prepared_dir": prepared_dir, "out_dir": out_dir}
@@ -158,7 +158,7 @@ def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, ou
 
     cfg = _start(config)
     kind = get_task(cfg.task)
-    with _logger(cfg, run_id).stage("evaluate", console.stage_started()) as logger:
+    with _logger(cfg, run_id).stage("evaluate") as logger:
         model_dir = _model_dir(cfg)
         info = artifacts.read_task_info(Path(tokenized_dir))
         tokenizer = tokenization.load_tokenizer(artifacts.tokenizer_dir(Path(tokenized_dir)))
@@ -197,7 +197,7 @@ def register(config: Config, run_id: str, lineage_path: str, tokenized_dir: str,
     cfg = _start(config)
     kind = get_task(cfg.task)
     logger = _logger(cfg, run_id)
-    with logger.stage("register", console.stage_started()):
+    with logger.stage("register"):
         plan = artifacts.read_plan(Path(prepared_dir))
         lineage = {**artifacts.read_lineage(Path(lineage_path)), "kubetune.trainable_line": plan["trainable_line"]}
         settings = registry.model_config(plan, kind, artifacts.read_task_info(Path(tokenized_dir)),

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from kubetune import errors
+from kubetune import console, errors
 from kubetune.errors import ConfigError, ServiceError
 from kubetune.paths import state_dir
 
@@ -253,15 +253,15 @@ class RunLogger:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
 
     @contextlib.contextmanager
-    def stage(self, name: str, started: Optional[float] = None) -> Iterator["RunLogger"]:
-        """Times a stage (from `started`, a time.monotonic() value, else from now); on failure marks
-        the run FAILED and names the stage, then re-raises.
+    def stage(self, name: str) -> Iterator["RunLogger"]:
+        """Times a stage from its start (console.stage_started: in a KFP task, the process's start);
+        on failure marks the run FAILED and names the stage, then re-raises.
 
         A retried attempt of a stage (KFP's retry of train) first clears the failed attempt's
         tags and sets the run RUNNING again; stage_seconds.<name> then covers every attempt. An
         attempt that failed on bad input is not redone: the retry stops at once with the same error.
         """
-        started = time.monotonic() if started is None else started
+        started = console.stage_started()
         earlier = [value for _, value in self.metric_values(f"stage_attempt_seconds.{name}")]
         run_tags = self.client.get_run(self.run_id).data.tags
         if run_tags.get("kubetune.failed_stage") == name:

@@ -169,14 +169,14 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process",
     os.environ[PROGRESS_ENV] = "1" if progress else "0"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The zygote imports while this process runs preflight (both mostly import time).
-    warm = warm_start.WarmStarter(warm_start.modules_for(), home / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-warm-start.log") \
-        if runner == "process" else None
+    warm_log = home / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-warm-start.log"
+    warm = warm_start.WarmStarter(warm_start.modules_for(), warm_log) if runner == "process" else None
     try:
         report = preflight(cfg)
         if resume:
             tracking.check_resumable(report.tracking_uri, cfg.tracking.experiment, resume, cfg.to_dict())
         os.environ[PASSED_ENV] = passed_record(cfg, report)  # the preflight task need not check it all again
-        if warm is not None and not warm_start.has_nvidia_gpu():
+        if warm is not None:
             warm.preload(warm_start.model_modules(Path(report.model["path"])))
         registered, started_warm = _run_dag(cfg, home, runner, resume, warm, *(
             (podman, gpu) if runner == "container" else (None, False)))

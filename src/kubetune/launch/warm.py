@@ -51,17 +51,20 @@ def has_nvidia_gpu() -> bool:
     return Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/nvidia0").exists()
 
 
-def modules_for(model_dir: Optional[Path] = None) -> list[str]:
-    """What the zygote imports: the stages' libraries, and where no GPU is, torch's and the model family's."""
-    if has_nvidia_gpu():
-        return list(BASE_MODULES)
-    return [*BASE_MODULES, *TORCH_MODULES, *(model_modules(model_dir) if model_dir else [])]
+def modules_for() -> list[str]:
+    """What the zygote imports first: the stages' libraries, and torch's where no GPU is."""
+    return list(BASE_MODULES) if has_nvidia_gpu() else [*BASE_MODULES, *TORCH_MODULES]
+
+
 _MESSAGE_BYTES = 4 * 1024 * 1024
 _EXECUTOR = "kfp.dsl.executor_main"
 
 
 def model_modules(model_dir: Path) -> list[str]:
-    """transformers' modelling module of the model's family (the Gemma 3 one takes 2.4 s to import)."""
+    """transformers' modelling module of the model's family (the Gemma 3 one takes 2.4 s to import);
+    none where a GPU is (it imports torch, as TORCH_MODULES do)."""
+    if has_nvidia_gpu():
+        return []
     try:
         model_type = json.loads((model_dir / "config.json").read_text()).get("model_type", "")
     except (OSError, ValueError):
