@@ -81,10 +81,10 @@ def whole_run(steps: int) -> dict:
             client = tracking.client(f"sqlite:///{home}/mlflow.db")
             run = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                      order_by=["attributes.start_time DESC"])[0]
-            stages = {k.split(".", 1)[1]: v for k, v in run.data.metrics.items() if k.startswith("stage_seconds.")}
+            stages = tracking.stage_seconds(run.data.metrics)
             runs.append({"wall_seconds": wall, "stage_seconds": stages,
-                         "base_reused": run.data.metrics.get("eval.base_reused", 0),
-                         "tokens_reused": run.data.metrics.get("tokens.reused", 0)})
+                         "base_reused": run.data.metrics.get("eval/base_reused", 0),
+                         "tokens_reused": run.data.metrics.get("data/tokens_reused", 0)})
     return {"first": runs[0], "second": runs[1]}
 
 

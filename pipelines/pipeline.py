@@ -18,8 +18,9 @@ from typing import Optional
 
 from kfp import compiler, dsl, kubernetes
 
-from kubetune.components import evaluate, preflight, prepare_data, prepare_model, register, tokenize, train
+from kubetune.components import evaluate, finish_run, preflight, prepare_data, prepare_model, register, tokenize, train
 from kubetune.config import default_config
+from kubetune.run_form import EMPTY_HELP, RUN_FORM, cluster_defaults
 
 PIPELINE_NAME = "kubetune"
 COMPILED = Path(__file__).with_name("kubetune_pipeline.yaml")
@@ -73,6 +74,7 @@ STAGES = {
     "train": Stage(cpu=("8", "8"), memory=("64Gi", "64Gi"), timeout_minutes=24 * 60, cache=False, retries=2),
     "evaluate": Stage(cpu=("4", "8"), memory=("32Gi", "32Gi"), timeout_minutes=4 * 60, cache=False),
     "register": Stage(cpu=("1", "2"), memory=("4Gi", "8Gi"), timeout_minutes=30, cache=False),
+    "finish_run": Stage(cpu=("100m", "1"), memory=("1Gi", "2Gi"), timeout_minutes=10, cache=False),
 }
 RETRY_BACKOFF = {"backoff_duration": "30s", "backoff_factor": 2.0, "backoff_max_duration": "3600s"}
 
@@ -106,44 +108,78 @@ def _on_gpus(task: dsl.PipelineTask, accelerator_type, count, node_selector: Opt
     return task
 
 
-@dsl.pipeline(name=PIPELINE_NAME,
-              description="Fine-tune a language model: preflight, data, tokenize, model prep, train, "
-                          "evaluate, register; one MLflow run per pipeline run.")
 def kubetune_pipeline(
-    config_json: str = json.dumps(default_config()),
+    config_json: str = json.dumps(cluster_defaults(default_config())),
+    base_model: str = "",
+    train_data: str = "",
+    max_steps: int = 0,
+    learning_rate: float = 0.0,
+    lora_r: int = 0,
+    lora_alpha: int = 0,
+    model_name: str = "",
+    experiment: str = "",
+    storage_uri: str = "",
     accelerator_type: str = ACCELERATOR_TYPE,
     accelerator_count: int = ACCELERATOR_COUNT,
     gpu_node_selector: dict = GPU_NODE_SELECTOR,
     resume_run_id: str = "",
-) -> str:
+) -> None:
     # The whole run config travels as one JSON string: KFP struct parameters cannot hold null,
-    # and null is meaningful here (lora: null = no LoRA).
+    # and null is meaningful here (lora: null = no LoRA). The run form's parameters are applied
+    # over it in preflight, and every later task takes preflight's resulting config.
     # accelerator_count sizes prepare_model and evaluate. train gets one accelerator per training
     # process: train.processes in the config is the only place that number is set, and preflight
     # hands it on (none when accelerator_count is 0).
-    config = config_json
-    # resume_run_id: an MLflow run whose pipeline run died; this run continues it (same config),
-    # train resuming from its last stored checkpoint.
-    checked = _on_cluster(preflight(config_json=config, accelerator_count=accelerator_count,
-                                    resume_run_id=resume_run_id), "preflight")
-    run_id = checked.outputs["run_id"]
-    data = _on_cluster(prepare_data(config_json=config, run_id=run_id), "prepare_data")
-    tokens = _on_cluster(tokenize(config_json=config, run_id=run_id, dataset=data.outputs["dataset"]), "tokenize")
-    prepared = _on_cluster(prepare_model(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"]),
-                           "prepare_model")
-    _on_gpus(prepared, accelerator_type, accelerator_count, gpu_node_selector)
-    trained = _on_cluster(train(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],
-                                prepared_model=prepared.outputs["prepared_model"]), "train")
-    _on_gpus(trained, accelerator_type, checked.outputs["train_accelerators"], gpu_node_selector)
-    evaluated = _on_cluster(evaluate(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],
-                                     tuned_model=trained.outputs["tuned_model"]), "evaluate")
-    _on_gpus(evaluated, accelerator_type, accelerator_count, gpu_node_selector)
-    registered = _on_cluster(register(config_json=config, run_id=run_id, lineage=checked.outputs["lineage"],
-                                      tokenized=tokens.outputs["tokenized"],
-                                      prepared_model=prepared.outputs["prepared_model"],
-                                      tuned_model=trained.outputs["tuned_model"],
-                                      evaluation=evaluated.outputs["evaluation"]), "register")
-    return registered.output
+    # The exit handler runs when everything inside it has ended, however it ended.
+    with dsl.ExitHandler(_on_cluster(finish_run(config_json=config_json, pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
+                                     "finish_run")):
+        # preflight tags the run with accelerator_type; taking it as an input also makes KFP's compiler
+        # hand it into the exit handler's group, where set_accelerator_type alone does not (kfp 2.17).
+        checked = _on_cluster(preflight(
+            config_json=config_json, accelerator_count=accelerator_count, accelerator_type=accelerator_type,
+            resume_run_id=resume_run_id,
+            pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER, base_model=base_model, train_data=train_data,
+            max_steps=max_steps, learning_rate=learning_rate, lora_r=lora_r, lora_alpha=lora_alpha,
+            model_name=model_name, experiment=experiment, storage_uri=storage_uri), "preflight")
+        config, run_id = checked.outputs["config"], checked.outputs["run_id"]
+        data = _on_cluster(prepare_data(config_json=config, run_id=run_id), "prepare_data")
+        tokens = _on_cluster(tokenize(config_json=config, run_id=run_id, dataset=data.outputs["dataset"]), "tokenize")
+        prepared = _on_cluster(prepare_model(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"]),
+                               "prepare_model")
+        _on_gpus(prepared, accelerator_type, accelerator_count, gpu_node_selector)
+        trained = _on_cluster(train(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],
+                                    prepared_model=prepared.outputs["prepared_model"]), "train")
+        _on_gpus(trained, accelerator_type, checked.outputs["train_accelerators"], gpu_node_selector)
+        evaluated = _on_cluster(evaluate(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],
+                                         tuned_model=trained.outputs["tuned_model"]), "evaluate")
+        _on_gpus(evaluated, accelerator_type, accelerator_count, gpu_node_selector)
+        registered = _on_cluster(register(config_json=config, run_id=run_id, lineage=checked.outputs["lineage"],
+                                          tokenized=tokens.outputs["tokenized"],
+                                          prepared_model=prepared.outputs["prepared_model"],
+                                          tuned_model=trained.outputs["tuned_model"],
+                                          evaluation=evaluated.outputs["evaluation"]), "register")
+    # KFP cannot return an output from inside an exit handler: the registered version is register's
+    # `registered_model` artifact, and the MLflow run's kubetune.registered_version tag.
+
+
+def _describe_parameters() -> str:
+    """The pipeline's docstring: KFP shows each Args entry beside its field in the run form."""
+    lines = ["Fine-tune a language model: preflight, data, tokenize, model prep, train, evaluate, register; "
+             "one MLflow run per pipeline run.", "", "Args:",
+             "    config_json: The whole run config as JSON (kubetune's config reference); the parameters "
+             "below are applied over it.",
+             *(f"    {field.parameter}: {field.help} {EMPTY_HELP}" for field in RUN_FORM),
+             "    accelerator_type: Resource name of the GPUs the GPU stages ask for.",
+             "    accelerator_count: GPUs for prepare_model and evaluate (train gets one per train.processes); "
+             "0 runs them on CPUs.",
+             "    gpu_node_selector: Node labels of the GPU pool.",
+             "    resume_run_id: An MLflow run whose pipeline run died: this run continues it with the same "
+             "config, train resuming from its last stored checkpoint."]
+    return "\n".join(lines)
+
+
+kubetune_pipeline.__doc__ = _describe_parameters()
+kubetune_pipeline = dsl.pipeline(name=PIPELINE_NAME)(kubetune_pipeline)
 
 
 def compile_pipeline(path: Path = COMPILED) -> Path:

@@ -154,13 +154,18 @@ def run_stages(config: dict, root: Path, through: str = "evaluate") -> dict:
         ("evaluate", lambda: components.evaluate.python_func(
             **common, tokenized=out["tokenized"], tuned_model=out["tuned"],
             evaluation=out.setdefault("evaluation", artifact(dsl.Artifact, "evaluation")),
-            metrics=out.setdefault("metrics", artifact(dsl.Metrics, "metrics")))),
-        ("register", lambda: out.setdefault("version", components.register.python_func(
+            metrics=out.setdefault("metrics", artifact(dsl.Metrics, "metrics")),
+            confusion_matrix=out.setdefault("confusion_matrix", artifact(dsl.ClassificationMetrics, "confusion")),
+            report=out.setdefault("report", artifact(dsl.HTML, "report")))),
+        ("register", lambda: components.register.python_func(
             **common, lineage=out["lineage"], tokenized=out["tokenized"], prepared_model=out["prepared"],
-            tuned_model=out["tuned"], evaluation=out["evaluation"]))),
+            tuned_model=out["tuned"], evaluation=out["evaluation"],
+            registered_model=out.setdefault("registered", artifact(dsl.Model, "registered")))),
     ]
     for name, step in steps:
         step()
+        if name == "register":
+            out["version"] = "{model_name}/{version}".format(**out["registered"].metadata)
         if name == through:
             break
     return out

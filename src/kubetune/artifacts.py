@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 SPLIT_NAMES = ("train", "validation", "test")
 DATA_STATS = "stats.json"
@@ -31,6 +31,7 @@ PLAN = "plan.json"
 INITIAL_ADAPTER = "adapter_init"
 TRAINING_SUMMARY = "training_summary.json"
 EVALUATION = "evaluation.json"
+REPORT = "report.html"
 LINEAGE = "lineage.json"
 
 
@@ -144,6 +145,11 @@ def write_training_summary(tuned_dir: Path, summary: dict[str, Any], history: It
     _write_json(Path(tuned_dir) / TRAINING_SUMMARY, {**summary, "history": list(history)})
 
 
+def read_training_history(tuned_dir: Path) -> list[dict[str, Any]]:
+    """The Trainer's per-step log (loss, learning rate, ...), every attempt."""
+    return _read_json(Path(tuned_dir) / TRAINING_SUMMARY).get("history", [])
+
+
 def read_training_summary(tuned_dir: Path) -> dict[str, Any]:
     """The summary without the per-step history."""
     summary = _read_json(Path(tuned_dir) / TRAINING_SUMMARY)
@@ -160,6 +166,19 @@ def write_evaluation(out_dir: Path, result: dict[str, Any]) -> None:
 
 def read_evaluation_metrics(eval_dir: Path) -> dict[str, float]:
     return _read_json(Path(eval_dir) / EVALUATION)["metrics"]
+
+
+def read_confusion_matrix(eval_dir: Path) -> Optional[dict[str, Any]]:
+    """{labels, base, tuned} (rows true, columns predicted) for a classification run, else None."""
+    return _read_json(Path(eval_dir) / EVALUATION).get("confusion_matrix")
+
+
+def write_report(eval_dir: Path, page: str) -> None:
+    (Path(eval_dir) / REPORT).write_text(page, encoding="utf-8")
+
+
+def report_path(eval_dir: Path) -> Path:
+    return Path(eval_dir) / REPORT
 
 
 # ---- lineage (preflight) -------------------------------------------------------------------------

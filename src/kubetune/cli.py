@@ -22,7 +22,7 @@ from kubetune.tasks import get_task
 # importing the pipeline builds the DAG with kfp, about 1.5 s that `--help` or `config` need not pay.
 
 #: Shown after the task kind's own headline figures when the run measured forgetting.
-RETENTION_METRICS = ("eval.retention.base_perplexity", "eval.retention.tuned_perplexity", "eval.forgetting_pct")
+RETENTION_METRICS = ("eval/retention.base_perplexity", "eval/retention.tuned_perplexity", "eval/forgetting_pct")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -236,10 +236,13 @@ class TrackingConfig:
         "MLflow tracking URI; null uses MLFLOW_TRACKING_URI, else an embedded sqlite store in .kubetune/.",
         None, location=OUTPUT,
     )
-    experiment: str = _help("MLflow experiment that holds the runs.", "kubetune")
+    experiment: Optional[str] = _help(
+        "MLflow experiment that holds the runs; null = one experiment per registered model "
+        "(register.model_name), so runs compared side by side measure the same thing.", None)
 
     def validate(self) -> None:
-        _require(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "name the experiment")
+        _require(self.experiment is None or bool(self.experiment.strip()), "tracking.experiment", self.experiment,
+                 "name the experiment, or null for the registered model's name")
 
 
 @dataclass
@@ -295,6 +298,8 @@ class RunConfig:
         for section in (self.model, self.data, self.train, self.evaluate, self.register, self.tracking,
                         self.storage):
             section.validate()
+        if self.tracking.experiment is None:  # resolved here, so every stage and the run's params agree
+            self.tracking.experiment = self.register.model_name
         return self
 
     @classmethod

@@ -43,10 +43,11 @@ MASK_RATE = 0.15
 
 @dataclass
 class Retention:
-    """Forgetting figures (eval.retention.*, eval.forgetting_pct), or why they do not apply to
-    this model (empty metrics)."""
+    """Forgetting figures (eval/retention.*, eval/forgetting_pct) and the general-text lines they were
+    measured on, or why they do not apply to this model (empty metrics)."""
 
     metrics: dict[str, float]
+    texts: list[str]
     not_applicable: str = ""
 
 
@@ -167,17 +168,18 @@ def retention(kind: TaskKind, model_dir: Path, variants: Variants, tokenizer, cf
     """Perplexity on general text before and after fine-tuning; forgetting = its relative rise."""
     cache = cache or BaseCache(None, {})
     batch_size = cfg.evaluate.batch_size
+    texts = retention_texts(cfg)
     if kind.retention_form == MASKED_LM:
         mlm, why_not = masked_lm_model(model_dir)
         if mlm is None:
-            return Retention(metrics={}, not_applicable=why_not)
-        rows = masked_inputs(tokenizer, retention_texts(cfg), cfg.data.max_length, cfg.train.seed)
+            return Retention(metrics={}, texts=texts, not_applicable=why_not)
+        rows = masked_inputs(tokenizer, texts, cfg.data.max_length, cfg.train.seed)
         what = "masked-LM perplexity"
 
         def scored(model):
             return masked_lm_losses(mlm, encoder_of(model.eval()), rows, tokenizer.pad_token_id, batch_size)
     else:
-        encoded = CausalLM().encode([{"text": text} for text in retention_texts(cfg)], tokenizer, cfg.data, {})
+        encoded = CausalLM().encode([{"text": text} for text in texts], tokenizer, cfg.data, {})
         rows = [{"input_ids": ids, "labels": causal_labels(ids, tokenizer.pad_token_id)} for ids in encoded["input_ids"]]
         what = "perplexity"
 
@@ -191,5 +193,6 @@ def retention(kind: TaskKind, model_dir: Path, variants: Variants, tokenizer, cf
     base, tuned = perplexity(mean_loss(losses["base"])), perplexity(mean_loss(losses["tuned"]))
     log.info("retention: %s %.2f -> %.2f on %d general lines (%d scored tokens)", what, base, tuned, len(rows),
              sum(n for _, n in losses["base"]))
-    return Retention(metrics={"eval.retention.base_perplexity": base, "eval.retention.tuned_perplexity": tuned,
-                              "eval.retention.samples": len(rows), "eval.forgetting_pct": change_pct(base, tuned)})
+    return Retention(metrics={"eval/retention.base_perplexity": base, "eval/retention.tuned_perplexity": tuned,
+                              "eval/retention.samples": len(rows), "eval/forgetting_pct": change_pct(base, tuned)},
+                     texts=texts)

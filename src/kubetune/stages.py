@@ -17,8 +17,9 @@ from typing import Any, Optional
 
 from kubetune import __version__, artifacts, console, data, distributed, evaluation, modeling, registry, tracking
 from kubetune import preflight as checks
-from kubetune import tokenization, training
+from kubetune import report, run_form, tokenization, training
 from kubetune.config import RunConfig
+from kubetune.errors import ConfigError
 from kubetune.model_source import describe_source, fingerprint, resolve_model
 from kubetune.storage import open_store, reuse_or_build
 from kubetune.tasks import get_task
@@ -49,12 +50,30 @@ def run_prefix(run_id: str) -> str:
     return f"runs/{run_id}"
 
 
+def run_config(config: str, form: dict[str, Any]) -> str:
+    """The config this pipeline run trains with: config_json with the run form's values on top
+    (kubetune.run_form), validated and, in a pod, checked for places a pod cannot reach. Every
+    task after preflight takes this JSON."""
+    console.setup_stage()
+    try:
+        data = json.loads(config)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("config_json", config[:60], f"not JSON ({exc.msg} at character {exc.pos}); give the run "
+                          "config as one JSON object, as `kubetune compile` writes it") from None
+    cfg = run_form.apply(data, form)
+    if run_form.on_cluster():
+        run_form.check_for_cluster(cfg)
+    return json.dumps(cfg.to_dict())
+
+
 def preflight(config: Config, lineage_path: str, accelerator_count: Optional[int] = None,
-              resume_run_id: str = "") -> str:
+              resume_run_id: str = "", pipeline_run: str = "", accelerator_type: str = "") -> str:
     """Checks everything, then opens the pipeline's MLflow run (or reopens resume_run_id: a run
     with this config that did not finish); returns its id and writes the run's lineage (what
     register tags the model version with). accelerator_count: the GPUs the pipeline grants its GPU
-    stages (train gets GPUs when it is above 0); None checks this machine."""
+    stages (train gets GPUs when it is above 0); None checks this machine. pipeline_run: the KFP
+    run's id, tagged on the MLflow run so the exit handler (finish_run) finds it. accelerator_type:
+    the GPU resource the pipeline asks for, tagged with the count (what hardware the run was given)."""
     started = console.stage_started()
     cfg = _start(config)
     train_gpus = None if accelerator_count is None else accelerator_count > 0
@@ -68,18 +87,41 @@ def preflight(config: Config, lineage_path: str, accelerator_count: Optional[int
         run_name = f"{cfg.register.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_id = tracking.start_run(report.tracking_uri, cfg.tracking.experiment, run_name, cfg.to_dict(), lineage)
     logger = tracking.RunLogger(report.tracking_uri, run_id)
+    if pipeline_run:
+        logger.tags({tracking.PIPELINE_RUN_TAG: pipeline_run,
+                     "kubetune.accelerators": f"{accelerator_count} x {accelerator_type}" if accelerator_count
+                     else "none"})
     logger.json({"data": report.data, "model": report.model, "storage": report.storage_uri}, "preflight.json")
     lineage["kubetune.storage_run_prefix"] = _store(cfg).uri(run_prefix(run_id))
     logger.tags({"kubetune.storage_run_prefix": lineage["kubetune.storage_run_prefix"]})
     artifacts.write_lineage(Path(lineage_path), lineage)
-    logger.metrics({"stage_seconds.preflight": round(time.monotonic() - started, 2)})
+    logger.metrics({"timing/preflight_seconds": round(time.monotonic() - started, 2)})
     log.info("MLflow run %s in experiment %s at %s", run_id, cfg.tracking.experiment, report.tracking_uri)
     return run_id
+
+
+def finish_run(config: str, pipeline_run: str, state: str, error: str = "") -> str:
+    """The pipeline's exit handler: when a pipeline run did not succeed (a task failed, was killed,
+    evicted or timed out), its MLflow run is marked FAILED and names the stage it was in; a stage
+    that failed on its own has done that already. Returns what it did, for the task's log."""
+    if state == "SUCCEEDED" or not pipeline_run:
+        return f"pipeline run {state}: nothing to do"
+    try:  # the exit handler must work even when config_json is what made preflight fail
+        configured = (json.loads(config).get("tracking") or {}).get("mlflow_uri")
+    except (ValueError, AttributeError):
+        configured = None
+    uri = tracking.resolve_uri(configured)
+    marked = tracking.fail_unfinished(uri, pipeline_run, f"the pipeline run ended {state}"
+                                      + (f" ({error})" if error else ""))
+    return f"pipeline run {state}: " + (f"marked MLflow run {', '.join(marked)} FAILED" if marked else
+                                        "no unfinished MLflow run of it")
 
 
 def train_accelerators(config: Config, accelerator_count: int) -> int:
     """The GPUs the train task asks for: one per training process (train.processes, the only place
     that number is set), none where the GPU stages get none (accelerator_count 0)."""
+    if accelerator_count < 0:
+        raise ConfigError("accelerator_count", accelerator_count, "give the GPUs per GPU stage: 0 or more")
     return RunConfig.from_dict(json.loads(config) if isinstance(config, str) else config).train.processes \
         if accelerator_count > 0 else 0
 
@@ -89,8 +131,11 @@ def prepare_data(config: Config, run_id: str, out_dir: str) -> dict[str, Any]:
     with _logger(cfg, run_id).stage("prepare_data") as logger:
         splits = data.prepare_data(cfg.data, cfg.task, cfg.train.seed, cfg.storage.endpoint_url)
         artifacts.write_dataset(Path(out_dir), splits.by_name(), splits.stats)
-        logger.metrics({f"data.{k}": v for k, v in splits.stats.items() if isinstance(v, (int, float))})
+        logger.metrics({f"data/{k}": v for k, v in splits.stats.items() if isinstance(v, (int, float))})
         logger.json(splits.stats, "data/stats.json")
+        for context, rows in splits.by_name().items():
+            if rows:
+                logger.dataset(cfg.data.test_path if context == "test" else cfg.data.path, context, rows)
     return splits.stats
 
 
@@ -102,7 +147,7 @@ def tokenize(config: Config, run_id: str, data_dir: str, out_dir: str) -> dict[s
         reused = reuse_or_build(_store(cfg), "tokenized", key, Path(out_dir), lambda folder: tokenization.tokenize(
             Path(data_dir), model_dir, cfg.data, folder, cfg.task))
         stats = artifacts.read_token_stats(Path(out_dir))
-        logger.metrics({**{f"tokens.{k}": v for k, v in stats.items()}, "tokens.reused": int(reused)})
+        logger.metrics({**{f"data/tokens_{k}": v for k, v in stats.items()}, "data/tokens_reused": int(reused)})
     return stats
 
 
@@ -113,9 +158,8 @@ def prepare_model(config: Config, run_id: str, tokenized_dir: str, out_dir: str)
         plan = modeling.prepare_model(_model_dir(cfg), cfg.model, Path(out_dir), cfg.train.seed, source, cfg.task,
                                       artifacts.read_task_info(Path(tokenized_dir)))
         counts = {key: plan[key] for key in ("trainable_params", "all_params", "trainable_percent")}
-        logger.params({f"model.{k}": v for k, v in counts.items()})
-        logger.metrics({**{f"model.{k}": v for k, v in counts.items()},
-                        **{f"model.memory.{k}": v for k, v in plan["memory"].items()}})
+        logger.metrics({**{f"model/{k}": v for k, v in counts.items()},
+                        **{f"model/memory.{k}": v for k, v in plan["memory"].items()}})
         logger.text(plan["trainable_line"] + "\n", "model/trainable_parameters.txt")
         logger.tags({"kubetune.trainable_line": plan["trainable_line"]})
         logger.json(plan, "model/plan.json")
@@ -126,7 +170,7 @@ def train(config: Config, run_id: str, tokenized_dir: str, prepared_dir: str, ou
     """Trains in this process, or with train.processes > 1 in that many data-parallel worker
     processes (kubetune.distributed, each running train_worker)."""
     cfg = _start(config)
-    with _logger(cfg, run_id).stage("train") as logger:
+    with _logger(cfg, run_id).stage("train") as logger, logger.system_metrics():
         if cfg.train.processes > 1:
             arguments = {"config": config if isinstance(config, str) else json.dumps(config), "run_id": run_id,
                          "tokenized_dir": tokenized_dir, "prepared_dir": prepared_dir, "out_dir": out_dir}
@@ -134,7 +178,7 @@ def train(config: Config, run_id: str, tokenized_dir: str, prepared_dir: str, ou
             summary = artifacts.read_training_summary(Path(out_dir))
         else:
             summary = train_worker(config, run_id, tokenized_dir, prepared_dir, out_dir)
-        logger.metrics({f"train.{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+        logger.metrics({f"train/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
     return summary
 
 
@@ -158,7 +202,7 @@ def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, ou
 
     cfg = _start(config)
     kind = get_task(cfg.task)
-    with _logger(cfg, run_id).stage("evaluate") as logger:
+    with _logger(cfg, run_id).stage("evaluate") as logger, logger.system_metrics():
         model_dir = _model_dir(cfg)
         info = artifacts.read_task_info(Path(tokenized_dir))
         tokenizer = tokenization.load_tokenizer(artifacts.tokenizer_dir(Path(tokenized_dir)))
@@ -169,16 +213,17 @@ def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, ou
             "model": fingerprint(model_dir), "quantization": cfg.model.quantization, "task": cfg.task,
             "seed": cfg.train.seed, "batch_size": cfg.evaluate.batch_size, "kubetune": __version__})
         result = evaluation.evaluate(kind, variants, tokenizer, dataset, info, cfg, cache)
-        result.metrics["eval.split_" + split] = 1
+        result.metrics["eval/split_" + split] = 1
         if cfg.evaluate.retention_path:
             retained = evaluation.retention(kind, model_dir, variants, tokenizer, cfg, cache)
+            logger.dataset(cfg.evaluate.retention_path, "retention", retained.texts)
             if retained.not_applicable:
                 log.info("retention: not applicable: %s", retained.not_applicable)
-                logger.tags({"eval.retention": f"not applicable: {retained.not_applicable}"})
+                logger.tags({"eval/retention": f"not applicable: {retained.not_applicable}"})
             result.metrics.update(retained.metrics)
-        result.metrics["eval.base_reused"] = len(cache.reused)  # base figures taken from an earlier run
+        result.metrics["eval/base_reused"] = len(cache.reused)  # base figures taken from an earlier run
         if cache.reused:
-            logger.tags({"eval.base_reused": ", ".join(cache.reused)})
+            logger.tags({"eval/base_reused": ", ".join(cache.reused)})
         for artifact_file, figure in result.figures.items():
             logger.figure(figure, artifact_file)
             plt.close(figure)
@@ -189,7 +234,18 @@ def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, ou
             logger.json(table, f"eval/{name}.json")
         artifacts.write_evaluation(Path(out_dir), {"metrics": result.metrics, "generations": result.generations,
                                                    **result.tables})
+        page = report.html_report(f"{cfg.register.model_name}: {cfg.task} on {cfg.model.name_or_path}", result.metrics,
+                                  kind.headline_metrics, artifacts.read_training_history(Path(tuned_dir)),
+                                  result.generations[:cfg.evaluate.num_generations])
+        artifacts.write_report(Path(out_dir), page)
+        logger.text(page, "eval/report.html")
     return result.metrics
+
+
+def evaluation_views(eval_dir: str) -> tuple[Optional[dict[str, Any]], Path]:
+    """What the KFP UI shows of evaluate besides its metrics: the confusion matrix ({labels, base,
+    tuned}, classification only) and the report page."""
+    return artifacts.read_confusion_matrix(Path(eval_dir)), artifacts.report_path(Path(eval_dir))
 
 
 def register(config: Config, run_id: str, lineage_path: str, tokenized_dir: str, prepared_dir: str,
@@ -207,4 +263,4 @@ def register(config: Config, run_id: str, lineage_path: str, tokenized_dir: str,
         logger.tags({"kubetune.registered_model": cfg.register.model_name,
                      "kubetune.registered_version": result["version"]})
     logger.finish("FINISHED")
-    return result
+    return {**result, "registered_model_uri": f"models:/{result['model_name']}/{result['version']}", "run_id": run_id}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -23,11 +24,24 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 log = logging.getLogger(__name__)
 
+#: Tag on the MLflow run with the id of the KFP pipeline run it belongs to.
+PIPELINE_RUN_TAG = "kubetune.pipeline_run"
+
+#: Seconds between system-metric samples during train and evaluate: about 15 points on the demo's
+#: 75 s of training, one extra MLflow request per sample.
+SYSTEM_METRICS_SECONDS = 5.0
+
 
 def metric_key(name: str) -> str:
     """A name (a label, a task) as one part of a metric key: characters other than letters, digits,
     `_` and `-` become `_`, so the part never adds a level to the key (`.`, `/`) or is refused."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", name)[:100] or "_"
+
+
+def stage_seconds(metrics: dict[str, float]) -> dict[str, float]:
+    """{stage: seconds} from a run's metrics (timing/<stage>_seconds, every attempt together)."""
+    return {key[len("timing/"):-len("_seconds")]: value for key, value in metrics.items()
+            if key.startswith("timing/") and key.endswith("_seconds") and not key.endswith("_attempt_seconds")}
 
 
 def embedded_uri() -> str:
@@ -136,15 +150,21 @@ def experiment_id(uri: str, name: str) -> str:
     return mlflow_client.create_experiment(name, artifact_location=location)
 
 
+def param_value(value: Any) -> str:
+    """A param as the config file would spell it: null, true/false and lists as JSON (so they read
+    back exactly and null is never also written None), other values as they print."""
+    return json.dumps(value) if isinstance(value, (list, dict, bool, type(None))) else str(value)
+
+
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> {"model.lora.r": "16", ...}; lists as JSON so they read back exactly."""
+    """Nested config -> {"model.lora.r": "16", ...}: the run's params, and nothing else is one."""
     out: dict[str, str] = {}
     for key, value in config.items():
         name = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             out.update(flatten(value, name))
         else:
-            out[name] = json.dumps(value) if isinstance(value, (list, type(None))) else str(value)
+            out[name] = param_value(value)
     return out
 
 
@@ -199,6 +219,45 @@ def reopen_run(uri: str, experiment: str, run_id: str, config: dict[str, Any]) -
     return run_id
 
 
+def registered_since(uri: str, experiment: str, started_ms: int, resumed_run: str = "") -> str:
+    """"name/version" registered by the newest run of the experiment that started after started_ms,
+    or by resumed_run (what `kubetune run` reports: KFP gives a pipeline no outputs from inside its
+    exit handler)."""
+    mlflow_client = client(uri)
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if resumed_run:
+        runs = [mlflow_client.get_run(resumed_run)]
+    else:
+        runs = mlflow_client.search_runs([found.experiment_id], f"attributes.start_time >= {started_ms}",
+                                         order_by=["attributes.start_time DESC"]) if found else []
+    for run in runs:
+        tags = run.data.tags
+        if "kubetune.registered_version" in tags:
+            return f"{tags['kubetune.registered_model']}/{tags['kubetune.registered_version']}"
+    raise ServiceError("tracking.mlflow_uri", uri, f"no run of experiment {experiment!r} registered a model since "
+                       "this run started; the run's log says why")
+
+
+def fail_unfinished(uri: str, pipeline_run: str, why: str) -> list[str]:
+    """Marks every still-RUNNING MLflow run of this pipeline run FAILED, with the stage it was in
+    (the one that failed, else the last one started: a killed task records nothing itself)."""
+    mlflow_client = client(uri)
+    experiments = [e.experiment_id for e in mlflow_client.search_experiments(max_results=1000)]
+    runs = mlflow_client.search_runs(experiments, f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run}'") if experiments else []
+    marked = []
+    for run in runs:
+        if run.info.status != "RUNNING":
+            continue
+        tags = run.data.tags
+        stage = tags.get("kubetune.failed_stage") or tags.get("kubetune.stage", "preflight")
+        logger = RunLogger(uri, run.info.run_id)
+        logger.tags({"kubetune.failed_stage": stage, "kubetune.error": tags.get("kubetune.error") or
+                     f"{why}; the {stage} task ended without reporting an error (killed, evicted or timed out)"})
+        logger.finish("FAILED")
+        marked.append(run.info.run_id)
+    return marked
+
+
 class RunLogger:
     """Logs into an existing run by id, without making it the process's active run."""
 
@@ -218,11 +277,6 @@ class RunLogger:
                  if v is not None and held.get(k) != float(v)]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
-
-    def params(self, values: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in values.items()])
 
     def tags(self, values: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -245,6 +299,41 @@ class RunLogger:
     def figure(self, figure, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
 
+    def dataset(self, source: str, context: str, rows: list[Any]) -> None:
+        """Records rows as one of the run's dataset inputs (MLflow's Datasets column and run page):
+        named after the source and the context (train, validation, test, retention), with a digest
+        of the rows as used, so two runs on the same data show the same digest."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        name = f"{Path(source.rstrip('/')).stem or source}-{context}"
+        source_type = source.split("://", 1)[0] if "://" in source else "local"
+        dataset = Dataset(name=name, digest=digest, source_type=source_type, source=json.dumps({"uri": source}),
+                          profile=json.dumps({"num_rows": len(rows)}))
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[
+            InputTag("mlflow.data.context", context)])])
+
+    @contextlib.contextmanager
+    def system_metrics(self, interval: float = SYSTEM_METRICS_SECONDS) -> Iterator[None]:
+        """CPU, memory, disk and network (GPU too where NVML sees one) sampled into system/... while
+        the block runs, continuing the step count of an earlier stage's samples, plus one sample as
+        the block ends (MLflow's monitor logs only whole intervals: a short stage would leave none)."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, resume_logging=True,
+                                       tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+            try:
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+            except Exception as exc:  # a lost sample must not fail the stage
+                log.warning("system metrics: the last sample was not logged (%s)", exc)
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
@@ -262,7 +351,7 @@ class RunLogger:
         attempt that failed on bad input is not redone: the retry stops at once with the same error.
         """
         started = console.stage_started()
-        earlier = [value for _, value in self.metric_values(f"stage_attempt_seconds.{name}")]
+        earlier = [value for _, value in self.metric_values(f"timing/{name}_attempt_seconds")]
         run_tags = self.client.get_run(self.run_id).data.tags
         if run_tags.get("kubetune.failed_stage") == name:
             refused = run_tags.get("kubetune.user_error")
@@ -279,7 +368,7 @@ class RunLogger:
             yield self
         except BaseException as exc:
             seconds = round(time.monotonic() - started, 2)
-            self.metrics({f"stage_attempt_seconds.{name}": seconds}, step=len(earlier) + 1)
+            self.metrics({f"timing/{name}_attempt_seconds": seconds}, step=len(earlier) + 1)
             failure = {"kubetune.failed_stage": name, "kubetune.error": str(exc)[:500]}
             if isinstance(exc, errors.UserError) and not isinstance(exc, errors.ServiceError):
                 failure["kubetune.user_error"] = json.dumps([type(exc).__name__, exc.field, exc.value, exc.fix],
@@ -288,5 +377,5 @@ class RunLogger:
             self.finish("FAILED")
             raise
         seconds = round(time.monotonic() - started, 2)
-        self.metrics({f"stage_seconds.{name}": round(sum(earlier) + seconds, 2),
-                      **({f"stage_attempts.{name}": len(earlier) + 1} if earlier else {})})
+        self.metrics({f"timing/{name}_seconds": round(sum(earlier) + seconds, 2),
+                      **({f"timing/{name}_attempts": len(earlier) + 1} if earlier else {})})

@@ -92,7 +92,7 @@ def make_callbacks(logger, store, prefix: str, keep: int, runtime: "Runtime", co
 
     # A resumed attempt redoes the steps after its checkpoint; an earlier attempt logged them
     # already (with the same values: training is deterministic), so they are not logged twice.
-    logged_through = max((step for step, _ in logger.metric_values("train.loss")), default=0) if logger else 0
+    logged_through = max((step for step, _ in logger.metric_values("train/loss")), default=0) if logger else 0
 
     class MlflowSteps(TrainerCallback):
         """Loss, learning rate and gradient norm per optimizer step, with step=."""
@@ -100,7 +100,7 @@ def make_callbacks(logger, store, prefix: str, keep: int, runtime: "Runtime", co
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logger is None or not logs or not state.is_world_process_zero or state.global_step <= logged_through:
                 return
-            names = {"loss": "train.loss", "learning_rate": "train.learning_rate", "grad_norm": "train.grad_norm"}
+            names = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
             logger.metrics({names[k]: v for k, v in logs.items() if k in names}, step=state.global_step)
 
     class Throughput(TrainerCallback):
@@ -118,9 +118,9 @@ def make_callbacks(logger, store, prefix: str, keep: int, runtime: "Runtime", co
             if seconds > 0 and steps > 0 and positions > 0:
                 # _step: the series; the run's own train.tokens_per_s and train.padding_share (step 0)
                 # cover the whole loop.
-                logger.metrics({"train.tokens_per_s_step": round(tokens / seconds, 2),
-                                "train.padding_share_step": round(1 - tokens / positions, 4),
-                                "train.seconds_per_step": round(seconds / steps, 3)}, step=state.global_step)
+                logger.metrics({"train/tokens_per_s_step": round(tokens / seconds, 2),
+                                "train/padding_share_step": round(1 - tokens / positions, 4),
+                                "train/seconds_per_step": round(seconds / steps, 3)}, step=state.global_step)
 
     class UploadCheckpoints(TrainerCallback):
         """Each checkpoint to storage. Storage that stays down past storage.retry_seconds costs a
@@ -265,6 +265,10 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
                 if not (Path(resume_from) / "trainer_state.json").exists():
                     store.download_dir(latest, Path(resume_from))
             log.info("resuming from %s", store.uri(latest))
+    if logger is not None and resume_from is None and args.process_index == 0:
+        # Once per run (a resumed attempt trains with the same arguments); an artifact, not params:
+        # the run's params are its config, and ~150 Trainer defaults would bury them.
+        logger.json(args.to_dict(), "train/training_arguments.json")
     runtime = Runtime(Path(resume_from) if resume_from else None)
     counter = TokenCounter()
     counting = counter.attach(model)

@@ -54,8 +54,8 @@ def test_same_figures_as_in_process(both_runs):
     assert (process["registered"], container["registered"]) == ("tiny-containers/1", "tiny-containers/2")
     assert set(container["stage_seconds"]) == set(process["stage_seconds"])
     assert set(container["eval"]) == set(process["eval"])
-    for key in ("eval.base_perplexity", "eval.tuned_perplexity", "eval.retention.base_perplexity",
-                "eval.retention.tuned_perplexity"):
+    for key in ("eval/base_perplexity", "eval/tuned_perplexity", "eval/retention.base_perplexity",
+                "eval/retention.tuned_perplexity"):
         assert significant(container["eval"][key]) == significant(process["eval"][key]), key
     assert container["trainable_line"] == process["trainable_line"]
 
@@ -67,9 +67,9 @@ def test_same_mlflow_record(both_runs):
     assert runs["container"].data.params == runs["process"].data.params
     assert set(runs["container"].data.metrics) == set(runs["process"].data.metrics)
     # the second run reuses the base model's figures the first one kept in the shared storage
-    assert set(runs["container"].data.tags) == set(runs["process"].data.tags) | {"eval.base_reused"}
-    assert (runs["process"].data.metrics["eval.base_reused"], runs["container"].data.metrics["eval.base_reused"]) == (0, 2)
-    losses = {kind: [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train.loss"),
+    assert set(runs["container"].data.tags) == set(runs["process"].data.tags) | {"eval/base_reused"}
+    assert (runs["process"].data.metrics["eval/base_reused"], runs["container"].data.metrics["eval/base_reused"]) == (0, 2)
+    losses = {kind: [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"),
                                              key=lambda m: m.step)] for kind, run in runs.items()}
     assert len(losses["container"]) == 12
     assert all(math.isclose(a, b, rel_tol=1e-3) for a, b in zip(losses["container"], losses["process"])), losses
@@ -185,4 +185,4 @@ def test_packaged_model_and_examples_config_run_unchanged(cpu_image, tmp_path):
         f"tracking.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"storage.uri={tmp_path / 'storage'}"])
     result = run_pipeline(cfg, progress=False, runner="container")
     assert result["registered"] == "sentiment-minilm-lora/1"
-    assert {"eval.base_accuracy", "eval.tuned_accuracy", "eval.tuned_macro_f1"} <= set(result["eval"])
+    assert {"eval/base_accuracy", "eval/tuned_accuracy", "eval/tuned_macro_f1"} <= set(result["eval"])

@@ -8,8 +8,10 @@ import pytest
 import yaml
 
 from kubetune.pipelines.pipeline import COMPILED, STAGES
+from kubetune.run_form import RUN_FORM
 
-TASKS = ["preflight", "prepare-data", "tokenize", "prepare-model", "train", "evaluate", "register"]
+TASKS = ["preflight", "prepare-data", "tokenize", "prepare-model", "train", "evaluate", "register", "finish-run"]
+EXIT_HANDLER = "comp-exit-handler-1"  # the group that holds the seven stages; finish-run is its exit task
 # Where each GPU task's accelerator count comes from: a pipeline parameter, or preflight's output
 # (train: one per train.processes).
 GPU_TASKS = {"prepare-model": "accelerator_count", "train": "preflight-train_accelerators",
@@ -24,7 +26,8 @@ def compiled():
 
 
 def task_spec(compiled, task):
-    return compiled[0]["root"]["dag"]["tasks"][task]
+    root = compiled[0]["root"]["dag"]["tasks"]
+    return root[task] if task in root else compiled[0]["components"][EXIT_HANDLER]["dag"]["tasks"][task]
 
 
 def executor_label(compiled, task):
@@ -51,9 +54,10 @@ def quantity(text):
 
 
 def test_cluster_parameters_and_their_defaults(compiled):
-    parameters = compiled[0]["root"]["inputDefinitions"]["parameters"]
+    parameters = {name: {k: v for k, v in spec.items() if k != "description"}  # test_compile checks those
+                  for name, spec in compiled[0]["root"]["inputDefinitions"]["parameters"].items()}
     assert set(parameters) == {"config_json", "accelerator_type", "accelerator_count", "gpu_node_selector",
-                               "resume_run_id"}
+                               "resume_run_id", *(field.parameter for field in RUN_FORM)}
     assert parameters["resume_run_id"] == {"defaultValue": "", "isOptional": True, "parameterType": "STRING"}
     assert parameters["accelerator_type"] == {"defaultValue": "nvidia.com/gpu", "isOptional": True,
                                               "parameterType": "STRING"}
@@ -72,9 +76,11 @@ def test_accelerators_come_from_the_parameters_on_gpu_stages_only(compiled, task
     assert accelerator == {"resourceType": placeholder("accelerator_type"),
                            "resourceCount": placeholder(GPU_TASKS[task])}
     inputs = task_spec(compiled, task)["inputs"]["parameters"]
-    assert inputs["pipelinechannel--accelerator_type"] == {"componentInputParameter": "accelerator_type"}
+    # inside the exit handler's group, pipeline parameters arrive as the group's own inputs
+    assert inputs["pipelinechannel--accelerator_type"] == {"componentInputParameter": "pipelinechannel--accelerator_type"}
     if GPU_TASKS[task] == "accelerator_count":
-        assert inputs["pipelinechannel--accelerator_count"] == {"componentInputParameter": "accelerator_count"}
+        assert inputs["pipelinechannel--accelerator_count"] == {
+            "componentInputParameter": "pipelinechannel--accelerator_count"}
     else:
         assert inputs[f"pipelinechannel--{GPU_TASKS[task]}"] == {
             "taskOutputParameter": {"producerTask": "preflight", "outputParameterKey": "train_accelerators"}}
@@ -97,7 +103,7 @@ def test_gpu_stages_select_and_tolerate_gpu_nodes(compiled, task):
         assert "tolerations" not in settings and "nodeSelector" not in settings
         return
     assert settings["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    assert settings["nodeSelector"] == {"nodeSelectorJson": {"componentInputParameter": "gpu_node_selector"}}
+    assert settings["nodeSelector"] == {"nodeSelectorJson": {"componentInputParameter": "pipelinechannel--gpu_node_selector"}}
 
 
 @pytest.mark.parametrize("task", TASKS)

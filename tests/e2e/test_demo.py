@@ -14,4 +14,4 @@ def test_demo_config_fine_tunes_gemma_and_lowers_perplexity(tmp_path):
                        "evaluate.num_generations=1", f"storage.uri={tmp_path / 'storage'}"])
     result = run_pipeline(cfg, progress=False)
     assert result["trainable_line"] == "trainable params: 737,280 || all params: 268,835,456 || trainable%: 0.2742"
-    assert result["eval"]["eval.tuned_perplexity"] < 0.9 * result["eval"]["eval.base_perplexity"]
+    assert result["eval"]["eval/tuned_perplexity"] < 0.9 * result["eval"]["eval/base_perplexity"]

@@ -33,8 +33,8 @@ def test_sentiment_example_beats_the_untrained_head_and_the_majority_class(name,
     result = run_pipeline(cfg, progress=False)
     scores = result["eval"]
     assert result["trainable_line"] == trainable_line
-    assert scores["eval.tuned_macro_f1"] > scores["eval.base_macro_f1"] + 0.15
-    assert scores["eval.tuned_macro_f1"] > scores["eval.majority_macro_f1"] + 0.15
-    assert scores["eval.tuned_accuracy"] > scores["eval.majority_accuracy"]
+    assert scores["eval/tuned_macro_f1"] > scores["eval/base_macro_f1"] + 0.15
+    assert scores["eval/tuned_macro_f1"] > scores["eval/majority_macro_f1"] + 0.15
+    assert scores["eval/tuned_accuracy"] > scores["eval/majority_accuracy"]
     if "uci" in name:
-        assert scores["eval.tuned_accuracy"] >= 0.8
+        assert scores["eval/tuned_accuracy"] >= 0.8

@@ -19,27 +19,27 @@ def run(example: str, tmp_path, *overrides: str) -> dict:
 def test_sentiment_instruction_example_learns_the_answer_words(tmp_path):
     scores = run("instruction-sentiment-gemma-lora.yaml", tmp_path, "train.max_steps=12", "train.save_steps=6",
                  "evaluate.max_samples=48")
-    assert scores["eval.tuned_loss"] < scores["eval.base_loss"]
-    assert scores["eval.tuned_answer_accuracy"] >= scores["eval.base_answer_accuracy"]
-    assert scores["eval.answer_accuracy_samples"] == 48
+    assert scores["eval/tuned_loss"] < scores["eval/base_loss"]
+    assert scores["eval/tuned_answer_accuracy"] >= scores["eval/base_answer_accuracy"]
+    assert scores["eval/answer_accuracy_samples"] == 48
 
 
 def test_gpteacher_instruction_example_lowers_the_response_loss(tmp_path):
     scores = run("instruction-gpteacher-gemma-lora.yaml", tmp_path, "train.max_steps=10", "train.save_steps=5",
                  "evaluate.max_samples=16", "evaluate.max_new_tokens=16")
-    assert scores["eval.tuned_loss"] < scores["eval.base_loss"]
+    assert scores["eval/tuned_loss"] < scores["eval/base_loss"]
 
 
 def test_selfinstruct_multitask_example_lowers_the_answer_loss(tmp_path):
     scores = run("multitask-selfinstruct-gemma-lora.yaml", tmp_path, "train.max_steps=10", "train.save_steps=5",
                  "evaluate.max_new_tokens=16")
-    assert scores["eval.tuned_loss"] < scores["eval.base_loss"]
-    assert scores["eval.tasks"] >= scores["eval.samples"] - 1  # one instance per seed task (one name twice)
-    assert scores["eval.task_macro.tuned_loss"] < scores["eval.task_macro.base_loss"]
+    assert scores["eval/tuned_loss"] < scores["eval/base_loss"]
+    assert scores["eval/tasks"] >= scores["eval/samples"] - 1  # one instance per seed task (one name twice)
+    assert scores["eval/task_macro.tuned_loss"] < scores["eval/task_macro.base_loss"]
 
 
 def test_progressive_multitask_example_lowers_the_answer_loss(tmp_path):
     scores = run("multitask-selfinstruct-gemma-progressive.yaml", tmp_path, "train.max_steps=10",
                  "train.save_steps=5", "evaluate.max_new_tokens=16")
-    assert scores["eval.tuned_loss"] < scores["eval.base_loss"]
-    assert scores["eval.task_macro.tuned_loss"] < scores["eval.task_macro.base_loss"]
+    assert scores["eval/tuned_loss"] < scores["eval/base_loss"]
+    assert scores["eval/task_macro.tuned_loss"] < scores["eval/task_macro.base_loss"]

@@ -21,19 +21,19 @@ def test_freezing_trains_only_the_top_blocks_and_lowers_perplexity(tmp_path):
     result = run("quotes-gemma-freeze", tmp_path)
     # embeddings (tied to the output) and blocks 0-13 frozen: blocks 14-17 train, 8.3% of the weights
     assert result["trainable_line"] == "trainable params: 22,295,168 || all params: 268,098,176 || trainable%: 8.3160"
-    assert result["eval"]["eval.tuned_perplexity"] < 0.9 * result["eval"]["eval.base_perplexity"]
-    assert "eval.forgetting_pct" in result["eval"]
+    assert result["eval"]["eval/tuned_perplexity"] < 0.9 * result["eval"]["eval/base_perplexity"]
+    assert "eval/forgetting_pct" in result["eval"]
 
 
 def test_4bit_qlora_lowers_perplexity(tmp_path):
     result = run("quotes-gemma-4bit-qlora", tmp_path)
     assert result["trainable_line"].startswith("trainable params: 737,280 ||")
-    assert result["eval"]["eval.tuned_perplexity"] < 0.9 * result["eval"]["eval.base_perplexity"]
+    assert result["eval"]["eval/tuned_perplexity"] < 0.9 * result["eval"]["eval/base_perplexity"]
 
 
 def test_replay_mixes_general_text_and_reports_forgetting(tmp_path):
     result = run("quotes-gemma-replay", tmp_path)
     scores = result["eval"]
-    assert scores["eval.tuned_perplexity"] < 0.9 * scores["eval.base_perplexity"]
-    assert scores["eval.retention.samples"] == 16
-    assert scores["eval.forgetting_pct"] < 5, "LoRA with replay must not forget the general text"
+    assert scores["eval/tuned_perplexity"] < 0.9 * scores["eval/base_perplexity"]
+    assert scores["eval/retention.samples"] == 16
+    assert scores["eval/forgetting_pct"] < 5, "LoRA with replay must not forget the general text"

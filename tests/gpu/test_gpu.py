@@ -40,7 +40,7 @@ def test_lora_on_a_quantized_base_trains_and_scores_on_the_gpu(quantization, tin
     assert changed, "no LoRA weight changed in training"
 
     metrics = json.loads((Path(out["evaluation"].path) / artifacts.EVALUATION).read_text())["metrics"]
-    assert metrics["eval.tuned_perplexity"] < metrics["eval.base_perplexity"]
+    assert metrics["eval/tuned_perplexity"] < metrics["eval/base_perplexity"]
 
 
 def test_batched_generate_on_the_gpu_matches_one_prompt_at_a_time(tiny_model_dir):

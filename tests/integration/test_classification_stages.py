@@ -69,26 +69,37 @@ def test_components_in_order_tune_a_head_that_beats_the_untrained_one(bert_dir, 
     assert head_keys and all(not torch.equal(before[key], after[key]) for key in after)
     assert after[next(k for k in head_keys if k.endswith("weight"))].shape == (3, 32)
 
+    confusion = dsl.ClassificationMetrics(name="confusion", uri=str(tmp_path / "confusion"), metadata={})
+    report = dsl.HTML(name="report", uri=str(tmp_path / "report.html"), metadata={})
     components.evaluate.python_func(config_json=config_json, run_id=run_id, tokenized=tokenized, tuned_model=tuned,
-                                    evaluation=evaluation, metrics=metrics)
+                                    evaluation=evaluation, metrics=metrics, confusion_matrix=confusion, report=report)
     scores = json.loads((Path(evaluation.path) / "evaluation.json").read_text())["metrics"]
-    assert scores["eval.samples"] == 48
-    assert scores["eval.tuned_accuracy"] > scores["eval.base_accuracy"] + 0.2
-    assert scores["eval.tuned_accuracy"] > scores["eval.majority_accuracy"] + 0.2
-    assert scores["eval.tuned_macro_f1"] > scores["eval.base_macro_f1"]
-    assert metrics.metadata["eval.tuned_accuracy"] == scores["eval.tuned_accuracy"]
+    assert scores["eval/samples"] == 48
+    assert scores["eval/tuned_accuracy"] > scores["eval/base_accuracy"] + 0.2
+    assert scores["eval/tuned_accuracy"] > scores["eval/majority_accuracy"] + 0.2
+    assert scores["eval/tuned_macro_f1"] > scores["eval/base_macro_f1"]
+    assert metrics.metadata["eval/tuned_accuracy"] == scores["eval/tuned_accuracy"]
+    # the KFP UI's views: the tuned model's confusion matrix and the report page
+    matrix = confusion.metadata["confusionMatrix"]
+    assert [c["displayName"] for c in matrix["annotationSpecs"]] == ["negative", "neutral", "positive"]
+    assert sum(sum(row["row"]) for row in matrix["rows"]) == 48
+    page = Path(report.path).read_text()
+    assert "<td>accuracy</td>" in page and "data:image/png;base64," in page
     client = tracking.client(config["tracking"]["mlflow_uri"])
     artifacts = {a.path for a in client.list_artifacts(run_id, "plots")}
     assert {"plots/confusion_matrix_base.png", "plots/confusion_matrix_tuned.png"} <= artifacts
-    assert client.get_run(run_id).data.metrics["eval.tuned_recall.positive"] == scores["eval.tuned_recall.positive"]
-    assert "eval.forgetting_pct" not in scores
-    assert client.get_run(run_id).data.tags["eval.retention"].startswith(
+    assert client.get_run(run_id).data.metrics["eval/tuned_recall.positive"] == scores["eval/tuned_recall.positive"]
+    assert "eval/forgetting_pct" not in scores
+    assert client.get_run(run_id).data.tags["eval/retention"].startswith(
         "not applicable: the checkpoint ships no masked-LM head")
 
-    version = components.register.python_func(config_json=config_json, run_id=run_id, lineage=lineage,
-                                              tokenized=tokenized, prepared_model=prepared, tuned_model=tuned,
-                                              evaluation=evaluation)
-    assert version == "tiny-sentiment/1"
+    registered = dsl.Model(name="registered", uri=str(tmp_path / "registered"), metadata={})
+    components.register.python_func(config_json=config_json, run_id=run_id, lineage=lineage, tokenized=tokenized,
+                                    prepared_model=prepared, tuned_model=tuned, evaluation=evaluation,
+                                    registered_model=registered)
+    assert (registered.metadata["model_name"], registered.metadata["version"]) == ("tiny-sentiment", "1")
+    assert registered.metadata["registered_model_uri"] == "models:/tiny-sentiment/1"
+    assert registered.metadata["run_id"] == run_id and registered.metadata["champion"] is True
 
 
 def test_full_fine_tuning_reports_masked_lm_forgetting(bert_mlm_dir, sentiment_file, general_reviews, tmp_path):
@@ -107,8 +118,8 @@ def test_full_fine_tuning_reports_masked_lm_forgetting(bert_mlm_dir, sentiment_f
         storage={"uri": str(tmp_path / "storage")})
     out = run_stages(config, tmp_path)
     scores = json.loads((Path(out["evaluation"].path) / "evaluation.json").read_text())["metrics"]
-    assert scores["eval.retention.samples"] == 30
-    base, tuned = scores["eval.retention.base_perplexity"], scores["eval.retention.tuned_perplexity"]
+    assert scores["eval/retention.samples"] == 30
+    base, tuned = scores["eval/retention.base_perplexity"], scores["eval/retention.tuned_perplexity"]
     assert base > 1 and tuned > 1 and base != tuned, "full fine-tuning moved the encoder"
-    assert scores["eval.forgetting_pct"] == pytest.approx(100 * (tuned / base - 1), abs=0.01)
-    assert out["metrics"].metadata["eval.forgetting_pct"] == scores["eval.forgetting_pct"]
+    assert scores["eval/forgetting_pct"] == pytest.approx(100 * (tuned / base - 1), abs=0.01)
+    assert out["metrics"].metadata["eval/forgetting_pct"] == scores["eval/forgetting_pct"]

@@ -95,13 +95,19 @@ def test_train_changes_only_the_adapter(run):
 def test_evaluate_scores_base_and_tuned(run):
     evaluation = artifact(dsl.Artifact, run["root"], "evaluation")
     metrics = artifact(dsl.Metrics, run["root"], "metrics")
+    confusion = artifact(dsl.ClassificationMetrics, run["root"], "confusion")
+    report = artifact(dsl.HTML, run["root"], "report")
     components.evaluate.python_func(config_json=run["config_json"], run_id=run["run_id"], tokenized=run["tokenized"],
-                                    tuned_model=run["tuned"], evaluation=evaluation, metrics=metrics)
+                                    tuned_model=run["tuned"], evaluation=evaluation, metrics=metrics,
+                                    confusion_matrix=confusion, report=report)
+    assert not confusion.metadata, "a language model has no confusion matrix"
+    page = Path(report.path).read_text()
+    assert "<td>perplexity</td>" in page and "Training loss" in page and "Held-out examples" in page
     result = json.loads((Path(evaluation.path) / "evaluation.json").read_text())
     scores = result["metrics"]
-    assert scores["eval.tuned_perplexity"] < scores["eval.base_perplexity"]
+    assert scores["eval/tuned_perplexity"] < scores["eval/base_perplexity"]
     assert len(result["generations"]) == 2 and {"prompt", "base", "tuned"} <= set(result["generations"][0])
-    assert metrics.metadata["eval.tuned_perplexity"] == scores["eval.tuned_perplexity"]
+    assert metrics.metadata["eval/tuned_perplexity"] == scores["eval/tuned_perplexity"]
     run["evaluation"] = evaluation
 
 
@@ -111,21 +117,24 @@ def test_a_second_evaluate_reuses_the_base_figures(run):
     again = artifact(dsl.Artifact, run["root"], "evaluation_again")
     metrics = artifact(dsl.Metrics, run["root"], "metrics_again")
     components.evaluate.python_func(config_json=run["config_json"], run_id=run["run_id"], tokenized=run["tokenized"],
-                                    tuned_model=run["tuned"], evaluation=again, metrics=metrics)
+                                    tuned_model=run["tuned"], evaluation=again, metrics=metrics,
+                                    confusion_matrix=artifact(dsl.ClassificationMetrics, run["root"], "confusion_again"),
+                                    report=artifact(dsl.HTML, run["root"], "report_again"))
     first = json.loads((Path(run["evaluation"].path) / "evaluation.json").read_text())
     second = json.loads((Path(again.path) / "evaluation.json").read_text())
-    assert first["metrics"]["eval.base_reused"] == 0 and second["metrics"]["eval.base_reused"] >= 1
-    assert {k: v for k, v in second["metrics"].items() if k != "eval.base_reused"} == \
-        {k: v for k, v in first["metrics"].items() if k != "eval.base_reused"}
+    assert first["metrics"]["eval/base_reused"] == 0 and second["metrics"]["eval/base_reused"] >= 1
+    assert {k: v for k, v in second["metrics"].items() if k != "eval/base_reused"} == \
+        {k: v for k, v in first["metrics"].items() if k != "eval/base_reused"}
     assert second["generations"] == first["generations"]
 
 
 def test_register_adds_a_version_and_finishes_the_run(run):
-    version = components.register.python_func(config_json=run["config_json"], run_id=run["run_id"],
-                                              lineage=run["lineage"], tokenized=run["tokenized"],
-                                              prepared_model=run["prepared"], tuned_model=run["tuned"],
-                                              evaluation=run["evaluation"])
-    assert version == "tiny-lora/1"
+    registered = artifact(dsl.Model, run["root"], "registered")
+    components.register.python_func(config_json=run["config_json"], run_id=run["run_id"], lineage=run["lineage"],
+                                    tokenized=run["tokenized"], prepared_model=run["prepared"], tuned_model=run["tuned"],
+                                    evaluation=run["evaluation"], registered_model=registered)
+    assert registered.metadata["registered_model_uri"] == "models:/tiny-lora/1"
+    assert json.loads(Path(registered.path).read_text())["version"] == "1"
     mlflow_client = tracking.client(run["uri"])
     model_version = mlflow_client.get_model_version("tiny-lora", "1")
     assert model_version.run_id == run["run_id"]
@@ -161,7 +170,7 @@ def test_retry_mid_training_resumes_from_the_last_stored_checkpoint(run):
     # The summary covers both attempts; MLflow holds each step's loss once, the redone steps 7-12 included.
     losses = [row["loss"] for row in summary["history"]]
     assert summary["train_loss_mean"] == round(sum(losses) / 12, 4)
-    logged = tracking.client(run["uri"]).get_metric_history(run["run_id"], "train.loss")
+    logged = tracking.client(run["uri"]).get_metric_history(run["run_id"], "train/loss")
     assert sorted(m.step for m in logged) == list(range(1, 13))
     # Storage keeps the newest train.keep_checkpoints (2) complete checkpoints.
     assert sorted(p.name for p in storage.iterdir()) == ["checkpoint-12", "checkpoint-6"]

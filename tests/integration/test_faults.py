@@ -70,7 +70,7 @@ def test_a_killed_run_continues_with_resume(tiny_model_dir, quotes_file, tmp_pat
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["kubetune.resumed"] == "1"
     assert "kubetune.failed_stage" not in run.data.tags
-    steps = [m.step for m in client.get_metric_history(run_id, "train.loss")]
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 121)), "a step was lost or logged twice"
     assert client.get_model_version("tiny-lora", "1").run_id == run_id
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-110", "checkpoint-120"]
@@ -92,10 +92,10 @@ def test_metrics_logged_while_mlflow_is_down_for_20_s_arrive(mlflow_server):
         proxy.down_for(20)
         started = time.monotonic()
         for step in (1, 2, 3):
-            logger.metrics({"train.loss": 1.0 / step}, step=step)
+            logger.metrics({"train/loss": 1.0 / step}, step=step)
         waited = time.monotonic() - started
     finally:
         proxy.down()
-    history = tracking.client(mlflow_server).get_metric_history(run_id, "train.loss")
+    history = tracking.client(mlflow_server).get_metric_history(run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)]
     assert waited >= 15

@@ -17,8 +17,8 @@ def test_evaluate_reports_retention_and_forgetting(tiny_model_dir, quotes_file, 
                              storage={"uri": str(tmp_path / "storage")})
     out = run_stages(config, tmp_path)
     metrics = json.loads((Path(out["evaluation"].path) / "evaluation.json").read_text())["metrics"]
-    base, tuned = metrics["eval.retention.base_perplexity"], metrics["eval.retention.tuned_perplexity"]
-    assert metrics["eval.retention.samples"] == 24 and base > 1 and tuned > 1
-    assert metrics["eval.forgetting_pct"] == pytest.approx(100 * (tuned / base - 1), abs=0.01)
+    base, tuned = metrics["eval/retention.base_perplexity"], metrics["eval/retention.tuned_perplexity"]
+    assert metrics["eval/retention.samples"] == 24 and base > 1 and tuned > 1
+    assert metrics["eval/forgetting_pct"] == pytest.approx(100 * (tuned / base - 1), abs=0.01)
     stats = json.loads((Path(out["dataset"].path) / "stats.json").read_text())
     assert stats["rows_replay"] == round(stats["rows_usable"] * 0.8 * 0.2 / 0.8)

@@ -34,11 +34,11 @@ def test_instruction_stages_learn_the_answers(tiny_model_dir, tmp_path):
     out = run_stages(config, tmp_path, through="register")
     result = json.loads((Path(out["evaluation"].path) / "evaluation.json").read_text())
     metrics = result["metrics"]
-    assert metrics["eval.tuned_loss"] < 0.5 * metrics["eval.base_loss"]
-    assert metrics["eval.tuned_answer_accuracy"] >= metrics["eval.base_answer_accuracy"]
-    assert metrics["eval.answer_accuracy_samples"] == metrics["eval.samples"] == 24
+    assert metrics["eval/tuned_loss"] < 0.5 * metrics["eval/base_loss"]
+    assert metrics["eval/tuned_answer_accuracy"] >= metrics["eval/base_answer_accuracy"]
+    assert metrics["eval/answer_accuracy_samples"] == metrics["eval/samples"] == 24
     assert result["generations"][0]["expected"] in ("negative", "positive")
-    assert out["metrics"].metadata["eval.tuned_loss"] == metrics["eval.tuned_loss"]
+    assert out["metrics"].metadata["eval/tuned_loss"] == metrics["eval/tuned_loss"]
 
     # the registered model builds the prompt it was trained on from an `input` column
     import mlflow
@@ -84,4 +84,4 @@ def test_multitask_progressive_schedule_reaches_the_trainer(tiny_model_dir, tmp_
     assert summary["steps"] == 6 and all(row["loss"] > 0 for row in summary["history"])
     result = json.loads((Path(out["evaluation"].path) / "evaluation.json").read_text())
     assert GENERAL_TASK not in result["per_task"], "held-out rows are the tasks' own"
-    assert sum(row["samples"] for row in result["per_task"].values()) == result["metrics"]["eval.samples"]
+    assert sum(row["samples"] for row in result["per_task"].values()) == result["metrics"]["eval/samples"]

@@ -35,8 +35,16 @@ def finished(tiny_model_dir, quotes_file, mlflow_server, s3_server, tmp_path_fac
                              storage={"uri": f"s3://{bucket}/kubetune", "endpoint_url": s3_server.endpoint_url},
                              register={"model_name": "tiny-dag"})
     result = run_pipeline(RunConfig.from_dict(config), progress=False)
-    return {"result": result, "bucket": bucket, "base_before": base_before, "weights": weights, "data": data,
+    return {"result": result, "config": config, "bucket": bucket, "base_before": base_before, "weights": weights, "data": data,
             "client": tracking.client(mlflow_server), "s3": s3_server.client()}
+
+
+def run_config(finished) -> dict:
+    """The config as the stages saw it: run_pipeline pins places to absolute paths."""
+    run = finished["client"].get_run(finished["result"]["run_id"])
+    config = json.loads(json.dumps(finished["config"]))
+    config["tracking"]["mlflow_uri"] = run.data.params["tracking.mlflow_uri"]
+    return config
 
 
 def test_every_task_succeeded_and_timed(finished):
@@ -44,8 +52,11 @@ def test_every_task_succeeded_and_timed(finished):
     assert result["registered"] == "tiny-dag/1"
     assert set(result["stage_seconds"]) == STAGES
     assert finished["client"].get_run(result["run_id"]).info.status == "FINISHED"
-    # every task forked from the warm starter (kubetune.launch.warm), none fell back to a fresh process
-    assert set(result["started_warm"]) == STAGES
+    # every task forked from the warm starter (kubetune.launch.warm), none fell back to a fresh process,
+    # and the exit handler ran after them and found nothing to mark
+    assert set(result["started_warm"]) == STAGES | {"finish_run"}
+    exit_log = max((state_dir() / "logs").glob("*-finish_run.log"), key=lambda p: p.stat().st_mtime).read_text()
+    assert "pipeline run SUCCEEDED: nothing to do" in exit_log
 
 
 def test_config_strings_reach_the_stages_unaltered_and_nothing_is_left_in_tmp(finished):
@@ -71,17 +82,28 @@ def test_mlflow_run_holds_params_metrics_and_model(finished):
     assert run.data.params["model.quantization"] == "8bit" and run.data.params["model.lora.alpha"] == "16"
     assert run.data.tags["kubetune.base_model"].endswith("model")
     assert run.data.tags["kubetune.version"]
-    losses = [m.value for m in sorted(client.get_metric_history(run_id, "train.loss"), key=lambda m: m.step)]
+    losses = [m.value for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]), losses
-    assert len(client.get_metric_history(run_id, "train.learning_rate")) == 12
-    assert len(client.get_metric_history(run_id, "train.tokens_per_s_step")) == 12  # telemetry per step ...
-    assert run.data.metrics["train.tokens_per_s"] > 0 and 0 <= run.data.metrics["train.padding_share"] < 0.5
-    assert run.data.metrics["train.peak_rss_mb"] > 100  # ... and for the run
+    assert len(client.get_metric_history(run_id, "train/learning_rate")) == 12
+    assert len(client.get_metric_history(run_id, "train/tokens_per_s_step")) == 12  # telemetry per step ...
+    assert run.data.metrics["train/tokens_per_s"] > 0 and 0 <= run.data.metrics["train/padding_share"] < 0.5
+    assert run.data.metrics["train/peak_rss_mb"] > 100  # ... and for the run
     metrics = run.data.metrics
-    assert {"eval.base_perplexity", "eval.tuned_perplexity", "eval.base_loss", "eval.tuned_loss"} <= set(metrics)
-    assert metrics["model.trainable_params"] > 0
-    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "plots")}
-    assert {"preflight.json", "plots/train_loss.png"} <= artifacts
+    assert {"eval/base_perplexity", "eval/tuned_perplexity", "eval/base_loss", "eval/tuned_loss"} <= set(metrics)
+    assert metrics["model/trainable_params"] > 0
+    artifacts = {a.path for folder in ("", "plots", "train", "eval") for a in client.list_artifacts(run_id, folder or None)}
+    assert {"preflight.json", "plots/train_loss.png", "train/training_arguments.json", "eval/report.html"} <= artifacts
+    # metrics come in sections (the part before the first /), system metrics among them
+    assert {key.split("/", 1)[0] for key in metrics} == {"data", "model", "train", "eval", "timing", "system"}
+    assert any(key.startswith("system/cpu_utilization") for key in metrics)
+    # the params are the run config and nothing else, null spelled one way
+    assert set(run.data.params) == set(tracking.flatten(RunConfig.from_dict(run_config(finished)).to_dict()))
+    assert "None" not in run.data.params.values() and run.data.params["data.label_field"] == "null"
+    # the data as used, as the run's dataset inputs
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "validation", "retention"}
+    assert inputs["train"].name == "quotes-train" and json.loads(inputs["train"].profile)["num_rows"] == 64
+    assert json.loads(inputs["train"].source)["uri"] == str(finished["data"])
 
     version = client.get_model_version("tiny-dag", "1")
     assert version.run_id == run_id
@@ -91,7 +113,7 @@ def test_mlflow_run_holds_params_metrics_and_model(finished):
     mlflow.set_registry_uri(client.tracking_uri)
     local = Path(mlflow.artifacts.download_artifacts("models:/tiny-dag/1"))
     assert len(list(local.glob("artifacts/*/adapter_model.safetensors"))) == 1
-    assert float(version.tags["eval.tuned_perplexity"]) == metrics["eval.tuned_perplexity"]
+    assert float(version.tags["eval/tuned_perplexity"]) == metrics["eval/tuned_perplexity"]
 
 
 def test_registered_champion_loads_and_generates(finished):

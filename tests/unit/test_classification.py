@@ -197,14 +197,14 @@ def test_evaluate_reports_base_tuned_and_majority(kind):
     variants = Variants(base=lambda: nullcontext(Fixed([1] * 10)), tuned=lambda: nullcontext(Fixed(tuned_pred)))
     result = evaluate(kind, variants, tokenizer, dataset, THREE_CLASS_INFO, cfg)
     metrics = result.metrics
-    assert metrics["eval.samples"] == 10
-    assert metrics["eval.tuned_accuracy"] == 0.8 and metrics["eval.base_accuracy"] == 0.2
-    assert metrics["eval.majority_accuracy"] == 0.3
-    assert metrics["eval.majority_macro_f1"] == pytest.approx(2 * 0.3 / 1.3 / 3, abs=1e-5)
-    assert metrics["eval.base_macro_f1"] == pytest.approx(2 * 0.2 / 1.2 / 3, abs=1e-5)
-    assert metrics["eval.tuned_recall.positive"] == 0.8 and metrics["eval.tuned_precision.positive"] == 0.8
-    assert metrics["eval.tuned_precision.negative"] == 0.75 and metrics["eval.support.positive"] == 5
-    assert metrics["eval.tuned_f1.neutral"] == pytest.approx(2 / 3, abs=1e-5)
+    assert metrics["eval/samples"] == 10
+    assert metrics["eval/tuned_accuracy"] == 0.8 and metrics["eval/base_accuracy"] == 0.2
+    assert metrics["eval/majority_accuracy"] == 0.3
+    assert metrics["eval/majority_macro_f1"] == pytest.approx(2 * 0.3 / 1.3 / 3, abs=1e-5)
+    assert metrics["eval/base_macro_f1"] == pytest.approx(2 * 0.2 / 1.2 / 3, abs=1e-5)
+    assert metrics["eval/tuned_recall.positive"] == 0.8 and metrics["eval/tuned_precision.positive"] == 0.8
+    assert metrics["eval/tuned_precision.negative"] == 0.75 and metrics["eval/support.positive"] == 5
+    assert metrics["eval/tuned_f1.neutral"] == pytest.approx(2 / 3, abs=1e-5)
     assert result.tables["confusion_matrix"]["tuned"] == [[3, 0, 0], [0, 1, 1], [1, 0, 4]]
     assert result.generations == [{"text": "review one", "label": "negative", "base": "neutral", "tuned": "negative"},
                                      {"text": "review two", "label": "negative", "base": "neutral", "tuned": "negative"}]
@@ -373,7 +373,7 @@ def test_masked_lm_retention_scores_the_encoder_through_the_checkpoints_head(kin
     cfg = retention_cfg(general_reviews)
     classifier = load_base_model(bert_mlm_dir, "none", kind, THREE_CLASS_INFO)
     same = forgetting(classifier, classifier)
-    assert same["eval.forgetting_pct"] == 0 and same["eval.retention.samples"] == 40
+    assert same["eval/forgetting_pct"] == 0 and same["eval/retention.samples"] == 40
 
     rows = masked_inputs(tokenizer, retention_texts(cfg), 32, seed=3)
     assert all(sum(label != -100 for label in row["labels"]) >= 1 for row in rows)
@@ -391,7 +391,7 @@ def test_masked_lm_retention_scores_the_encoder_through_the_checkpoints_head(kin
         return math.exp(total / count)
 
     reference = BertForMaskedLM.from_pretrained(bert_mlm_dir).eval()
-    assert same["eval.retention.base_perplexity"] == pytest.approx(direct_perplexity(reference), rel=1e-4)
+    assert same["eval/retention.base_perplexity"] == pytest.approx(direct_perplexity(reference), rel=1e-4)
 
     changed = copy.deepcopy(classifier)
     torch.manual_seed(0)
@@ -402,9 +402,9 @@ def test_masked_lm_retention_scores_the_encoder_through_the_checkpoints_head(kin
     reference.bert.load_state_dict(changed.bert.state_dict(), strict=False)
     reference.tie_weights()
     assert reference.cls.predictions.decoder.weight is reference.bert.embeddings.word_embeddings.weight
-    assert drift["eval.retention.base_perplexity"] == same["eval.retention.base_perplexity"]
-    assert drift["eval.retention.tuned_perplexity"] == pytest.approx(direct_perplexity(reference), rel=1e-4)
-    assert drift["eval.forgetting_pct"] != 0
+    assert drift["eval/retention.base_perplexity"] == same["eval/retention.base_perplexity"]
+    assert drift["eval/retention.tuned_perplexity"] == pytest.approx(direct_perplexity(reference), rel=1e-4)
+    assert drift["eval/forgetting_pct"] != 0
     mlm, _ = masked_lm_model(bert_mlm_dir)
     masked_lm_losses(mlm, encoder_of(changed), rows, tokenizer.pad_token_id, batch_size=8)
     assert mlm.cls.predictions.decoder.weight is mlm.bert.embeddings.word_embeddings.weight, "head restored"

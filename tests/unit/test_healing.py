@@ -28,14 +28,14 @@ def test_a_retried_stage_clears_the_failed_attempt_and_counts_every_attempt(logg
             raise RuntimeError("node lost")
     failed = run_of(logger)
     assert failed.info.status == "FAILED" and failed.data.tags["kubetune.failed_stage"] == "train"
-    first = failed.data.metrics["stage_attempt_seconds.train"]
+    first = failed.data.metrics["timing/train_attempt_seconds"]
     with logger.stage("train"):
         pass
     healed = run_of(logger)
     assert healed.info.status == "RUNNING"
     assert "kubetune.failed_stage" not in healed.data.tags and "kubetune.error" not in healed.data.tags
-    assert healed.data.metrics["stage_attempts.train"] == 2
-    assert healed.data.metrics["stage_seconds.train"] >= first
+    assert healed.data.metrics["timing/train_attempts"] == 2
+    assert healed.data.metrics["timing/train_seconds"] >= first
 
 
 def test_an_attempt_that_failed_on_bad_input_is_not_redone(logger):
@@ -56,7 +56,7 @@ def test_a_service_outage_is_retried_like_any_failure(logger):
             raise ServiceError("storage.uri", "s3://b", "cannot reach the S3 endpoint")
     with logger.stage("train"):
         pass
-    assert run_of(logger).data.metrics["stage_attempts.train"] == 2
+    assert run_of(logger).data.metrics["timing/train_attempts"] == 2
 
 
 def checkpoint(root, step):

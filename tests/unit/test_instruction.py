@@ -293,21 +293,21 @@ def test_per_task_metrics_and_answer_accuracy(tiny_model_dir, tokenizer, tmp_pat
     result = evaluate(Multitask(), variants, tokenizer, dataset, info, cfg)
     metrics = result.metrics
     held_out = Counter(row["task"] for row in splits.validation)
-    assert metrics["eval.tasks"] == len(held_out) == 3
+    assert metrics["eval/tasks"] == len(held_out) == 3
     for task, count in held_out.items():
-        assert metrics[f"eval.task.{task}.samples"] == count
-        assert metrics[f"eval.task.{task}.base_loss"] == metrics[f"eval.task.{task}.tuned_loss"] > 0
-    assert 0 <= metrics["eval.task.sentiment.base_answer_accuracy"] <= 1
-    assert "eval.task.double.base_answer_accuracy" not in metrics
-    assert metrics["eval.answer_accuracy_samples"] == held_out["sentiment"]  # micro, over closed-set tasks
-    assert metrics["eval.task_macro.base_loss"] == pytest.approx(
-        sum(metrics[f"eval.task.{t}.base_loss"] for t in held_out) / 3, abs=1e-4)
-    assert "eval.base_short_answer_exact_match" in metrics  # `double` and `echo` answers are short
+        assert metrics[f"eval/task.{task}.samples"] == count
+        assert metrics[f"eval/task.{task}.base_loss"] == metrics[f"eval/task.{task}.tuned_loss"] > 0
+    assert 0 <= metrics["eval/task.sentiment.base_answer_accuracy"] <= 1
+    assert "eval/task.double.base_answer_accuracy" not in metrics
+    assert metrics["eval/answer_accuracy_samples"] == held_out["sentiment"]  # micro, over closed-set tasks
+    assert metrics["eval/task_macro.base_loss"] == pytest.approx(
+        sum(metrics[f"eval/task.{t}.base_loss"] for t in held_out) / 3, abs=1e-4)
+    assert "eval/base_short_answer_exact_match" in metrics  # `double` and `echo` answers are short
     assert len(result.generations) == 2 and {"prompt", "expected", "base", "tuned", "task"} == set(
         result.generations[0])
     table = result.tables["per_task"]
     assert set(table) == set(held_out) and all(table[t]["samples"] == held_out[t] for t in held_out)
-    assert all(table[t]["base_loss"] == metrics[f"eval.task.{t}.base_loss"] for t in held_out)
+    assert all(table[t]["base_loss"] == metrics[f"eval/task.{t}.base_loss"] for t in held_out)
     assert "base_answer_accuracy" in table["sentiment"] and "base_answer_accuracy" not in table["double"]
 
 

@@ -31,7 +31,7 @@ def report() -> PreflightReport:
 
 
 def test_preflight_task_takes_the_runs_own_report_for_exactly_that_config(monkeypatch):
-    cfg = RunConfig()
+    cfg = RunConfig().validate()  # as every stage builds it: defaults resolved
     monkeypatch.setenv(PASSED_ENV, passed_record(cfg, report()))
     # The stage receives the config as JSON and rebuilds it: the same config.
     assert passed_earlier(RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))), None) == report()

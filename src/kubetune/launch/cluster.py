@@ -35,6 +35,7 @@ from kubetune import __version__
 from kubetune.config import RunConfig
 from kubetune.errors import ConfigError, ServiceError
 from kubetune.pipelines import pipeline
+from kubetune.run_form import check_for_cluster
 
 log = logging.getLogger(__name__)
 
@@ -118,32 +119,6 @@ def parse_node_selector(items: list[str]) -> Optional[dict[str, str]]:
 
 # ---------------------------------------------------------------------------------------------
 # Checks before anything is sent.
-
-
-def _is_local_path(location: str) -> bool:
-    return (location.startswith(("/", "./", "../", "~", "file:"))
-            or Path(location).expanduser().exists())
-
-
-def check_for_cluster(cfg: RunConfig) -> RunConfig:
-    """A pod sees none of this machine's files: every location must be remote. Raises ConfigError."""
-    for name, value in (("data.path", cfg.data.path), ("data.test_path", cfg.data.test_path),
-                        ("data.replay_path", cfg.data.replay_path),
-                        ("evaluate.retention_path", cfg.evaluate.retention_path)):
-        if value is not None and not value.startswith("s3://"):
-            raise ConfigError(name, value, "a pod cannot read this machine's files: upload it and give its "
-                                           "s3://bucket/key" + (" (or null to skip it)" if name != "data.path" else ""))
-    if _is_local_path(cfg.model.name_or_path):
-        raise ConfigError("model.name_or_path", cfg.model.name_or_path,
-                          "a pod cannot read this machine's files: give a hub id, an s3:// snapshot or package:<name>")
-    if cfg.storage.uri is None or not cfg.storage.uri.startswith("s3://"):
-        raise ConfigError("storage.uri", cfg.storage.uri,
-                          "on a cluster checkpoints and adapters must outlive the pods: give s3://bucket/prefix")
-    uri = cfg.tracking.mlflow_uri
-    if uri is not None and not uri.startswith(("http://", "https://")):
-        raise ConfigError("tracking.mlflow_uri", uri, "pods need an MLflow server: give its http(s):// URL, or null "
-                                                      "to use MLFLOW_TRACKING_URI from the kubetune-endpoints ConfigMap")
-    return cfg
 
 
 def check_cron(cron: str) -> str:

@@ -386,7 +386,9 @@ def run(cfg: RunConfig, podman: containers.Podman, gpu: bool, state: Path, progr
         local.init(runner=local.DockerRunner(**docker_run_args(container_plan)), pipeline_root=str(pipeline_root),
                    workspace_root=str(workspace_root), raise_on_error=True)
         try:
-            return kubetune_pipeline(config_json=json.dumps(cfg.to_dict()), resume_run_id=resume).output
+            started_ms = int(time.time() * 1000)
+            kubetune_pipeline(config_json=json.dumps(cfg.to_dict()), resume_run_id=resume)
+            return tracking.registered_since(cfg.tracking.mlflow_uri, cfg.tracking.experiment, started_ms, resume)
         except RuntimeError:
             if runner.failures:
                 raise runner.failures[-1] from None

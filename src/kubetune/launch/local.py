@@ -204,8 +204,10 @@ def _run_dag(cfg: RunConfig, home: Path, runner: str, resume: str, warm: Optiona
                workspace_root=str(home / "kfp-workspace"), raise_on_error=True)
     with ProcessTasks(home, warm).installed() as tasks:
         try:
-            registered = kubetune_pipeline(config_json=json.dumps(cfg.to_dict()), resume_run_id=resume).output
-            return registered, tasks.started_warm
+            started_ms = int(time.time() * 1000)
+            kubetune_pipeline(config_json=json.dumps(cfg.to_dict()), resume_run_id=resume)
+            return tracking.registered_since(cfg.tracking.mlflow_uri, cfg.tracking.experiment, started_ms, resume), \
+                tasks.started_warm
         except RuntimeError:
             if tasks.failures:
                 raise tasks.failures[-1] from None
@@ -225,8 +227,8 @@ def summarize(cfg: RunConfig, registered: str, wall_seconds: float) -> dict[str,
         "tracking_uri": cfg.tracking.mlflow_uri,
         "champion": model_version.aliases and "champion" in model_version.aliases,
         "wall_seconds": round(wall_seconds, 1),
-        "stage_seconds": {k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith("stage_seconds.")},
-        "eval": {k: v for k, v in metrics.items() if k.startswith("eval.")},
+        "stage_seconds": tracking.stage_seconds(metrics),
+        "eval": {k: v for k, v in metrics.items() if k.startswith("eval/")},
         "trainable_line": run.data.tags.get("kubetune.trainable_line", ""),
         "storage": run.data.tags.get("kubetune.storage_run_prefix"),
     }

@@ -28,12 +28,12 @@ def loss_metrics(rows: list[dict[str, Any]], scores: dict[str, Scores]) -> dict[
     """Token-weighted answer-token loss and perplexity of both models on the same rows, and how
     often greedy decoding reproduces the whole answer."""
     base, tuned = scores["base"], scores["tuned"]
-    metrics: dict[str, Any] = {"eval.samples": len(rows), "eval.answer_tokens": sum(n for _, n in base.losses)}
+    metrics: dict[str, Any] = {"eval/samples": len(rows), "eval/answer_tokens": sum(n for _, n in base.losses)}
     for name in VARIANTS:
-        metrics[f"eval.{name}_exact_match"] = round(sum(scores[name].greedy_exact) / max(1, len(rows)), 4)
-    metrics.update({"eval.base_loss": round(base.loss, 5), "eval.tuned_loss": round(tuned.loss, 5),
-                    "eval.base_perplexity": perplexity(base.loss), "eval.tuned_perplexity": perplexity(tuned.loss)})
-    metrics["eval.perplexity_change_pct"] = change_pct(metrics["eval.base_perplexity"], metrics["eval.tuned_perplexity"])
+        metrics[f"eval/{name}_exact_match"] = round(sum(scores[name].greedy_exact) / max(1, len(rows)), 4)
+    metrics.update({"eval/base_loss": round(base.loss, 5), "eval/tuned_loss": round(tuned.loss, 5),
+                    "eval/base_perplexity": perplexity(base.loss), "eval/tuned_perplexity": perplexity(tuned.loss)})
+    metrics["eval/perplexity_change_pct"] = change_pct(metrics["eval/base_perplexity"], metrics["eval/tuned_perplexity"])
     return metrics
 
 
@@ -49,15 +49,15 @@ def answer_metrics(rows: list[dict[str, Any]], scores: dict[str, Scores], answer
     closed = [i for i, row in enumerate(rows) if answer_set_of(row)]
     if closed:
         for name in VARIANTS:
-            metrics[f"eval.{name}_answer_accuracy"] = accuracy(rows, closed, scores[name].texts, answer_set_of)
-        metrics["eval.answer_accuracy_samples"] = len(closed)
+            metrics[f"eval/{name}_answer_accuracy"] = accuracy(rows, closed, scores[name].texts, answer_set_of)
+        metrics["eval/answer_accuracy_samples"] = len(closed)
     short = [i for i, row in enumerate(rows) if is_short(row["answer"]) and not answer_set_of(row)]
     if short:
         for name in VARIANTS:
             texts = scores[name].texts
-            metrics[f"eval.{name}_short_answer_exact_match"] = round(
+            metrics[f"eval/{name}_short_answer_exact_match"] = round(
                 sum(exact_match(texts.get(i, ""), rows[i]["answer"]) for i in short) / len(short), 4)
-        metrics["eval.short_answer_samples"] = len(short)
+        metrics["eval/short_answer_samples"] = len(short)
     return metrics
 
 
@@ -83,16 +83,16 @@ def per_task_scores(rows: list[dict[str, Any]], scores: dict[str, Scores],
 
 
 def task_metrics(per_task: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """eval.task.<name>.* for the largest tasks with at least MIN_TASK_EXAMPLES held-out rows, and
+    """eval/task.<name>.* for the largest tasks with at least MIN_TASK_EXAMPLES held-out rows, and
     macro averages (every task counts once) over all tasks: eval.task_macro.*."""
-    metrics: dict[str, Any] = {"eval.tasks": len(per_task)}
+    metrics: dict[str, Any] = {"eval/tasks": len(per_task)}
     logged = sorted((t for t in per_task if per_task[t]["samples"] >= MIN_TASK_EXAMPLES),
                     key=lambda t: (-per_task[t]["samples"], t))[:MAX_TASK_METRICS]
     for task in logged:
-        metrics.update({f"eval.task.{metric_key(task)}.{k}": v for k, v in per_task[task].items()})
-    metrics["eval.tasks_logged"] = len(logged)
+        metrics.update({f"eval/task.{metric_key(task)}.{k}": v for k, v in per_task[task].items()})
+    metrics["eval/tasks_logged"] = len(logged)
     for key in ("base_loss", "tuned_loss", "base_answer_accuracy", "tuned_answer_accuracy"):
         values = [v[key] for v in per_task.values() if key in v]
         if values:
-            metrics[f"eval.task_macro.{key}"] = round(sum(values) / len(values), 5)
+            metrics[f"eval/task_macro.{key}"] = round(sum(values) / len(values), 5)
     return metrics

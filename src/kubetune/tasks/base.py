@@ -101,9 +101,9 @@ class TaskKind:
     labelled_tail = False
     retention_form = CAUSAL_LM
     #: The registry's promotion gate: the metric a new version must beat, and whether higher is better.
-    registry_score = ("eval.tuned_perplexity", False)
+    registry_score = ("eval/tuned_perplexity", False)
     #: What the end-of-run summary shows (those of them the run produced), after the retention figures.
-    headline_metrics = ("eval.base_perplexity", "eval.tuned_perplexity", "eval.perplexity_change_pct")
+    headline_metrics = ("eval/base_perplexity", "eval/tuned_perplexity", "eval/perplexity_change_pct")
 
     # ---- prepare_data -----------------------------------------------------------------------
     def expand(self, rows: list[dict[str, Any]], where: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -194,17 +194,17 @@ class TaskKind:
                info: dict[str, Any], tokenizer, cfg: EvaluateConfig) -> Evaluation:
         """Perplexity of both models on the same held-out tokens, and the sample continuations."""
         base, tuned = scores["base"], scores["tuned"]
-        metrics = {"eval.samples": len(rows), "eval.tokens": sum(n for _, n in base.losses),
-                   "eval.base_loss": round(base.loss, 5), "eval.base_perplexity": perplexity(base.loss),
-                   "eval.tuned_loss": round(tuned.loss, 5), "eval.tuned_perplexity": perplexity(tuned.loss)}
-        metrics["eval.perplexity_change_pct"] = change_pct(metrics["eval.base_perplexity"],
-                                                          metrics["eval.tuned_perplexity"])
+        metrics = {"eval/samples": len(rows), "eval/tokens": sum(n for _, n in base.losses),
+                   "eval/base_loss": round(base.loss, 5), "eval/base_perplexity": perplexity(base.loss),
+                   "eval/tuned_loss": round(tuned.loss, 5), "eval/tuned_perplexity": perplexity(tuned.loss)}
+        metrics["eval/perplexity_change_pct"] = change_pct(metrics["eval/base_perplexity"],
+                                                          metrics["eval/tuned_perplexity"])
         generations = [{"prompt": c.prompt, "base": base.texts[c.row], "tuned": tuned.texts[c.row]} for c in completions]
         return Evaluation(metrics=metrics, generations=generations)
 
     def summary(self, metrics: dict[str, Any]) -> str:
         """One log line of the headline figures."""
-        return ", ".join(f"{key.split('.', 1)[1]} {metrics[key]}" for key in self.headline_metrics if key in metrics)
+        return ", ".join(f"{key.split('/', 1)[1]} {metrics[key]}" for key in self.headline_metrics if key in metrics)
 
     # ---- register ---------------------------------------------------------------------------
     def prompt_format(self, cfg: DataConfig) -> Optional[dict[str, Any]]:

@@ -71,9 +71,9 @@ class Classification(TaskKind):
     peft_task_type = "SEQ_CLS"
     scoring = CLASSES
     retention_form = MASKED_LM
-    registry_score = ("eval.tuned_macro_f1", True)
-    headline_metrics = ("eval.base_accuracy", "eval.tuned_accuracy", "eval.base_macro_f1", "eval.tuned_macro_f1",
-                        "eval.majority_accuracy", "eval.majority_macro_f1")
+    registry_score = ("eval/tuned_macro_f1", True)
+    headline_metrics = ("eval/base_accuracy", "eval/tuned_accuracy", "eval/base_macro_f1", "eval/tuned_macro_f1",
+                        "eval/majority_accuracy", "eval/majority_macro_f1")
 
     # ---- prepare_data -----------------------------------------------------------------------
     def required_fields(self, cfg: DataConfig) -> list[tuple[str, str]]:
@@ -201,16 +201,16 @@ class Classification(TaskKind):
         predicted["majority"] = np.full_like(truth, majority)
 
         measured = {k: scores_from(confusion_matrix(truth, v, len(names))) for k, v in predicted.items()}
-        metrics: dict[str, float] = {"eval.samples": len(rows)}
+        metrics: dict[str, float] = {"eval/samples": len(rows)}
         for variant in ("base", "tuned", "majority"):
-            metrics[f"eval.{variant}_accuracy"] = measured[variant]["accuracy"]
-            metrics[f"eval.{variant}_macro_f1"] = measured[variant]["macro_f1"]
+            metrics[f"eval/{variant}_accuracy"] = measured[variant]["accuracy"]
+            metrics[f"eval/{variant}_macro_f1"] = measured[variant]["macro_f1"]
         for variant in ("base", "tuned"):
             for measure in ("precision", "recall", "f1"):
                 for name, value in zip(names, measured[variant][measure]):
-                    metrics[f"eval.{variant}_{measure}.{metric_key(name)}"] = value
+                    metrics[f"eval/{variant}_{measure}.{metric_key(name)}"] = value
         for name, value in zip(names, measured["tuned"]["support"]):
-            metrics[f"eval.support.{metric_key(name)}"] = value
+            metrics[f"eval/support.{metric_key(name)}"] = value
 
         examples = [{"text": tokenizer.decode(rows[i]["input_ids"], skip_special_tokens=True),
                      "label": names[truth[i]], "base": names[predicted["base"][i]],

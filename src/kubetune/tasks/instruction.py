@@ -46,8 +46,8 @@ class Instruction(TaskKind):
     name = "instruction"
     peft_task_type = "CAUSAL_LM"
     labelled_tail = True
-    headline_metrics = ("eval.base_perplexity", "eval.tuned_perplexity", "eval.perplexity_change_pct",
-                        "eval.base_answer_accuracy", "eval.tuned_answer_accuracy")
+    headline_metrics = ("eval/base_perplexity", "eval/tuned_perplexity", "eval/perplexity_change_pct",
+                        "eval/base_answer_accuracy", "eval/tuned_answer_accuracy")
 
     # ---- prepare_data -------------------------------------------------------------------------
     def expand(self, rows: list[dict[str, Any]], where: list[str]) -> tuple[list[dict[str, Any]], list[str]]:

@@ -1,9 +1,10 @@
 """Prompts and answers of instruction data: templates, records, and what a generated answer means.
 
 A prompt is built from data.template (`alpaca`: the Stanford Alpaca prompt) with {instruction} and
-{input}; the answer follows it. Greedy answers are read the way a person would grade them: the
-first line, normalised (case, surrounding punctuation), must equal or name exactly one member of a
-closed answer set (labels, yes/no), or equal a short expected answer.
+{input}; the answer follows it (built by kubetune.served_model.build_prompt, so a registered model
+builds the prompts it was trained on without kubetune). Greedy answers are read the way a person
+would grade them: the first line, normalised (case, surrounding punctuation), must equal or name
+exactly one member of a closed answer set (labels, yes/no), or equal a short expected answer.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import re
 import string
 from typing import Any, Optional
 
+from kubetune import served_model
 from kubetune.config import ALPACA_TEMPLATE
 from kubetune.errors import ConfigError
 from kubetune.sources import text_of
 
 #: Task name of general-text (replay) records; the progressive schedule starts from them.
 GENERAL_TASK = "general"
-ALPACA_INPUT_CLAUSE = ", paired with an input that provides further context"
 #: Answers from at most this many distinct values (each seen at least twice on average) are a
 #: closed answer set: greedy answers are then scored for accuracy.
 MAX_ANSWER_SET = 20
@@ -47,12 +48,7 @@ def check_template(template: str) -> None:
 def build_prompt(template: str, instruction: str, input_text: str) -> str:
     """The prompt the answer follows. `alpaca` is the Stanford Alpaca prompt, with its input block
     only when there is an input."""
-    if template == "alpaca":
-        if input_text:
-            return ALPACA_TEMPLATE.format(instruction=instruction, input_clause=ALPACA_INPUT_CLAUSE,
-                                          input_block=f"### Input:\n{input_text}\n\n")
-        return ALPACA_TEMPLATE.format(instruction=instruction, input_clause="", input_block="")
-    return template.format(instruction=instruction, input=input_text)
+    return served_model.build_prompt(template, instruction, input_text, ALPACA_TEMPLATE)
 
 
 def _norm(text: str) -> str:

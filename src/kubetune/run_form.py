@@ -1,0 +1,136 @@
+"""The KFP run form: typed pipeline parameters for what teams change between runs, applied over the config.
+
+The whole config travels as one JSON string (`config_json`: KFP struct parameters cannot hold null,
+and null means something here), which is hard to edit in the KFP UI's run form. The settings a team
+changes from run to run get a typed, described parameter of their own; a parameter left at its
+empty value ("" or 0) keeps what config_json says. The preflight task applies them and hands the
+resulting config to every later task, so the MLflow run's params show what actually ran.
+
+A bad value stops preflight with one message that names the parameter (not the config key behind
+it), before any GPU is requested. On a cluster the same goes for places a pod cannot reach: the
+compiled defaults name the demo's local data, so a run started with them as they are stops with
+"train_data = '../shared/data/...': a pod cannot read this machine's files ...".
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.config import RunConfig
+from kubetune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FormField:
+    parameter: str  # the pipeline parameter's name
+    key: str  # the config key it sets
+    type: type  # str, int or float; its empty value ("", 0, 0.0) keeps the config's
+    help: str
+
+
+RUN_FORM = (
+    FormField("base_model", "model.name_or_path", str,
+              "Base model: a hub id, an s3:// snapshot or package:<name> (sets model.name_or_path)."),
+    FormField("train_data", "data.path", str,
+              "Training data: an s3:// file or folder of .json/.jsonl/.csv/.tsv/.txt (sets data.path)."),
+    FormField("max_steps", "train.max_steps", int, "Optimizer steps to run (sets train.max_steps)."),
+    FormField("learning_rate", "train.learning_rate", float, "Peak learning rate of AdamW (sets train.learning_rate)."),
+    FormField("lora_r", "model.lora.r", int, "LoRA rank (sets model.lora.r; alpha stays as configured)."),
+    FormField("lora_alpha", "model.lora.alpha", int, "LoRA scaling numerator, usually 2 * rank (sets model.lora.alpha)."),
+    FormField("model_name", "register.model_name", str,
+              "Registered model in MLflow that gets the new version (sets register.model_name)."),
+    FormField("experiment", "tracking.experiment", str,
+              "MLflow experiment of the run; by default the registered model's name (sets tracking.experiment)."),
+    FormField("storage_uri", "storage.uri", str,
+              "s3://bucket/prefix for checkpoints and adapters, required on a cluster (sets storage.uri)."),
+)
+_BY_KEY = {field.key: field for field in RUN_FORM}
+
+EMPTY_HELP = 'Empty ("" or 0) keeps the value in config_json.'
+
+
+def apply(config: dict[str, Any], values: dict[str, Any]) -> RunConfig:
+    """config_json with the run form's non-empty values on top, validated. Errors in a value the form
+    set name the form's parameter."""
+    unknown = sorted(set(values) - {field.parameter for field in RUN_FORM})
+    if unknown:
+        raise ConfigError(unknown[0], values[unknown[0]], "not a run-form parameter; use one of "
+                          + ", ".join(field.parameter for field in RUN_FORM))
+    data = copy.deepcopy(config)
+    applied: dict[str, FormField] = {}
+    for field in RUN_FORM:
+        value = values.get(field.parameter)
+        if value in (None, "", 0):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (field.type, int) if field.type is float else field.type):
+            raise ConfigError(field.parameter, value, f"must be {field.type.__name__}: {field.help}")
+        node = data
+        *sections, last = field.key.split(".")
+        for section in sections:
+            if node.get(section) is None:
+                raise ConfigError(field.parameter, value, f"config_json sets {'.'.join(sections)} to null, so there is "
+                                  f"nothing for {field.parameter} to set; leave it empty or give config_json a "
+                                  f"{'.'.join(sections)} section")
+            node = node[section]
+        node[last] = value.strip() if isinstance(value, str) else value
+        applied[field.key] = field
+    try:
+        return RunConfig.from_dict(data)
+    except ConfigError as exc:
+        field = applied.get(exc.field)
+        if field is None:
+            raise
+        raise ConfigError(field.parameter, exc.value, f"{exc.fix} ({field.help})") from None
+
+
+def on_cluster() -> bool:
+    """In a pod of a Kubernetes cluster (every pod gets this variable), not under `kubetune run`."""
+    return "KUBERNETES_SERVICE_HOST" in os.environ
+
+
+def _is_local_path(location: str) -> bool:
+    return location.startswith(("/", "./", "../", "~", "file:")) or Path(location).expanduser().exists()
+
+
+def check_for_cluster(cfg: RunConfig) -> RunConfig:
+    """A pod sees none of the submitting machine's files: every location must be remote. One message,
+    naming the first place by its run-form parameter where there is one and listing the others."""
+    problems: list[tuple[str, Any, str]] = []
+    for key, value in (("data.path", cfg.data.path), ("data.test_path", cfg.data.test_path),
+                       ("data.replay_path", cfg.data.replay_path),
+                       ("evaluate.retention_path", cfg.evaluate.retention_path)):
+        if value is not None and not value.startswith("s3://"):
+            problems.append((key, value, "a pod cannot read this machine's files: upload it and give its "
+                             "s3://bucket/key" + (" (or null to skip it)" if key != "data.path" else "")))
+    if _is_local_path(cfg.model.name_or_path):
+        problems.append(("model.name_or_path", cfg.model.name_or_path, "a pod cannot read this machine's files: "
+                         "give a hub id, an s3:// snapshot or package:<name>"))
+    if cfg.storage.uri is None or not cfg.storage.uri.startswith("s3://"):
+        problems.append(("storage.uri", cfg.storage.uri, "on a cluster checkpoints and adapters must outlive the "
+                         "pods: give s3://bucket/prefix"))
+    uri = cfg.tracking.mlflow_uri
+    if uri is not None and not uri.startswith(("http://", "https://")):
+        problems.append(("tracking.mlflow_uri", uri, "pods need an MLflow server: give its http(s):// URL, or null "
+                         "to use MLFLOW_TRACKING_URI from the kubetune-endpoints ConfigMap"))
+    if problems:
+        names = [_BY_KEY[key].parameter if key in _BY_KEY else key for key, _, _ in problems]
+        key, value, fix = problems[0]
+        if key in _BY_KEY:
+            fix += f"; set the run form's {names[0]}"
+        if len(problems) > 1:
+            fix += f" (also to set for a cluster: {', '.join(names[1:])})"
+        raise ConfigError(names[0], value, fix)
+    return cfg
+
+
+def cluster_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """The config compiled into the pipeline: the embedded defaults without the optional local-only
+    inputs (the retention text beside a checkout), so that the one thing a cluster run must be told
+    is where its data and storage are, and preflight says so by parameter name."""
+    data = copy.deepcopy(config)
+    data["evaluate"]["retention_path"] = None
+    return data

@@ -1,0 +1,66 @@
+"""The KFP run form (kubetune.run_form): typed parameters applied over config_json, errors that name
+the parameter, and the cluster check that the compiled defaults fail with one message."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubetune.config import default_config
+from kubetune.errors import ConfigError
+from kubetune.run_form import RUN_FORM, apply, check_for_cluster, cluster_defaults
+
+CLUSTER_READY = {"train_data": "s3://team/data/quotes.jsonl", "storage_uri": "s3://team/kubetune"}
+
+
+def test_empty_values_keep_the_config_and_set_values_win():
+    kept = apply(default_config(), {field.parameter: field.type() for field in RUN_FORM})
+    assert kept.to_dict() == apply(default_config(), {}).to_dict()
+    cfg = apply(default_config(), {"base_model": " org/model ", "max_steps": 7, "learning_rate": 1e-3, "lora_r": 4,
+                                   "lora_alpha": 8, "model_name": "sentiment", "storage_uri": "s3://b/p"})
+    assert (cfg.model.name_or_path, cfg.train.max_steps, cfg.train.learning_rate) == ("org/model", 7, 1e-3)
+    assert (cfg.model.lora.r, cfg.model.lora.alpha, cfg.storage.uri) == (4, 8, "s3://b/p")
+    assert cfg.register.model_name == "sentiment"
+
+
+def test_the_experiment_defaults_to_the_registered_model_and_an_explicit_one_wins():
+    assert apply(default_config(), {"model_name": "sentiment"}).tracking.experiment == "sentiment"
+    assert apply(default_config(), {"model_name": "sentiment", "experiment": "team-a"}).tracking.experiment == "team-a"
+    explicit = {**default_config(), "tracking": {"mlflow_uri": None, "experiment": "mine"}}
+    assert apply(explicit, {"model_name": "sentiment"}).tracking.experiment == "mine"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"max_steps": -3}, "max_steps = -3: must be a positive integer"),
+    ({"learning_rate": 2.0}, "learning_rate = 2.0: must be in (0, 1)"),
+    ({"lora_r": -1}, "lora_r = -1: the LoRA rank must be a positive integer"),
+    ({"max_steps": "20"}, "max_steps = '20': must be int"),
+    ({"learning_rate": True}, "learning_rate = True: must be float"),
+    ({"model_name": "a/b"}, "model_name = 'a/b': give a name without slashes"),
+    ({"steps": 3}, "steps = 3: not a run-form parameter; use one of base_model"),
+])
+def test_bad_values_name_the_parameter(values, message):
+    with pytest.raises(ConfigError) as caught:
+        apply(default_config(), values)
+    assert str(caught.value).startswith(message)
+
+
+def test_a_lora_setting_on_a_config_without_lora_says_so():
+    full = {**default_config(), "model": {**default_config()["model"], "lora": None}}
+    with pytest.raises(ConfigError, match=r"lora_r = 8: config_json sets model.lora to null"):
+        apply(full, {"lora_r": 8})
+
+
+def test_errors_outside_the_form_keep_the_config_key():
+    data = {**default_config(), "train": {**default_config()["train"], "batch_size": 0}}
+    with pytest.raises(ConfigError, match=r"^train.batch_size = 0"):
+        apply(data, {"max_steps": 5})
+
+
+def test_compiled_defaults_fail_on_a_cluster_naming_what_to_set():
+    with pytest.raises(ConfigError) as caught:
+        check_for_cluster(apply(cluster_defaults(default_config()), {}))
+    message = str(caught.value)
+    assert message.startswith("train_data = '../shared/data/quotes/quotable_sample_quotes.json': a pod cannot read")
+    assert "set the run form's train_data" in message and "(also to set for a cluster: storage_uri)" in message
+    ready = check_for_cluster(apply(cluster_defaults(default_config()), CLUSTER_READY))
+    assert ready.data.path == "s3://team/data/quotes.jsonl" and ready.evaluate.retention_path is None
