@@ -84,7 +84,7 @@ def whole_run(steps: int) -> dict:
             stages = tracking.stage_seconds(run.data.metrics)
             runs.append({"wall_seconds": wall, "stage_seconds": stages,
                          "base_reused": run.data.metrics.get("eval/base_reused", 0),
-                         "tokens_reused": run.data.metrics.get("data/tokens_reused", 0)})
+                         "tokens_reused": run.data.metrics.get("inputs/tokens_reused", 0)})
     return {"first": runs[0], "second": runs[1]}
 
 

@@ -131,7 +131,7 @@ def prepare_data(config: Config, run_id: str, out_dir: str) -> dict[str, Any]:
     with _logger(cfg, run_id).stage("prepare_data") as logger:
         splits = data.prepare_data(cfg.data, cfg.task, cfg.train.seed, cfg.storage.endpoint_url)
         artifacts.write_dataset(Path(out_dir), splits.by_name(), splits.stats)
-        logger.metrics({f"data/{k}": v for k, v in splits.stats.items() if isinstance(v, (int, float))})
+        logger.metrics({f"inputs/{k}": v for k, v in splits.stats.items() if isinstance(v, (int, float))})
         logger.json(splits.stats, "data/stats.json")
         for context, rows in splits.by_name().items():
             if rows:
@@ -147,7 +147,7 @@ def tokenize(config: Config, run_id: str, data_dir: str, out_dir: str) -> dict[s
         reused = reuse_or_build(_store(cfg), "tokenized", key, Path(out_dir), lambda folder: tokenization.tokenize(
             Path(data_dir), model_dir, cfg.data, folder, cfg.task))
         stats = artifacts.read_token_stats(Path(out_dir))
-        logger.metrics({**{f"data/tokens_{k}": v for k, v in stats.items()}, "data/tokens_reused": int(reused)})
+        logger.metrics({**{f"inputs/tokens_{k}": v for k, v in stats.items()}, "inputs/tokens_reused": int(reused)})
     return stats
 
 

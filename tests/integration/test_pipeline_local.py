@@ -94,7 +94,7 @@ def test_mlflow_run_holds_params_metrics_and_model(finished):
     artifacts = {a.path for folder in ("", "plots", "train", "eval") for a in client.list_artifacts(run_id, folder or None)}
     assert {"preflight.json", "plots/train_loss.png", "train/training_arguments.json", "eval/report.html"} <= artifacts
     # metrics come in sections (the part before the first /), system metrics among them
-    assert {key.split("/", 1)[0] for key in metrics} == {"data", "model", "train", "eval", "timing", "system"}
+    assert {key.split("/", 1)[0] for key in metrics} == {"inputs", "model", "train", "eval", "timing", "system"}
     assert any(key.startswith("system/cpu_utilization") for key in metrics)
     # the params are the run config and nothing else, null spelled one way
     assert set(run.data.params) == set(tracking.flatten(RunConfig.from_dict(run_config(finished)).to_dict()))
