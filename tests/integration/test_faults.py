@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -77,6 +78,60 @@ def test_a_killed_run_continues_with_resume(tiny_model_dir, quotes_file, tmp_pat
     assert "resuming from" in output
     assert not list((tmp_path / "home").glob("run-*")), "temporary folders left behind"
     print(f"killed after {stored}; resumed and finished")
+
+
+def _descendants(pid: int) -> list[tuple[int, int]]:
+    """(start time in clock ticks, pid) of every living process below pid."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            try:
+                started = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[19])
+            except OSError:
+                continue
+            found.append((started, child))
+            todo.append(child)
+    return found
+
+
+@pytest.mark.slow
+def test_a_stage_killed_from_outside_leaves_the_run_failed_by_the_exit_handler(tiny_model_dir, quotes_file, tmp_path):
+    """A task SIGKILLed (an OOM kill, an eviction) cannot record its own failure; the pipeline's exit
+    handler (finish_run) marks the MLflow run FAILED with the stage it was in. Kills evaluate: train
+    would be retried (set_retry, honoured by kfp.local) and resume."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_run_config(tiny_model_dir, quotes_file, tracking={"mlflow_uri": uri},
+                             storage={"uri": str(tmp_path / "storage")}, evaluate={"retention_path": None,
+                                                                                   "max_samples": 4000})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    home = tmp_path / "home"
+    run = kubetune("run", "--no-progress", "--config", str(tmp_path / "run.yaml"),
+                   env={**os.environ, "KUBETUNE_HOME": str(home)})
+    deadline = time.monotonic() + 600
+    while not list((home / "logs").glob("*-evaluate.log")):
+        assert run.poll() is None, run.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "evaluate did not start within 10 minutes"
+        time.sleep(0.2)
+    time.sleep(3)
+    _, task = max(_descendants(run.pid))  # the youngest process below `kubetune run`: the evaluate task
+    os.kill(task, signal.SIGKILL)
+    output, _ = run.communicate(timeout=300)
+    assert run.returncode != 0
+    client = tracking.client(uri)
+    [mlflow_run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert mlflow_run.info.status == "FAILED", output[-3000:]
+    assert mlflow_run.data.tags["kubetune.failed_stage"] == "evaluate"
+    assert "the evaluate task ended without reporting an error" in mlflow_run.data.tags["kubetune.error"]
+    exit_log = next((home / "logs").glob("*-finish_run.log")).read_text()
+    assert f"marked MLflow run {mlflow_run.info.run_id} FAILED" in exit_log
 
 
 @pytest.mark.slow

@@ -64,3 +64,20 @@ def test_compiled_defaults_fail_on_a_cluster_naming_what_to_set():
     assert "set the run form's train_data" in message and "(also to set for a cluster: storage_uri)" in message
     ready = check_for_cluster(apply(cluster_defaults(default_config()), CLUSTER_READY))
     assert ready.data.path == "s3://team/data/quotes.jsonl" and ready.evaluate.retention_path is None
+
+
+def test_the_preflight_task_in_a_pod_refuses_the_compiled_defaults(monkeypatch):
+    import json
+
+    from kubetune import stages
+
+    compiled = json.dumps(cluster_defaults(default_config()))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert json.loads(stages.run_config(compiled, {}))["data"]["path"] == default_config()["data"]["path"]
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # what every pod has
+    with pytest.raises(ConfigError, match=r"^train_data = "):
+        stages.run_config(compiled, {})
+    ready = json.loads(stages.run_config(compiled, CLUSTER_READY))
+    assert ready["storage"]["uri"] == "s3://team/kubetune" and ready["tracking"]["experiment"] == "quotes-lora"
+    with pytest.raises(ConfigError, match=r"^config_json = '\{not json': not JSON"):
+        stages.run_config("{not json", {})
