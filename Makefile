@@ -33,7 +33,7 @@ define LOCK_HEADER
 endef
 export LOCK_HEADER
 
-.PHONY: help venv demo-deps demo bench bench-gpu test test-slow test-containers compile check-compiled services-up services-down readme-config \
+.PHONY: help venv demo-deps demo bench bench-gpu test test-slow test-containers test-ui compile check-compiled services-up services-down readme-config \
         images images-local lock-cuda \
         lock clean distclean
 
@@ -79,6 +79,12 @@ bench-gpu: venv demo-deps ## on one CUDA GPU (<8 min): 8/4-bit LoRA tokens/s, pe
 
 test-containers: venv ## build or reuse the CPU image with podman, then run the DAG and the images in containers
 	$(BIN)/pytest -m containers $(PYTEST_ARGS)
+
+test-ui: venv ## look at a run in the MLflow UI with headless Chromium (apt-get installs Debian's chromium if missing)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	    echo "chromium is not installed and could not be: the UI test skips itself"
+	$(BIN)/pytest -m slow tests/e2e/test_mlflow_ui.py $(PYTEST_ARGS)
 
 compile: venv ## write pipelines/kubetune_pipeline.yaml from the pipeline code
 	$(BIN)/kubetune compile

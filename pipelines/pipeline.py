@@ -73,7 +73,9 @@ STAGES = {
     "prepare_model": Stage(cpu=("4", "8"), memory=("32Gi", "32Gi"), timeout_minutes=60, cache=False),
     "train": Stage(cpu=("8", "8"), memory=("64Gi", "64Gi"), timeout_minutes=24 * 60, cache=False, retries=2),
     "evaluate": Stage(cpu=("4", "8"), memory=("32Gi", "32Gi"), timeout_minutes=4 * 60, cache=False),
-    "register": Stage(cpu=("1", "2"), memory=("4Gi", "8Gi"), timeout_minutes=30, cache=False),
+    # register loads the base and the adapter once on the CPU: MLflow checks the input example by
+    # predicting it (an 8-bit 6.7B base is about 7 GB).
+    "register": Stage(cpu=("4", "8"), memory=("32Gi", "32Gi"), timeout_minutes=60, cache=False),
     "finish_run": Stage(cpu=("100m", "1"), memory=("1Gi", "2Gi"), timeout_minutes=10, cache=False),
 }
 RETRY_BACKOFF = {"backoff_duration": "30s", "backoff_factor": 2.0, "backoff_max_duration": "3600s"}

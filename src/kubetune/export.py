@@ -1,9 +1,10 @@
 """export: a registered adapter merged into its base model, written as a standalone model folder.
 
 A registered kubetune version is an adapter plus a reference to its base: serving it needs the
-base snapshot, PEFT and kubetune's loader. The exported folder needs only transformers: the LoRA
-update (B·A·alpha/r) is added into the base weights (PEFT's merge_and_unload) and the result saved
-with save_pretrained as safetensors, with the tokenizer beside it.
+base snapshot and PEFT (kubetune.served_model loads it). The exported folder needs only
+transformers: the LoRA update (B·A·alpha/r) is added into the base weights (PEFT's
+merge_and_unload) and the result saved with save_pretrained as safetensors, with the tokenizer
+beside it.
 
 The base is loaded unquantized (fp32 unless --dtype says otherwise) even when the adapter was
 trained on an 8-bit or 4-bit base: the merged weights are the dequantized base plus the update,
@@ -33,6 +34,7 @@ from kubetune.config import LoraSettings, ModelConfig
 from kubetune.errors import ConfigError, ModelError, ServiceError
 from kubetune.model_source import fingerprint, resolve_model
 from kubetune.modeling import load_base_model, load_tuned
+from kubetune.registry import pins
 from kubetune.tasks import get_task
 from kubetune.tasks.base import CLASSES
 from kubetune.tokenization import load_tokenizer
@@ -82,14 +84,29 @@ def fetch(tracking_uri: str, reference: str, dest: Path) -> tuple[str, Path, dic
                                                "list versions in the MLflow UI or with the registry API") from None
     except OSError as exc:
         raise ServiceError("--model", reference, f"could not download it from {tracking_uri}: {exc}") from None
+    adapter, settings = registered_parts(local)
+    if adapter is None or "base_model" not in settings:
+        raise ModelError("--model", reference, "this is not a model kubetune registered (its MLmodel has no adapter "
+                                               "and base-model settings); export takes versions `kubetune run` made")
+    return uri, adapter, settings
+
+
+def registered_parts(local: Path) -> tuple[Optional[Path], dict[str, Any]]:
+    """(the adapter folder, the settings) of a downloaded version; (None, {}) when it has none.
+
+    Settings are the `settings` artifact (settings.json) of versions served from
+    kubetune.served_model, or the python_function `config` (pyfunc's model_config) of the versions
+    registered before it, which were CloudPickled kubetune classes."""
     mlmodel = local / "MLmodel"
     flavor = (yaml.safe_load(mlmodel.read_text()) if mlmodel.exists() else {}).get("flavors", {}).get(
         "python_function", {})
-    settings, adapter = flavor.get("config") or {}, flavor.get("artifacts", {}).get("adapter", {}).get("path")
-    if "base_model" not in settings or not adapter:
-        raise ModelError("--model", reference, "this is not a model kubetune registered (its MLmodel has no adapter "
-                                               "and base-model settings); export takes versions `kubetune run` made")
-    return uri, local / adapter, settings
+    paths = {name: entry.get("path") for name, entry in (flavor.get("artifacts") or {}).items()
+             if isinstance(entry, dict)}
+    if paths.get("settings"):
+        settings = json.loads((local / paths["settings"]).read_text())
+    else:
+        settings = flavor.get("config") or {}
+    return (local / paths["adapter"] if paths.get("adapter") else None), settings
 
 
 def _check_target(out_dir: Path) -> None:
@@ -162,8 +179,6 @@ def export(tracking_uri: str, reference: str, out_dir: Path, dtype: str = "float
 def register_merged(tracking_uri: str, exported: Exported, model_name: str) -> str:
     """Logs the merged folder with MLflow's transformers flavor (loadable with mlflow and
     transformers alone, no kubetune) into a new run, with an input example, and registers it."""
-    from importlib.metadata import version
-
     import mlflow
 
     kind = get_task(exported.task)
@@ -178,8 +193,7 @@ def register_merged(tracking_uri: str, exported: Exported, model_name: str) -> s
         mlflow.set_tags({"kubetune.exported_from": exported.source_uri, "kubetune.base_model": exported.base_model})
         info = mlflow.transformers.log_model(transformers_model=served, task=pipeline_task, name="model",
                                              input_example=[example], registered_model_name=model_name,
-                                             pip_requirements=[f"{name}=={version(name)}" for name in
-                                                               ("torch", "transformers")],
+                                             pip_requirements=pins(["torch", "transformers"]),
                                              await_registration_for=60)
     version = f"{model_name}/{info.registered_model_version}"
     log.info("export: registered %s (run %s)", version, run.info.run_id)

@@ -14,32 +14,20 @@ batches, one result per row. On it:
 - generate: greedy completions of token-id prompts, left-padded in batches (evaluation samples and
   the registered model's predict).
 - compare: one score of the base and of the tuned model, each variant entered once.
+
+The loop, class_predictions and generate live in kubetune.served_model, the file a registered
+version is served from without kubetune, and are re-exported here: a served model predicts with
+the very code evaluation scored it with.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
+from kubetune.served_model import class_predictions, generate, pad_id, per_row, stop_tokens  # noqa: F401 (re-exported)
 from kubetune.tasks.base import IGNORE_INDEX
 
 T = TypeVar("T")
-
-
-def pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def per_row(model, rows: Sequence[Any], batch_size: int, score_batch: Callable[[Any, list, Any], list]) -> list:
-    """score_batch(model, batch_rows, device) -> one result per row, over every batch."""
-    import torch
-
-    device = next(model.parameters()).device
-    out: list = []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            out.extend(score_batch(model, list(rows[start:start + batch_size]), device))
-    return out
 
 
 def compare(variants, score: Callable[[Any], T], base: Optional[T] = None) -> dict[str, T]:
@@ -128,21 +116,6 @@ def label_losses(model, rows: list[dict[str, Any]], pad: int, batch_size: int,
     return per_row(model, rows, batch_size, score_batch)
 
 
-def class_predictions(model, tokenizer, rows: list[dict[str, Any]], batch_size: int) -> list[int]:
-    """The argmax class id of each row, padded like training."""
-    from transformers import DataCollatorWithPadding
-
-    config = model.config
-    if getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
-        config.pad_token_id = tokenizer.pad_token_id  # a decoder's head finds the last real token by it
-    collator = DataCollatorWithPadding(tokenizer=tokenizer)
-
-    def score_batch(model, chunk, device):
-        batch = collator([{"input_ids": row["input_ids"], "attention_mask": row["attention_mask"]} for row in chunk])
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        return logits.argmax(-1).tolist()
-
-    return per_row(model, rows, batch_size, score_batch)
 
 
 def encoder_of(model):
@@ -188,27 +161,3 @@ def masked_lm_losses(mlm, encoder, rows: list[dict[str, list[int]]], pad: int,
         setattr(mlm, mlm.base_model_prefix, original)
         if tied:
             mlm.get_output_embeddings().weight = head_weight
-
-
-def stop_tokens(model, tokenizer) -> list[int]:
-    """The tokenizer's EOS (what training appends) and whatever the model's own generation config
-    stops at (Gemma: <end_of_turn> too)."""
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return sorted({tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None})
-
-
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions of token-id prompts, left-padded in batches; the new text only."""
-    import torch
-
-    pad, stop = pad_id(tokenizer), stop_tokens(model, tokenizer)
-
-    def score_batch(model, chunk, device):
-        width = max(len(p) for p in chunk)
-        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        ids = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=stop)
-        return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in ids]
-
-    return per_row(model, prompts, batch_size, score_batch)

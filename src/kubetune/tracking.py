@@ -75,17 +75,21 @@ def local_path(uri: str) -> Optional[Path]:
 @contextlib.contextmanager
 def process_uris(uri: str) -> Iterator[None]:
     """MLflow's fluent API (log_model) only takes the process-wide URIs: set them for the call,
-    then put them back."""
+    then put them back. The caller's active experiment (mlflow.set_experiment, e.g. in a notebook)
+    is set aside too: with one set, fluent start_run(run_id=...) refuses a run of another experiment."""
     import mlflow
+    from mlflow.tracking import fluent
 
-    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), fluent._active_experiment_id)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    fluent._active_experiment_id = None
     try:
         yield
     finally:
         mlflow.set_tracking_uri(previous[0])
         mlflow.set_registry_uri(previous[1])
+        fluent._active_experiment_id = previous[2]
 
 
 def client(uri: str):

@@ -102,3 +102,25 @@ print("predicted", model.predict(["The only way"], params={{"max_new_tokens": 4}
     assert done_run.returncode == 0, done_run.stderr[-3000:]
     assert "signature True" in done_run.stdout
     assert "predicted" in done_run.stdout and "The only way" in done_run.stdout
+
+
+def test_settings_come_from_the_settings_artifact_or_from_an_older_versions_model_config(tmp_path):
+    """Versions served from kubetune.served_model keep their settings in settings.json; versions
+    registered before it kept them in the python_function flavor's config (pyfunc's model_config)."""
+    import yaml
+
+    from kubetune.export import registered_parts
+
+    settings = {"base_model": "google/gemma-3-270m", "quantization": "8bit", "lora": True}
+    new, old, foreign = tmp_path / "new", tmp_path / "old", tmp_path / "foreign"
+    for folder in (new, old, foreign):
+        (folder / "artifacts" / "tuned").mkdir(parents=True)
+    (new / "artifacts" / "settings.json").write_text(json.dumps(settings))
+    (new / "MLmodel").write_text(yaml.safe_dump({"flavors": {"python_function": {"artifacts": {
+        "adapter": {"path": "artifacts/tuned"}, "settings": {"path": "artifacts/settings.json"}}}}}))
+    (old / "MLmodel").write_text(yaml.safe_dump({"flavors": {"python_function": {
+        "artifacts": {"adapter": {"path": "artifacts/tuned"}}, "config": settings}}}))
+    (foreign / "MLmodel").write_text(yaml.safe_dump({"flavors": {"python_function": {"loader_module": "x"}}}))
+    assert registered_parts(new) == (new / "artifacts" / "tuned", settings)
+    assert registered_parts(old) == (old / "artifacts" / "tuned", settings)
+    assert registered_parts(foreign) == (None, {})

@@ -1,0 +1,296 @@
+"""served_model: the code of every registered version, loaded by MLflow without kubetune.
+
+registry.register logs this file as an MLflow "model from code": the version holds the file, the
+`adapter` artifact (the trained LoRA adapter, or the full trained weights without LoRA, with the
+tokenizer beside it) and the `settings` artifact (settings.json: the base model, quantization,
+task info, prompt format, the model class and its config overrides). MLflow executes the file in
+the loading process, so it imports the standard library, mlflow, pandas, torch, transformers and
+peft only (bitsandbytes when installed), never kubetune: kubetune is on no package index, and a
+CloudPickled kubetune class could not be loaded anywhere kubetune was not installed.
+
+The base model is not in the registry (a 6.7B base would be 13 GB per version). It is loaded from
+the first of:
+
+1. $KUBETUNE_BASE_MODEL_PATH, a local folder holding the base snapshot (set it where the base is
+   somewhere else than at registration, e.g. a serving container with the base mounted);
+2. settings `base_model_path`, the folder the base was resolved to at registration, if it exists;
+3. settings `base_model` as configured, when it is a local folder or a hub id (transformers
+   downloads it). `package:` and `s3://` bases need kubetune to resolve: set the variable.
+
+A base trained on in 8-bit or 4-bit is loaded that way when bitsandbytes imports, else at full
+precision with one warning: the adapter works on either; the predictions then differ from the
+evaluated ones by the base's quantization error (see the README's export section for its size).
+
+One implementation: kubetune scores and serves with the functions here. kubetune.scoring
+re-exports per_row, pad_id, stop_tokens, class_predictions and generate, and
+kubetune.tasks.prompts builds its prompts with build_prompt, so the served model batches,
+generates and builds prompts exactly as evaluation did. Two pieces are copies, kept minimal:
+
+- the tokenizer set-up (load_tokenizer, 4 lines of kubetune.tokenization.load_tokenizer): moving it
+  means changing kubetune.tokenization, outside the change that made this file; tests/integration/
+  test_serving.py checks the two set the same pad token and padding side;
+- the model loading of kubetune.modeling.load_base_model / load_tuned (dtype, bitsandbytes config,
+  device placement). The task-kind decisions in it (model class, config overrides such as
+  id2label and pad_token_id, modules kept out of quantization) come from kubetune's TaskKind, and
+  reach this file as data in settings.json, as registration computed them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+#: Where the base model is when it is not where the settings say (see the module docstring).
+BASE_MODEL_ENV = "KUBETUNE_BASE_MODEL_PATH"
+#: Rows per forward pass when the served model predicts.
+PREDICT_BATCH = 8
+DEFAULT_MAX_NEW_TOKENS = 32
+#: What predict returns (settings `predicts`): label names of a `text` column, or completions.
+LABELS, TEXT = "labels", "text"
+ALPACA_INPUT_CLAUSE = ", paired with an input that provides further context"
+
+
+# ---- the scoring loops kubetune evaluates with (re-exported by kubetune.scoring) --------------------
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def per_row(model, rows: Sequence[Any], batch_size: int, score_batch: Callable[[Any, list, Any], list]) -> list:
+    """score_batch(model, batch_rows, device) -> one result per row, over every batch."""
+    import torch
+
+    device = next(model.parameters()).device
+    out: list = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            out.extend(score_batch(model, list(rows[start:start + batch_size]), device))
+    return out
+
+
+def class_predictions(model, tokenizer, rows: list[dict[str, Any]], batch_size: int) -> list[int]:
+    """The argmax class id of each row, padded like training."""
+    from transformers import DataCollatorWithPadding
+
+    config = model.config
+    if getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id  # a decoder's head finds the last real token by it
+    collator = DataCollatorWithPadding(tokenizer=tokenizer)
+
+    def score_batch(model, chunk, device):
+        batch = collator([{"input_ids": row["input_ids"], "attention_mask": row["attention_mask"]} for row in chunk])
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        return logits.argmax(-1).tolist()
+
+    return per_row(model, rows, batch_size, score_batch)
+
+
+def stop_tokens(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS (what training appends) and whatever the model's own generation config
+    stops at (Gemma: <end_of_turn> too)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return sorted({tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None})
+
+
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy completions of token-id prompts, left-padded in batches; the new text only."""
+    import torch
+
+    pad, stop = pad_id(tokenizer), stop_tokens(model, tokenizer)
+
+    def score_batch(model, chunk, device):
+        width = max(len(p) for p in chunk)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        ids = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad, eos_token_id=stop)
+        return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in ids]
+
+    return per_row(model, prompts, batch_size, score_batch)
+
+
+def build_prompt(template: str, instruction: str, input_text: str, alpaca_template: Optional[str] = None) -> str:
+    """The prompt the answer follows. `alpaca` is the Stanford Alpaca prompt (alpaca_template, with
+    {instruction}, {input_clause} and {input_block}), with its input block only when there is an
+    input; any other template is a format string of {instruction} and {input}."""
+    if template == "alpaca":
+        if alpaca_template is None:
+            raise ValueError("the `alpaca` template needs the Alpaca prompt text (settings prompt_format.alpaca_template)")
+        if input_text:
+            return alpaca_template.format(instruction=instruction, input_clause=ALPACA_INPUT_CLAUSE,
+                                          input_block=f"### Input:\n{input_text}\n\n")
+        return alpaca_template.format(instruction=instruction, input_clause="", input_block="")
+    return template.format(instruction=instruction, input=input_text)
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+def load_tokenizer(folder: Path):
+    """As kubetune.tokenization.load_tokenizer: EOS pads when the tokenizer has no pad token, and
+    padding is on the right as in training (scoring and generation pass their own positions)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _is_hub_id(value: str) -> bool:
+    # As kubetune.model_source: hub ids are `name` or `org/name`; anything else is a path or a URI.
+    return bool(value) and ":" not in value and value.count("/") <= 1 and not value.startswith((".", "~", "/"))
+
+
+def base_model_location(settings: dict[str, Any]) -> str:
+    """The local folder (or hub id) to load the base model from: see the module docstring."""
+    override = os.environ.get(BASE_MODEL_ENV, "").strip()
+    if override:
+        if not (Path(override).expanduser() / "config.json").is_file():
+            raise FileNotFoundError(f"{BASE_MODEL_ENV}={override} is not a model folder (no config.json there); "
+                                    f"point it at the base model {settings.get('base_model')!r}")
+        return str(Path(override).expanduser())
+    recorded = settings.get("base_model_path")
+    if recorded and (Path(recorded) / "config.json").is_file():
+        return recorded
+    configured = str(settings.get("base_model", "")).strip()
+    if configured and (Path(configured).expanduser() / "config.json").is_file():
+        return str(Path(configured).expanduser())
+    if _is_hub_id(configured):
+        return configured
+    raise FileNotFoundError(
+        f"the base model {configured!r} is not here (at registration it was at {recorded!r}); set {BASE_MODEL_ENV} "
+        "to a local folder holding it (a `package:` or `s3://` base needs kubetune to fetch it)")
+
+
+def _load_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    """from_pretrained's arguments: the task's config overrides and, as training loaded the base,
+    the quantization (fp32 compute on the CPU, bf16 or fp16 on a GPU) with the task head kept out."""
+    import torch
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32, **(settings.get("model_kwargs") or {})}
+    quantization = settings.get("quantization", "none")
+    if quantization not in ("8bit", "4bit"):
+        return kwargs
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        log.warning("bitsandbytes is not installed: loading the base at full precision, not %s as trained (the "
+                    "adapter works on it; predictions differ by the base's quantization error)", quantization)
+        return kwargs
+    from transformers import BitsAndBytesConfig
+
+    cuda = torch.cuda.is_available()
+    compute = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    skip = settings.get("unquantized_modules")
+    if quantization == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=skip)
+    return {**kwargs, "dtype": compute, "quantization_config": config, "device_map": {"": 0 if cuda else "cpu"}}
+
+
+def load_model(settings: dict[str, Any], adapter_dir: Path):
+    """The base plus the adapter (PeftModel), or the full trained weights when trained without LoRA."""
+    import torch
+    import transformers
+
+    auto = getattr(transformers, settings.get("model_class", "AutoModelForCausalLM"))
+    kwargs = _load_kwargs(settings)
+    if not settings.get("lora", True):
+        model = auto.from_pretrained(adapter_dir, **kwargs)
+    else:
+        base = base_model_location(settings)
+        try:
+            model = auto.from_pretrained(base, **kwargs)
+        except OSError as exc:  # a hub id that is neither cached nor reachable
+            raise OSError(f"could not load the base model {base!r} ({exc}); set {BASE_MODEL_ENV} to a local folder "
+                          "holding it") from exc
+    if "quantization_config" not in kwargs:
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+    if settings.get("lora", True):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    return model.eval()
+
+
+def _column(model_input, name: str) -> list:
+    """A DataFrame's column, or a plain list of strings as it is."""
+    return list(model_input[name]) if hasattr(model_input, "columns") else list(model_input)
+
+
+def _text(value: Any) -> str:
+    """A cell as text; a missing cell (None, NaN from JSON null) is empty."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+class ServedModel:
+    """The registered model: classification returns the label name of each string in a `text`
+    column; the language-model kinds complete the strings in a `prompt` column, and instruction
+    models also take `instruction` (and optional `input`) columns and build the prompt with the
+    template they were trained on. The `max_new_tokens` param bounds each completion."""
+
+    def load(self, artifacts: dict[str, str]) -> None:
+        """artifacts: MLflow's local paths of the `adapter` folder and the `settings` file."""
+        self.settings = json.loads(Path(artifacts["settings"]).read_text())
+        adapter = Path(artifacts["adapter"])
+        self.tokenizer = load_tokenizer(adapter)
+        self.model = load_model(self.settings, adapter)
+        self.predicts = self.settings.get("predicts", TEXT)
+        self.id2label = (self.settings.get("task_info") or {}).get("id2label", {})
+        self.max_new_tokens = int(self.settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        self.prompt_format = self.settings.get("prompt_format")
+
+    def serve(self, model_input, params: Optional[dict[str, Any]] = None) -> list[str]:
+        if self.predicts == LABELS:
+            rows = self.tokenizer([_text(t) for t in _column(model_input, "text")], truncation=True)
+            ids = class_predictions(self.model, self.tokenizer, [
+                {"input_ids": ids, "attention_mask": mask} for ids, mask in zip(rows["input_ids"], rows["attention_mask"])
+            ], PREDICT_BATCH)
+            return [self.id2label.get(str(i), str(i)) for i in ids]
+        limit = int((params or {}).get("max_new_tokens") or self.max_new_tokens)
+        prompts = [self.tokenizer(prompt)["input_ids"] for prompt in self.prompts(model_input)]
+        return generate(self.model, self.tokenizer, prompts, limit, PREDICT_BATCH)
+
+    def prompts(self, model_input) -> list[str]:
+        columns = set(getattr(model_input, "columns", []))
+        if not self.prompt_format or "prompt" in columns or not columns & {"instruction", "input"}:
+            return [_text(p) for p in _column(model_input, "prompt")]
+        rows = len(model_input)
+        fixed = (self.prompt_format.get("instruction") or "").strip()
+        instructions = list(model_input["instruction"]) if "instruction" in columns else [fixed] * rows
+        inputs = list(model_input["input"]) if "input" in columns else [""] * rows
+        return [build_prompt(self.prompt_format["template"], _text(instruction) or fixed, _text(text),
+                             self.prompt_format.get("alpaca_template"))
+                for instruction, text in zip(instructions, inputs)]
+
+
+# kubetune imports this module for the functions above, and there neither mlflow may be imported
+# (building the CLI's parser imports no heavy library) nor MLflow's model global be set. MLflow
+# executes the file under a module name of its own (code_model_<uuid>): only then is the model set.
+if __name__ != "kubetune.served_model":
+    import mlflow.models
+    import mlflow.pyfunc
+    import pandas as pd
+
+    class MlflowServedModel(ServedModel, mlflow.pyfunc.PythonModel):
+        def load_context(self, context):
+            self.load(context.artifacts)
+
+        # A DataFrame hint: MLflow infers no signature from it (registration gives one) and stops
+        # asking for type hints.
+        def predict(self, context, model_input: pd.DataFrame, params: Optional[dict[str, Any]] = None) -> list[str]:
+            return self.serve(model_input, params)
+
+    mlflow.models.set_model(MlflowServedModel())
