@@ -73,7 +73,9 @@ def whole_run(steps: int) -> dict:
         for _ in range(2):
             started = time.monotonic()
             done = subprocess.run([sys.executable, "-m", "kubetune.cli", "run", "--no-progress",
-                                   "--set", f"train.max_steps={steps}", "--set", "evaluate.retention_path=null"],
+                                   "--set", f"train.max_steps={steps}", "--set", "evaluate.retention_path=null",
+                                   # the plain script scores the held-out split only after training
+                                   "--set", "train.eval_steps=0"],
                                   env=env, capture_output=True, text=True, cwd=ROOT)
             wall = round(time.monotonic() - started, 2)
             if done.returncode != 0:

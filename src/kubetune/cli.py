@@ -12,7 +12,8 @@ from typing import Optional
 import yaml
 
 from kubetune import __version__, console, services
-from kubetune.config import describe, load_config, reference_markdown
+from kubetune.config import load_config
+from kubetune.config_reference import describe, reference_markdown
 from kubetune.errors import StageFailed, UserError
 from kubetune.export import export
 from kubetune.preflight import preflight

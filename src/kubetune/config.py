@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import typing
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +24,7 @@ ALPACA_TEMPLATE = (
     "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 )
 QUANTIZATIONS = ("none", "8bit", "4bit")
+LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -162,12 +163,35 @@ class DataConfig:
 
 
 @dataclass
+class EarlyStopping:
+    patience: int = _help("Stop after this many evaluations (train.eval_steps apart) without a better "
+                          "validation loss.", 3)
+    min_delta: float = _help("A validation loss counts as better only when it is lower by more than this.", 0.0)
+
+    def validate(self) -> None:
+        _require(self.patience >= 1, "train.early_stopping.patience", self.patience, "must be 1 or more, e.g. 3")
+        _require(self.min_delta >= 0, "train.early_stopping.min_delta", self.min_delta, "must be 0 or more")
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = _help("Examples per device per forward pass.", 4)
     gradient_accumulation_steps: int = _help("Forward passes per optimizer step.", 2)
-    warmup_steps: int = _help("Linear learning-rate warm-up, in optimizer steps.", 5)
-    max_steps: int = _help("Optimizer steps to run.", 40)
+    warmup_steps: int = _help("Learning-rate warm-up, in optimizer steps.", 5)
+    max_steps: Optional[int] = _help("Optimizer steps to run; null when train.epochs sizes the run.", 40)
+    epochs: Optional[float] = _help("Passes over the training data, instead of max_steps (then set "
+                                    "max_steps to null); may be fractional.", None)
     learning_rate: float = _help("Peak learning rate of AdamW.", 2.0e-4)
+    lr_scheduler: str = _help("Learning-rate schedule after warm-up: linear (decay to 0), cosine, or "
+                              "constant_with_warmup.", "linear")
+    weight_decay: float = _help("AdamW's decoupled weight decay (the Trainer spares biases and norm weights).", 0.0)
+    max_grad_norm: float = _help("Clip the gradients' total norm to this before each step; 0 = no clipping.", 1.0)
+    eval_steps: int = _help(
+        "Score the validation split (at most evaluate.max_samples rows) every N optimizer steps and at the "
+        "last one, logged as train/eval_loss beside train/loss; the stage then outputs the weights of the "
+        "best evaluation. 0 = no evaluation during training.", 10)
+    early_stopping: Optional[EarlyStopping] = _help(
+        "Stop when the validation loss stops improving (needs eval_steps); null = train to the end.", None)
     seed: int = _help("Seed for the data split, LoRA initialisation and shuffling.", 42)
     precision: str = _help("auto picks bf16/fp16 only where the device supports it; or fp32, fp16, bf16.",
                            "auto")
@@ -185,9 +209,26 @@ class TrainConfig:
         True)
 
     def validate(self) -> None:
-        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps", "processes"):
+        _require(self.max_steps is not None or self.epochs is not None, "train.max_steps", None,
+                 "size the run: set train.max_steps, or train.epochs")
+        _require(self.max_steps is None or self.epochs is None, "train.epochs", self.epochs,
+                 f"a run is sized by steps or by epochs, not both: set train.max_steps (now {self.max_steps}) to "
+                 "null, or train.epochs to null")
+        for name in ("batch_size", "gradient_accumulation_steps", "logging_steps", "processes"):
             value = getattr(self, name)
             _require(value > 0, f"train.{name}", value, "must be a positive integer")
+        _require(self.max_steps is None or self.max_steps > 0, "train.max_steps", self.max_steps,
+                 "must be a positive integer")
+        _require(self.epochs is None or self.epochs > 0, "train.epochs", self.epochs, "must be above 0, e.g. 3")
+        _require(self.lr_scheduler in LR_SCHEDULERS, "train.lr_scheduler", self.lr_scheduler,
+                 f"use one of {', '.join(LR_SCHEDULERS)}")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be 0 or more, e.g. 0.01")
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be 0 (off) or more, e.g. 1.0")
+        _require(self.eval_steps >= 0, "train.eval_steps", self.eval_steps, "must be 0 (off) or more, e.g. 10")
+        if self.early_stopping is not None:
+            _require(self.eval_steps > 0, "train.early_stopping", "set", "early stopping watches the evaluations "
+                     "during training: set train.eval_steps above 0, e.g. 10")
+            self.early_stopping.validate()
         _require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be 0 or more")
         _require(self.save_steps >= 0, "train.save_steps", self.save_steps, "must be 0 or more")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "must be 1 or more")
@@ -197,6 +238,14 @@ class TrainConfig:
                  f"use one of {', '.join(PRECISIONS)}")
         _require(self.schedule in ("mixed", "progressive"), "train.schedule", self.schedule,
                  "use mixed or progressive")
+
+    def total_steps(self, train_rows: int) -> int:
+        """Optimizer steps of the run: max_steps, or epochs over train_rows (every process takes
+        its own batches, so one step consumes batch_size x accumulation x processes rows)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        per_step = self.batch_size * self.gradient_accumulation_steps * self.processes
+        return max(1, math.ceil(self.epochs * math.ceil(train_rows / per_step)))
 
 
 @dataclass
@@ -395,32 +444,3 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         data = _merge(data, loaded)
     data = apply_overrides(data, overrides or [])
     return RunConfig.from_dict(data)
-
-
-def describe(cls: Any = RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """(key, help, default) for every config key, for the README and `kubetune config --help`."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        name = f"{prefix}.{f.name}" if prefix else f.name
-        tp = typing.get_type_hints(cls)[f.name]
-        inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union else [tp]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(inner[0]):
-            rows.append((name, f.metadata.get("help", ""), None if default is None else "mapping"))
-            rows.extend(describe(inner[0], name))
-        else:
-            rows.append((name, f.metadata.get("help", ""), default))
-    return rows
-
-
-def reference_markdown() -> str:
-    """The config reference table that README.md embeds (a test keeps the two in step)."""
-    lines = ["| key | default | meaning |", "|---|---|---|"]
-    for key, help_text, default in describe():
-        if default == "mapping":
-            lines.append(f"| **{key}** | | {help_text} |")
-        else:
-            shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
-            shown = shown.removesuffix("\n...").removesuffix("...").strip()
-            lines.append(f"| `{key}` | `{shown}` | {help_text} |")
-    return "\n".join(lines)

@@ -179,6 +179,10 @@ def train(config: Config, run_id: str, tokenized_dir: str, prepared_dir: str, ou
         else:
             summary = train_worker(config, run_id, tokenized_dir, prepared_dir, out_dir)
         logger.metrics({f"train/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+        if "best_step" in summary:
+            stopped = summary.get("stopped_early_at")
+            logger.tags({"kubetune.best_step": summary["best_step"],
+                         "kubetune.stopped_early_at": stopped if stopped is not None else "no"})
     return summary
 
 
@@ -191,10 +195,15 @@ def train_worker(config: Config, run_id: str, tokenized_dir: str, prepared_dir: 
                                        artifacts.read_task_info(Path(tokenized_dir)))
     tokenizer = tokenization.load_tokenizer(artifacts.tokenizer_dir(Path(tokenized_dir)))
     dataset = artifacts.read_tokenized(Path(tokenized_dir), "train")
+    validation = None
+    if cfg.train.eval_steps:  # scored during training: the validation split, as evaluate caps it
+        validation = artifacts.read_tokenized(Path(tokenized_dir), "validation")
+        validation = validation.select(range(min(len(validation), cfg.evaluate.max_samples)))
     return training.train(model, kind.collator(tokenizer), tokenizer, dataset, cfg.train,
                           work_dir=Path(out_dir).with_name("train-work"), out_dir=Path(out_dir),
                           logger=_logger(cfg, run_id), store=_store(cfg), prefix=run_prefix(run_id),
-                          progress=console.progress(), order=kind.train_order(dataset, cfg))
+                          progress=console.progress(), order=kind.train_order(dataset, cfg),
+                          eval_dataset=validation, compute_metrics=kind.training_metrics())
 
 
 def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, out_dir: str) -> dict:

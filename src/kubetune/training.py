@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kubetune import artifacts
+from kubetune.best_checkpoint import BestKeeper, load_weights, make_callback
 from kubetune.config import TrainConfig
 from kubetune.errors import ConfigError, ServiceError
 
@@ -53,18 +54,6 @@ def _completed(checkpoint: Path, max_steps: int) -> bool:
     return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] >= max_steps
 
 
-def _load_weights(model, checkpoint: Path) -> None:
-    from safetensors.torch import load_file
-
-    adapter = checkpoint / "adapter_model.safetensors"
-    if adapter.exists():
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(adapter))
-    else:
-        model.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False)
-
-
 def _checkpoint_steps(store, prefix: str) -> dict[int, bool]:
     """Step -> whether complete, for every checkpoint stored under prefix/checkpoints."""
     found: dict[int, bool] = {}
@@ -87,18 +76,24 @@ def store_checkpoint(store, folder: Path, prefix: str, keep: int) -> int:
     return count
 
 
+def logged_through(logger) -> int:
+    """The last step an earlier attempt logged: a resumed attempt redoes the steps after its
+    checkpoint (with the same values: training is deterministic) and does not log them twice."""
+    return max((step for step, _ in logger.metric_values("train/loss")), default=0) if logger else 0
+
+
 def make_callbacks(logger, store, prefix: str, keep: int, runtime: "Runtime", counter: "TokenCounter"):
     from transformers import TrainerCallback
 
     # A resumed attempt redoes the steps after its checkpoint; an earlier attempt logged them
     # already (with the same values: training is deterministic), so they are not logged twice.
-    logged_through = max((step for step, _ in logger.metric_values("train/loss")), default=0) if logger else 0
+    through = logged_through(logger)
 
     class MlflowSteps(TrainerCallback):
         """Loss, learning rate and gradient norm per optimizer step, with step=."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logger is None or not logs or not state.is_world_process_zero or state.global_step <= logged_through:
+            if logger is None or not logs or not state.is_world_process_zero or state.global_step <= through:
                 return
             names = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
             logger.metrics({names[k]: v for k, v in logs.items() if k in names}, step=state.global_step)
@@ -110,7 +105,7 @@ def make_callbacks(logger, store, prefix: str, keep: int, runtime: "Runtime", co
             self.mark = (time.monotonic(), 0, 0, 0)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logger is None or not state.is_world_process_zero or state.global_step <= logged_through:
+            if logger is None or not state.is_world_process_zero or state.global_step <= through:
                 return
             now = (time.monotonic(), counter.tokens, counter.positions, state.global_step)
             seconds, tokens, positions, steps = (a - b for a, b in zip(now, self.mark))
@@ -203,12 +198,15 @@ def loss_curve(history: list[dict[str, Any]]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(row["step"], row["loss"]) for row in history if "loss" in row]
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+    for key, label in (("loss", "train"), ("eval_loss", "validation")):
+        points = [(row["step"], row[key]) for row in history if key in row]
+        if points:
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label)
     axis.set_xlabel("optimizer step")
-    axis.set_ylabel("train loss")
-    axis.set_title("Training loss")
+    axis.set_ylabel("loss")
+    axis.set_title("Training and validation loss")
+    axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
     return figure
@@ -216,11 +214,14 @@ def loss_curve(history: list[dict[str, Any]]):
 
 def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir: Path, out_dir: Path,
           logger=None, store=None, prefix: str = "", progress: bool = True,
-          order: Optional[list[int]] = None) -> dict[str, Any]:
+          order: Optional[list[int]] = None, eval_dataset=None, compute_metrics=None) -> dict[str, Any]:
     """Trains in place, writes the adapter (or weights) and tokenizer to out_dir, returns a summary.
 
     order: row indices to read in exactly this sequence (task weights, progressive schedule)
     instead of the Trainer's shuffle; under DDP the workers take consecutive batches of it.
+    eval_dataset: validation rows scored every cfg.eval_steps (kubetune.best_checkpoint), with
+    compute_metrics for the task's own figure where it has a cheap one; the output is then the
+    weights of the best evaluation.
 
     Under torchrun every worker process calls this; only the first writes, logs and uploads."""
     import torch
@@ -228,6 +229,8 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
 
     work_dir.mkdir(parents=True, exist_ok=True)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    total_steps = cfg.total_steps(len(train_dataset))
+    evaluating = bool(cfg.eval_steps) and eval_dataset is not None and len(eval_dataset) > 0
     if order is not None:
         train_dataset = train_dataset.select(order)
     args = TrainingArguments(
@@ -235,9 +238,15 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         warmup_steps=cfg.warmup_steps,
-        max_steps=cfg.max_steps,
+        max_steps=total_steps,
         learning_rate=cfg.learning_rate,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm or None,
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=cfg.eval_steps if evaluating else None,
+        per_device_eval_batch_size=cfg.batch_size,
+        prediction_loss_only=compute_metrics is None,
         seed=cfg.seed,
         data_seed=cfg.seed,
         # Grouping by length cut padding from 29% to a few percent of the quotes' batches (bench/).
@@ -245,7 +254,7 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
         "group_by_length" if cfg.group_by_length else "random",
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
-        save_steps=cfg.save_steps or cfg.max_steps,
+        save_steps=cfg.save_steps or total_steps,
         save_total_limit=cfg.keep_checkpoints,
         report_to=[],
         disable_tqdm=not progress,
@@ -273,25 +282,32 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
     counter = TokenCounter()
     counting = counter.attach(model)
     loop_started = time.monotonic()
+    callbacks = make_callbacks(logger, store, prefix, cfg.keep_checkpoints, runtime, counter)
+    keeper = BestKeeper(cfg, work_dir, store, prefix) if evaluating else None
+    if keeper is not None:
+        callbacks.append(make_callback(keeper, logger, logged_through(logger)))
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                      callbacks=make_callbacks(logger, store, prefix, cfg.keep_checkpoints, runtime, counter))
-    if resume_from is not None and _completed(Path(resume_from), cfg.max_steps):
+                      eval_dataset=eval_dataset if evaluating else None, compute_metrics=compute_metrics,
+                      callbacks=callbacks)
+    if resume_from is not None and _completed(Path(resume_from), total_steps):
         # An earlier attempt finished training but failed later: take its weights as they are
         # (the Trainer would otherwise run one step more on resume).
-        _load_weights(model, Path(resume_from))
+        load_weights(model, Path(resume_from))
         trainer.state = trainer.state.load_from_json(str(Path(resume_from) / "trainer_state.json"))
     else:
         trainer.train(resume_from_checkpoint=resume_from)
     loop_seconds = time.monotonic() - loop_started
     counting.remove()
 
+    if keeper is not None:
+        keeper.restore_into(model, trainer.state.global_step)
     if not trainer.is_world_process_zero():
         return {}
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    history = [row for row in trainer.state.log_history if "loss" in row]
-    losses = [row["loss"] for row in history]
+    history = [row for row in trainer.state.log_history if "loss" in row or "eval_loss" in row]
+    losses = [row["loss"] for row in history if "loss" in row]
     # From the whole log history (a resumed Trainer restores it from the checkpoint), so the figures
     # cover every attempt; the Trainer's own training_loss covers only the last one.
     summary = {"steps": trainer.state.global_step, "train_runtime_seconds": runtime.total(),
@@ -301,7 +317,7 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
                # this attempt's loop (per process): what the batches held and how fast they went
                "tokens": counter.tokens, "tokens_per_s": round(counter.tokens / loop_seconds, 2) if counter.tokens else None,
                "padding_share": round(1 - counter.tokens / counter.positions, 4) if counter.positions else None,
-               **peak_memory_mb()}
+               **(keeper.summary() if keeper is not None else {}), **peak_memory_mb()}
     artifacts.write_training_summary(out_dir, summary, history)
     if logger is not None and history:
         import matplotlib.pyplot as plt

@@ -83,8 +83,13 @@ def test_train_changes_only_the_adapter(run):
     assert before.keys() == after.keys() and all("lora_" in key for key in after)
     assert all(not torch.equal(before[key], after[key]) for key in after), "some LoRA weight did not train"
     summary = json.loads((Path(tuned.path) / "training_summary.json").read_text())
-    losses = [row["loss"] for row in summary["history"]]
+    losses = [row["loss"] for row in summary["history"] if "loss" in row]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
+    # the validation split scored every train.eval_steps (10) and at the last step, beside the loss
+    evaluated = [row["step"] for row in summary["history"] if "eval_loss" in row]
+    assert evaluated == [10, 12] and summary["best_step"] in evaluated
+    logged = tracking.client(run["uri"]).get_metric_history(run["run_id"], "train/eval_loss")
+    assert sorted(m.step for m in logged) == [10, 12]
     # checkpoints and the adapter were copied to storage under the run's prefix
     storage = Path(json.loads(run["config_json"])["storage"]["uri"]) / "runs" / run["run_id"]
     assert (storage / "adapter" / "adapter_model.safetensors").exists()
@@ -166,9 +171,9 @@ def test_retry_mid_training_resumes_from_the_last_stored_checkpoint(run):
     shutil.rmtree(storage / "checkpoint-12")  # as if the pod died between step 6 and step 12
     _, summary = retry_train(run, "tuned_retry_mid")
     assert summary["resumed_from"].endswith("checkpoint-6") and summary["steps"] == 12
-    assert [row["step"] for row in summary["history"]] == list(range(1, 13))
+    assert [row["step"] for row in summary["history"] if "loss" in row] == list(range(1, 13))
     # The summary covers both attempts; MLflow holds each step's loss once, the redone steps 7-12 included.
-    losses = [row["loss"] for row in summary["history"]]
+    losses = [row["loss"] for row in summary["history"] if "loss" in row]
     assert summary["train_loss_mean"] == round(sum(losses) / 12, 4)
     logged = tracking.client(run["uri"]).get_metric_history(run["run_id"], "train/loss")
     assert sorted(m.step for m in logged) == list(range(1, 13))

@@ -17,14 +17,14 @@ SOURCES = {"kubetune": ROOT / "src" / "kubetune", "kubetune.components": ROOT / 
 
 # Lowest first. A module may import modules of its own layer or below, never above.
 LAYERS = [
-    ("foundation", ["kubetune", "kubetune.errors", "kubetune.paths", "kubetune.strict", "kubetune.config", "kubetune.run_form",
+    ("foundation", ["kubetune", "kubetune.errors", "kubetune.paths", "kubetune.strict", "kubetune.config", "kubetune.config_reference", "kubetune.run_form",
                     "kubetune.images", "kubetune.served_model"]),
     ("I/O", ["kubetune.storage", "kubetune.tracking", "kubetune.model_source", "kubetune.sources",
              "kubetune.artifacts", "kubetune.console", "kubetune.containers", "kubetune.services"]),
     ("tasks", ["kubetune.tasks*"]),
     ("data and tokens", ["kubetune.data", "kubetune.tokenization"]),
     ("model", ["kubetune.modeling"]),
-    ("scoring, evaluation, training", ["kubetune.scoring", "kubetune.evaluation", "kubetune.training", "kubetune.report",
+    ("scoring, evaluation, training", ["kubetune.scoring", "kubetune.evaluation", "kubetune.training", "kubetune.report", "kubetune.best_checkpoint",
                                        "kubetune.distributed"]),
     ("preflight, registry and export", ["kubetune.preflight", "kubetune.registry", "kubetune.export"]),
     ("stages", ["kubetune.stages", "kubetune.train_worker"]),

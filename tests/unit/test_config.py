@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.config import RunConfig, apply_overrides, default_config, describe, load_config
+from kubetune.config import RunConfig, apply_overrides, default_config, load_config
+from kubetune.config_reference import describe
 from kubetune.errors import ConfigError
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
@@ -106,3 +107,32 @@ def test_default_paths_do_not_depend_on_the_current_directory(tmp_path, monkeypa
     # without a checkout (an installed wheel), the default retention text is skipped, not a failure
     monkeypatch.setattr("kubetune.launch.local.checkout_root", lambda: None)
     assert anchor_defaults(mine).evaluate.retention_path is None
+
+
+def test_a_run_is_sized_by_steps_or_by_epochs():
+    by_epochs = load_config(None, ["train.max_steps=null", "train.epochs=2.5", "train.batch_size=4",
+                                   "train.gradient_accumulation_steps=2"]).train
+    assert by_epochs.total_steps(100) == 33  # ceil(2.5 x ceil(100 / 8))
+    assert load_config(None, ["train.max_steps=7"]).train.total_steps(100) == 7
+    with pytest.raises(ConfigError, match=r"^train.epochs = 2.0: a run is sized by steps or by epochs, not both"):
+        load_config(None, ["train.epochs=2"])
+    with pytest.raises(ConfigError, match=r"^train.max_steps = None: size the run"):
+        load_config(None, ["train.max_steps=null"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr_scheduler=step", "train.lr_scheduler = 'step': use one of linear, cosine, constant_with_warmup"),
+    ("train.weight_decay=-0.1", "train.weight_decay = -0.1: must be 0 or more"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm = -1.0: must be 0 (off) or more"),
+    ("train.early_stopping={patience: 0}", "train.early_stopping.patience = 0: must be 1 or more"),
+])
+def test_schedule_settings_are_checked(override, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [override])
+    assert str(caught.value).startswith(message)
+
+
+def test_early_stopping_needs_evaluations_during_training():
+    with pytest.raises(ConfigError, match=r"^train.early_stopping = 'set': early stopping watches the evaluations"):
+        load_config(None, ["train.eval_steps=0", "train.early_stopping={patience: 2}"])
+    assert load_config(None, ["train.early_stopping={patience: 2}"]).train.early_stopping.min_delta == 0.0

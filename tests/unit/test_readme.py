@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from kubetune.config import reference_markdown
+from kubetune.config_reference import reference_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()

@@ -171,6 +171,11 @@ class TaskKind:
         let the Trainer shuffle (kinds with task weights or a schedule return an order)."""
         return None
 
+    def training_metrics(self):
+        """The Trainer's compute_metrics for evaluations during training: the task's own figure where
+        it is cheap from the logits, else None (the validation loss alone; no logits are gathered)."""
+        return None
+
     # ---- evaluate ---------------------------------------------------------------------------
     def heldout_rows(self, dataset, tokenizer, cfg: EvaluateConfig) -> list[dict[str, Any]]:
         """The held-out rows evaluation scores (the first evaluate.max_samples), each with

@@ -178,6 +178,15 @@ class Classification(TaskKind):
 
         return DataCollatorWithPadding(tokenizer=tokenizer)
 
+    def training_metrics(self):
+        def accuracy(prediction) -> dict[str, float]:
+            import numpy as np
+
+            predicted = np.asarray(prediction.predictions).argmax(-1)
+            return {"accuracy": round(float((predicted == np.asarray(prediction.label_ids)).mean()), 4)}
+
+        return accuracy
+
     # ---- evaluate ---------------------------------------------------------------------------
     def heldout_rows(self, dataset, tokenizer, cfg: EvaluateConfig) -> list[dict[str, Any]]:
         subset = dataset.select(range(min(cfg.max_samples, len(dataset))))

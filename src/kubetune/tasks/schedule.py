@@ -66,14 +66,15 @@ def training_order(tasks: list[str], weights: list[float], cfg: RunConfig) -> Op
     """Indices of the tokenized train split (one task name and weight per row) in the order training
     reads them, or None when plain shuffling will do (no weights, mixed schedule).
 
-    Enough rows for the whole run: max_steps x batch x accumulation x train.processes."""
+    Enough rows for the whole run: its steps x batch x accumulation x train.processes."""
     progressive = cfg.train.schedule == "progressive"
     if not progressive and len(set(weights)) <= 1:
         return None
     if sum(weights) <= 0:
         raise DataError("data.task_weights", cfg.data.task_weights, "every training task has weight 0; give "
                         "at least one a positive weight")
-    length = cfg.train.max_steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * cfg.train.processes
+    length = (cfg.train.total_steps(len(tasks)) * cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+              * cfg.train.processes)
     rng = random.Random(cfg.train.seed)
     general = [i for i, task in enumerate(tasks) if task == GENERAL_TASK and weights[i] > 0]
     own = [i for i, task in enumerate(tasks) if task != GENERAL_TASK and weights[i] > 0]
