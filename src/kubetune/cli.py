@@ -30,7 +30,8 @@ def _run(args: argparse.Namespace) -> int:
     from kubetune.launch.local import run_pipeline
 
     cfg = load_config(args.config, args.set)
-    result = run_pipeline(cfg, progress=not args.no_progress, runner=args.runner, resume=args.resume or "")
+    result = run_pipeline(cfg, progress=not args.no_progress, runner=args.runner, resume=args.resume or "",
+                          verbose=args.verbose)
     print()
     print(f"kubetune: run finished in {result['wall_seconds']:.0f} s")
     for stage, seconds in result["stage_seconds"].items():
@@ -42,6 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"registered model version: {result['registered']}" + (" (champion)" if result["champion"] else ""))
     print(f"adapter and checkpoints:  {result['storage']}")
     print(f"MLflow run {result['run_id']} in {result['tracking_uri']}")
+    print(f"  the run's whole log: {result['log']} (and logs/run.log in the MLflow run)")
     if not result["tracking_uri"].startswith("http"):
         print("  to browse it: kubetune services up, then open "
               f"http://127.0.0.1:5000/#/experiments/{result['experiment_id']}/runs/{result['run_id']}")
@@ -139,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the whole pipeline on this machine (kfp.local)")
     config_args(run)
-    run.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--verbose", action="store_true",
+                     help="show every line the stages and kfp.local write (always in the run's log file)")
     run.add_argument("--resume", metavar="RUN_ID",
                      help="continue the MLflow run of a `kubetune run` that died (same --config/--set): its "
                           "stages run again, training from the run's last stored checkpoint")

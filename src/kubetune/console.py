@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -42,6 +43,69 @@ def quiet_bitsandbytes() -> None:
 def setup() -> None:
     """Log lines with time and source (the command line)."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+
+
+#: Starts each stage's closing line, whatever log format the process has (kfp's executor sets its
+#: own): `kubetune run` shows the text after it beside the stage's time.
+_SUMMARY_MARK = "stage result: "
+
+
+def summary(text: str) -> None:
+    """The one figure of a stage that matters (rows, tokens, trainable share, loss, headline scores)."""
+    logging.getLogger("kubetune.summary").info("%s%s", _SUMMARY_MARK, text)
+
+
+class OursAndProblems(logging.Filter):
+    """The console of a quiet `kubetune run`: kubetune's own lines, and other libraries' warnings
+    and errors; their INFO lines (MLflow's schema set-up, kfp.local's task dumps) go to the log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if any(noise in record.getMessage() for noise in _DropNoise.NOISE):
+            return False
+        return record.levelno >= logging.WARNING or record.name.startswith("kubetune")
+
+
+class StageLines:
+    """What a quiet `kubetune run` shows of its stage processes: one line as each stage starts and
+    one as it ends (its seconds and its summary line), the progress bar in place on a terminal, and
+    log lines at WARNING or above. Everything a stage writes still goes to its log file; --verbose
+    shows it all (the executor input dumps, the Trainer's loss dicts, library messages)."""
+
+    SHOWN = re.compile(r" (WARNING|ERROR|CRITICAL) |^Traceback|^\S+(Error|Exception): ")
+    BAR = re.compile(r"\d+%\|.*(it/s|s/it)")  # tqdm's bars of loops (training, scoring), not of file writes
+
+    def __init__(self, out=None, progress: bool = True):
+        self.out = out or sys.stdout
+        self.bars = progress and self.out.isatty()
+        self.summaries: dict[str, str] = {}
+        self.bar_open = False
+
+    def _close_bar(self) -> None:
+        if self.bar_open:
+            self.out.write("\n")
+            self.bar_open = False
+
+    def started(self, task: str) -> None:
+        self._close_bar()
+        self.out.write(f"> {task}\n")
+        self.out.flush()
+
+    def line(self, task: str, text: str) -> None:
+        if _SUMMARY_MARK in text:
+            self.summaries[task] = text.split(_SUMMARY_MARK, 1)[1].strip()
+        elif self.BAR.search(text):
+            if self.bars:
+                self.out.write("\r  " + text.rstrip("\n").split("\r")[-1].strip()[:110].ljust(110))
+                self.out.flush()
+                self.bar_open = True
+        elif self.SHOWN.search(text) and not any(noise in text for noise in _DropNoise.NOISE):
+            self._close_bar()
+            self.out.write("  " + text.strip() + "\n")
+
+    def finished(self, task: str, seconds: float, ok: bool) -> None:
+        self._close_bar()
+        self.out.write(f"{'=' if ok else 'x'} {task:<14}{seconds:6.1f} s  {self.summaries.get(task, '' if ok else 'failed')}\n")
+        self.out.flush()
 
 
 def die_with_parent() -> None:

@@ -97,6 +97,7 @@ def preflight(config: Config, lineage_path: str, accelerator_count: Optional[int
     artifacts.write_lineage(Path(lineage_path), lineage)
     logger.metrics({"timing/preflight_seconds": round(time.monotonic() - started, 2)})
     log.info("MLflow run %s in experiment %s at %s", run_id, cfg.tracking.experiment, report.tracking_uri)
+    console.summary(f"MLflow run {run_id} (experiment {cfg.tracking.experiment})")
     return run_id
 
 
@@ -104,7 +105,9 @@ def finish_run(config: str, pipeline_run: str, state: str, error: str = "") -> s
     """The pipeline's exit handler: when a pipeline run did not succeed (a task failed, was killed,
     evicted or timed out), its MLflow run is marked FAILED and names the stage it was in; a stage
     that failed on its own has done that already. Returns what it did, for the task's log."""
+    console.setup_stage()
     if state == "SUCCEEDED" or not pipeline_run:
+        console.summary(f"pipeline run {state}: nothing to do")
         return f"pipeline run {state}: nothing to do"
     try:  # the exit handler must work even when config_json is what made preflight fail
         configured = (json.loads(config).get("tracking") or {}).get("mlflow_uri")
@@ -113,8 +116,10 @@ def finish_run(config: str, pipeline_run: str, state: str, error: str = "") -> s
     uri = tracking.resolve_uri(configured)
     marked = tracking.fail_unfinished(uri, pipeline_run, f"the pipeline run ended {state}"
                                       + (f" ({error})" if error else ""))
-    return f"pipeline run {state}: " + (f"marked MLflow run {', '.join(marked)} FAILED" if marked else
+    said = f"pipeline run {state}: " + (f"marked MLflow run {', '.join(marked)} FAILED" if marked else
                                         "no unfinished MLflow run of it")
+    console.summary(said)
+    return said
 
 
 def train_accelerators(config: Config, accelerator_count: int) -> int:
@@ -136,6 +141,8 @@ def prepare_data(config: Config, run_id: str, out_dir: str) -> dict[str, Any]:
         for context, rows in splits.by_name().items():
             if rows:
                 logger.dataset(cfg.data.test_path if context == "test" else cfg.data.path, context, rows)
+        console.summary(", ".join(f"{len(rows)} {name}" for name, rows in splits.by_name().items() if rows) + " rows"
+                        + (f" ({splits.stats['rows_invalid']} invalid dropped)" if splits.stats.get("rows_invalid") else ""))
     return splits.stats
 
 
@@ -148,6 +155,9 @@ def tokenize(config: Config, run_id: str, data_dir: str, out_dir: str) -> dict[s
             Path(data_dir), model_dir, cfg.data, folder, cfg.task))
         stats = artifacts.read_token_stats(Path(out_dir))
         logger.metrics({**{f"inputs/tokens_{k}": v for k, v in stats.items()}, "inputs/tokens_reused": int(reused)})
+        console.summary(f"{stats.get('train_tokens_total', 0):,} train tokens, "
+                        f"{100 * stats.get('train_truncated_share', 0):.0f}% of rows truncated"
+                        + (" (reused from an earlier run)" if reused else ""))
     return stats
 
 
@@ -163,6 +173,8 @@ def prepare_model(config: Config, run_id: str, tokenized_dir: str, out_dir: str)
         logger.text(plan["trainable_line"] + "\n", "model/trainable_parameters.txt")
         logger.tags({"kubetune.trainable_line": plan["trainable_line"]})
         logger.json(plan, "model/plan.json")
+        console.summary(f"{plan['trainable_params']:,} of {plan['all_params']:,} parameters train "
+                        f"({plan['trainable_percent']}%), {cfg.model.technique()}")
     return plan
 
 
@@ -183,6 +195,7 @@ def train(config: Config, run_id: str, tokenized_dir: str, prepared_dir: str, ou
             stopped = summary.get("stopped_early_at")
             logger.tags({"kubetune.best_step": summary["best_step"],
                          "kubetune.stopped_early_at": stopped if stopped is not None else "no"})
+        console.summary(training.describe(summary))
     return summary
 
 
@@ -248,6 +261,7 @@ def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, ou
                                   result.generations[:cfg.evaluate.num_generations])
         artifacts.write_report(Path(out_dir), page)
         logger.text(page, "eval/report.html")
+        console.summary(kind.summary(result.metrics))
     return result.metrics
 
 
@@ -271,5 +285,6 @@ def register(config: Config, run_id: str, lineage_path: str, tokenized_dir: str,
                                    artifacts.read_evaluation_metrics(Path(eval_dir)), lineage, kind.registry_score)
         logger.tags({"kubetune.registered_model": cfg.register.model_name,
                      "kubetune.registered_version": result["version"]})
+        console.summary(f"{cfg.register.model_name}/{result['version']}" + (" (champion)" if result["champion"] else ""))
     logger.finish("FINISHED")
     return {**result, "registered_model_uri": f"models:/{result['model_name']}/{result['version']}", "run_id": run_id}

@@ -9,6 +9,7 @@ ConfigError naming the key by its full path.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import typing
 from typing import Any
@@ -82,7 +83,9 @@ def build(cls: Any, data: Any, prefix: str) -> Any:
     for key in data:
         if key not in known:
             name = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(name, data[key], f"unknown key; valid keys here are {', '.join(sorted(known))}")
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}? " if close else ""
+            raise ConfigError(name, data[key], f"unknown key; {hint}valid keys here are {', '.join(sorted(known))}")
     kwargs = {}
     for key, value in data.items():
         name = f"{prefix}.{key}" if prefix else key

@@ -192,6 +192,18 @@ class Runtime:
         (folder / self.FILE).write_text(json.dumps({"train_seconds": self.total()}))
 
 
+def describe(summary: dict[str, Any]) -> str:
+    """The train stage's line: loss from first to last step, and the best evaluation."""
+    text = f"{summary.get('steps')} steps"
+    if summary.get("train_loss_first") is not None:
+        text += f", loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f}"
+    if "best_step" in summary:
+        text += f", best validation loss {summary['best_eval_loss']:.4f} at step {summary['best_step']}"
+        if summary.get("stopped_early_at"):
+            text += f" (stopped early at {summary['stopped_early_at']})"
+    return text
+
+
 def loss_curve(history: list[dict[str, Any]]):
     import matplotlib
 

@@ -57,6 +57,11 @@ def test_every_task_succeeded_and_timed(finished):
     assert set(result["started_warm"]) == STAGES | {"finish_run"}
     exit_log = max((state_dir() / "logs").glob("*-finish_run.log"), key=lambda p: p.stat().st_mtime).read_text()
     assert "pipeline run SUCCEEDED: nothing to do" in exit_log
+    # the run's whole log: every stage's lines and kfp.local's, on disk and in the MLflow run
+    whole = Path(result["log"]).read_text()
+    assert all(f"\n{stage}| " in whole for stage in STAGES) and "Got executor_input" in whole
+    assert "logs/" + Path(result["log"]).name in {
+        a.path for a in finished["client"].list_artifacts(result["run_id"], "logs")}
 
 
 def test_config_strings_reach_the_stages_unaltered_and_nothing_is_left_in_tmp(finished):

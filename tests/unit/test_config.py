@@ -54,7 +54,7 @@ def test_bad_values_name_the_field_and_value(overrides, field, shown):
 def test_unknown_key_lists_valid_keys(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  max_step: 10\n")
-    with pytest.raises(ConfigError, match=r"train.max_step = 10: unknown key; valid keys here are .*max_steps"):
+    with pytest.raises(ConfigError, match=r"train.max_step = 10: unknown key; did you mean train.max_steps\? valid keys here are .*max_steps"):
         load_config(path)
 
 
@@ -136,3 +136,14 @@ def test_early_stopping_needs_evaluations_during_training():
     with pytest.raises(ConfigError, match=r"^train.early_stopping = 'set': early stopping watches the evaluations"):
         load_config(None, ["train.eval_steps=0", "train.early_stopping={patience: 2}"])
     assert load_config(None, ["train.early_stopping={patience: 2}"]).train.early_stopping.min_delta == 0.0
+
+
+def test_a_mistyped_key_gets_the_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"^train.learning_rat = '1e-3': unknown key; did you mean train.learning_rate\? "):
+        load_config(None, ["train.learning_rat=1e-3"])
+    with pytest.raises(ConfigError, match=r"^trian = \{'max_steps': 3\}: unknown key; did you mean train\? "):
+        load_config(None, ["trian.max_steps=3"])
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["train.zzz=1"])
+    assert "did you mean" not in str(caught.value)
+    assert load_config(None, ["train.learning_rate=1e-3"]).train.learning_rate == 0.001

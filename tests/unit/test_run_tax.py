@@ -83,3 +83,31 @@ def test_reuse_or_build_builds_once_and_never_reuses_a_copy_cut_short(tmp_path):
     (store.root / "cache" / "thing" / "k1.complete").unlink()  # as if the copy had been cut short
     assert reuse_or_build(store, "thing", "k1", tmp_path / "out3", build) is False
     assert len(built) == 2
+
+
+def test_a_quiet_run_shows_stage_lines_warnings_and_bars_only_on_a_terminal():
+    import io
+
+    from kubetune.console import StageLines, summary
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for out, bars in ((io.StringIO(), False), (Terminal(), True)):
+        lines = StageLines(out=out)
+        lines.started("train")
+        lines.line("train", '[KFP Executor 2026-12-02 INFO]: Got executor_input:\n')
+        lines.line("train", '{"inputs": {"parameterValues": {"config_json": "..."}}}\n')
+        lines.line("train", "{'loss': '4.283', 'grad_norm': '0.1872'}\n")
+        lines.line("train", "\r 50%|#####     | 6/12 [00:01<00:01, 5.1it/s]\r 58%|######    | 7/12 [00:01<00:01, 5.2it/s]\n")
+        lines.line("train", "Saving the dataset (1/1 shards): 100%|##########| 64/64 [00:00, 17865.92 examples/s]\n")
+        lines.line("train", "2026-12-02 06:21:56,891 WARNING kubetune.training: checkpoint-6 could not be stored\n")
+        lines.line("train", "[KFP Executor 2026-12-02 06:21:56,891 INFO]: stage result: 12 steps, loss 4.283 -> 4.090\n")
+        lines.finished("train", 1.94, True)
+        shown = out.getvalue()
+        assert shown.startswith("> train\n") and "executor_input" not in shown and "'loss'" not in shown
+        assert "WARNING kubetune.training: checkpoint-6 could not be stored" in shown
+        assert shown.endswith("= train            1.9 s  12 steps, loss 4.283 -> 4.090\n")
+        assert ("7/12" in shown) is bars and "6/12" not in shown and "examples/s" not in shown
+    assert summary  # the stages' side of the same marker (logged, see kubetune.console.summary)

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional
 
 from kubetune import tracking
 from kubetune.config import INPUT, RunConfig, locations, with_value
-from kubetune.console import LOCAL_RUN_ENV, PROGRESS_ENV, die_with_parent
+from kubetune.console import LOCAL_RUN_ENV, LOG_FORMAT, PROGRESS_ENV, OursAndProblems, StageLines, die_with_parent
 from kubetune.errors import ConfigError, StageFailed
 from kubetune.launch import container_runner
 from kubetune.launch import warm as warm_start
@@ -91,12 +91,17 @@ class ProcessTasks:
     - the temporary folders a task makes (kfp's component script, about 8 per run) go to one folder
       that is removed when the run ends (or, after a kill, when the next run starts);
     - a task starts warm, forked from a process that has imported the stages' libraries once
-      (kubetune.launch.warm), where that process can serve it; otherwise as a plain subprocess.
+      (kubetune.launch.warm), where that process can serve it; otherwise as a plain subprocess;
+    - unless verbose, the console shows a line as each task starts and ends, its progress bar and
+      its warnings (console.StageLines); every line also goes to the run's log (run_log).
     """
 
-    def __init__(self, home: Path, warm: Optional[warm_start.WarmStarter] = None):
+    def __init__(self, home: Path, warm: Optional[warm_start.WarmStarter] = None, verbose: bool = True,
+                 run_log=None, progress: bool = True):
         self.logs = home / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.lines = None if verbose else StageLines(progress=progress)
+        self.run_log = run_log
         for stale in home.glob("run-*-*"):  # left by a `kubetune run` that was killed
             owner = stale.name.split("-")[1]
             if owner.isdigit() and not Path(f"/proc/{owner}").exists():
@@ -118,10 +123,18 @@ class ProcessTasks:
         log_path = self.logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{task}.log"
         env = {**os.environ, **(env_vars or {}), "TMPDIR": str(self.tmp), LOCAL_RUN_ENV: "1"}
         tail: collections.deque[str] = collections.deque(maxlen=80)
+        started = time.monotonic()
+        if self.lines is not None:
+            self.lines.started(task)
         with log_path.open("w") as log_file:
             def show(line: str) -> None:
-                print(line, end="", flush=True)
+                if self.lines is None:
+                    print(line, end="", flush=True)
+                else:
+                    self.lines.line(task, line)
                 log_file.write(line)
+                if self.run_log is not None:
+                    self.run_log.write(f"{task}| {line}")
                 tail.append(line.rstrip("\n"))
 
             if self.warm is not None and self.warm.can_run(full_command):
@@ -133,6 +146,8 @@ class ProcessTasks:
                     for line in iter(process.stdout.readline, ""):
                         show(line)
                     exit_code = process.wait()
+        if self.lines is not None:
+            self.lines.finished(task, time.monotonic() - started, exit_code == 0)
         if exit_code != 0:
             self.failures.append(StageFailed(task, "a subprocess", exit_code, container_runner.error_line(list(tail)),
                                              log=str(log_path)))
@@ -142,25 +157,52 @@ class ProcessTasks:
     def installed(self) -> Iterator["ProcessTasks"]:
         from kfp.local import subprocess_task_handler as handler
 
-        originals = handler.replace_python_executable, handler.run_local_subprocess
+        from kfp.local import logging_utils
+
+        originals = (handler.replace_python_executable, handler.run_local_subprocess,
+                     logging_utils.local_logger_context, logging_utils.print_horizontal_line)
         handler.replace_python_executable = self.keep_arguments(originals[0])
         handler.run_local_subprocess = self
+        if self.lines is not None:  # kfp.local's own lines (task dumps, statuses, rules) to the run log only
+            logging_utils.local_logger_context = self.kfp_logging
+            logging_utils.print_horizontal_line = lambda: None
         try:
             yield self
         finally:
-            handler.replace_python_executable, handler.run_local_subprocess = originals
+            (handler.replace_python_executable, handler.run_local_subprocess, logging_utils.local_logger_context,
+             logging_utils.print_horizontal_line) = originals
             shutil.rmtree(self.tmp, ignore_errors=True)
 
+    @contextlib.contextmanager
+    def kfp_logging(self) -> Iterator[None]:
+        import logging
+        import sys
 
-def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process", resume: str = "") -> dict[str, Any]:
+        root = logging.getLogger()
+        saved = root.level, root.handlers[:]
+        to_console = logging.StreamHandler(sys.stdout)
+        to_console.setLevel(logging.WARNING)
+        root.handlers = [to_console, *([logging.StreamHandler(self.run_log)] if self.run_log is not None else [])]
+        root.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            root.setLevel(saved[0])
+            root.handlers = saved[1]
+
+
+def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process", resume: str = "",
+                 verbose: bool = False) -> dict[str, Any]:
     """Preflight in this process (so bad input fails fast with one message), then the whole DAG
     under kfp.local: each task a subprocess in this virtualenv (runner "process") or a container
     of its component's image (runner "container", kubetune.launch.container_runner). Returns what the run
     produced. resume: the id of an MLflow run whose `kubetune run` died, to continue with its
-    stored checkpoints (same config)."""
+    stored checkpoints (same config). Unless verbose, the console shows one line per stage start
+    and end, progress bars and warnings; the whole log goes to logs/<time>-run.log under the state
+    folder and, as logs/run.log, to the MLflow run."""
     if runner not in RUNNERS:
         raise ConfigError("--runner", runner, f"use one of {', '.join(RUNNERS)}")
-    started = time.monotonic()
+    started, started_ms = time.monotonic(), int(time.time() * 1000)
     cfg = pin_locations(cfg)
     if runner == "container":  # before anything is loaded: containers must be able to run here
         podman, gpu = container_runner.ready()
@@ -171,25 +213,77 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process",
     # The zygote imports while this process runs preflight (both mostly import time).
     warm_log = home / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-warm-start.log"
     warm = warm_start.WarmStarter(warm_start.modules_for(), warm_log) if runner == "process" else None
-    try:
-        report = preflight(cfg)
-        if resume:
-            tracking.check_resumable(report.tracking_uri, cfg.tracking.experiment, resume, cfg.to_dict())
-        os.environ[PASSED_ENV] = passed_record(cfg, report)  # the preflight task need not check it all again
-        if warm is not None:
-            warm.preload(warm_start.model_modules(Path(report.model["path"])))
-        registered, started_warm = _run_dag(cfg, home, runner, resume, warm, *(
-            (podman, gpu) if runner == "container" else (None, False)))
-    finally:
-        os.environ.pop(PASSED_ENV, None)
-        if warm is not None:
-            warm.close()
+    run_log_path = home / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-run.log"
+    report = None
+    with _run_log(run_log_path, verbose) as run_log:
+        try:
+            report = preflight(cfg)
+            if resume:
+                tracking.check_resumable(report.tracking_uri, cfg.tracking.experiment, resume, cfg.to_dict())
+            os.environ[PASSED_ENV] = passed_record(cfg, report)  # the preflight task need not check it all again
+            if warm is not None:
+                warm.preload(warm_start.model_modules(Path(report.model["path"])))
+            registered, started_warm = _run_dag(cfg, home, runner, resume, warm, *(
+                (podman, gpu) if runner == "container" else (None, False)), verbose=verbose, run_log=run_log,
+                progress=progress)
+        finally:
+            os.environ.pop(PASSED_ENV, None)
+            if warm is not None:
+                warm.close()
+            if report is not None:  # a run exists only past preflight
+                _keep_log(cfg, run_log_path, run_log, started_ms, resume)
     wall = time.monotonic() - started
-    return {**summarize(cfg, registered, wall), "started_warm": started_warm}
+    return {**summarize(cfg, registered, wall), "started_warm": started_warm, "log": str(run_log_path)}
+
+
+@contextlib.contextmanager
+def _run_log(path: Path, verbose: bool) -> Iterator[Any]:
+    """The run's whole log: this process's log records and every stage's lines. Unless verbose,
+    the console keeps kubetune's own records and others' warnings (console.OursAndProblems)."""
+    import logging
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    with path.open("w", buffering=1) as log_file:
+        handler = logging.StreamHandler(log_file)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+        # MLflow logs through a handler of its own (INFO lines such as its schema set-up), made on import
+        if not verbose:
+            import mlflow  # noqa: F401  (preflight imports it anyway)
+        quiet = [] if verbose else [h for h in (*root.handlers, *logging.getLogger("mlflow").handlers)
+                                    if h is not handler]
+        for console_handler in quiet:
+            console_handler.addFilter(OursAndProblems())
+        try:
+            yield log_file
+        finally:
+            root.removeHandler(handler)
+            for console_handler in quiet:
+                console_handler.filters = [f for f in console_handler.filters if not isinstance(f, OursAndProblems)]
+
+
+def _keep_log(cfg: RunConfig, path: Path, log_file, started_ms: int, resume: str) -> None:
+    """The run's log as an artifact of its MLflow run (logs/run.log), finished or failed."""
+    log_file.flush()
+    try:
+        mlflow_client = tracking.client(cfg.tracking.mlflow_uri)
+        if resume:
+            run_id = resume
+        else:
+            experiment = mlflow_client.get_experiment_by_name(cfg.tracking.experiment)
+            runs = mlflow_client.search_runs([experiment.experiment_id], f"attributes.start_time >= {started_ms}",
+                                             order_by=["attributes.start_time DESC"], max_results=1) if experiment else []
+            if not runs:
+                return
+            run_id = runs[0].info.run_id
+        mlflow_client.log_artifact(run_id, str(path), "logs")
+    except Exception as exc:  # the log stays on disk; losing its copy must not fail the run
+        log.warning("the run's log was not copied to MLflow (%s); it is at %s", exc, path)
 
 
 def _run_dag(cfg: RunConfig, home: Path, runner: str, resume: str, warm: Optional[warm_start.WarmStarter],
-             podman: Any, gpu: bool) -> tuple[str, list[str]]:
+             podman: Any, gpu: bool, verbose: bool = True, run_log=None, progress: bool = True) -> tuple[str, list[str]]:
     """The DAG under kfp.local; returns the registered "name/version" and the tasks that started warm."""
     from kfp import local
 
@@ -202,7 +296,7 @@ def _run_dag(cfg: RunConfig, home: Path, runner: str, resume: str, warm: Optiona
                                     resume=resume), []
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
                workspace_root=str(home / "kfp-workspace"), raise_on_error=True)
-    with ProcessTasks(home, warm).installed() as tasks:
+    with ProcessTasks(home, warm, verbose=verbose, run_log=run_log, progress=progress).installed() as tasks:
         try:
             started_ms = int(time.time() * 1000)
             kubetune_pipeline(config_json=json.dumps(cfg.to_dict()), resume_run_id=resume)
