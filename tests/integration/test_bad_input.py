@@ -49,7 +49,7 @@ def quantized_copy(model_dir, tmp_path):
 
 
 CASES = {
-    "unknown key": (["train.epochs=3"], "train.epochs = 3: unknown key"),
+    "unknown key": (["train.epoch=3"], "train.epoch = 3: unknown key; did you mean train.epochs?"),
     "wrong type": (["train.batch_size=four"], "train.batch_size = 'four': expected integer"),
     "lora rank zero": (["model.lora.r=0"], "model.lora.r = 0: the LoRA rank must be a positive integer"),
     "max steps zero": (["train.max_steps=0"], "train.max_steps = 0: must be a positive integer"),
