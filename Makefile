@@ -127,7 +127,7 @@ distclean: clean ## clean, and remove .venv too
 	rm -rf $(VENV)
 
 readme-config: venv ## refresh the config reference table in README.md from the code
-	@$(BIN)/python -c "import re, pathlib; from kubetune.config import reference_markdown as r; \
+	@$(BIN)/python -c "import re, pathlib; from kubetune.config_reference import reference_markdown as r; \
 	p = pathlib.Path('README.md'); s = p.read_text(); a, b = '<!-- config-reference:start -->\n', '\n<!-- config-reference:end -->'; \
 	p.write_text(s.split(a)[0] + a + r() + b + s.split(b)[1]); print('README.md config reference refreshed')"
 

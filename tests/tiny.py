@@ -113,7 +113,7 @@ def tiny_run_config(model_dir: Path, data_path: Path, **sections) -> dict:
                   "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
         "data": {"path": str(data_path), "text_field": "content", "validation_fraction": 0.2, "max_length": 48},
         "train": {"batch_size": 8, "gradient_accumulation_steps": 1, "warmup_steps": 2, "max_steps": 12,
-                  "learning_rate": 1.0e-2, "save_steps": 6, "seed": 0},
+                  "learning_rate": 1.0e-2, "save_steps": 6, "eval_steps": 10, "seed": 0},
         "evaluate": {"max_samples": 16, "batch_size": 8, "num_generations": 2, "max_new_tokens": 6},
         "register": {"model_name": "tiny-lora"},
     }

@@ -85,7 +85,7 @@ def test_train_changes_only_the_adapter(run):
     summary = json.loads((Path(tuned.path) / "training_summary.json").read_text())
     losses = [row["loss"] for row in summary["history"] if "loss" in row]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
-    # the validation split scored every train.eval_steps (10) and at the last step, beside the loss
+    # the validation split scored every train.eval_steps and at the last step, beside the loss
     evaluated = [row["step"] for row in summary["history"] if "eval_loss" in row]
     assert evaluated == [10, 12] and summary["best_step"] in evaluated
     logged = tracking.client(run["uri"]).get_metric_history(run["run_id"], "train/eval_loss")
