@@ -187,7 +187,7 @@ class TrainConfig:
     weight_decay: float = _help("AdamW's decoupled weight decay (the Trainer spares biases and norm weights).", 0.0)
     max_grad_norm: float = _help("Clip the gradients' total norm to this before each step; 0 = no clipping.", 1.0)
     eval_steps: int = _help(
-        "Score the validation split (at most evaluate.max_samples rows, evaluate.batch_size a pass) every N "
+        "Score the validation split (at most evaluate.max_samples rows, train.batch_size a pass) every N "
         "optimizer steps and at the last one, logged as train/eval_loss beside train/loss; the stage then "
         "outputs the weights of the best evaluation. 0 = no evaluation during training.", 20)
     early_stopping: Optional[EarlyStopping] = _help(

@@ -53,7 +53,8 @@ def headline_rows(metrics: dict[str, float], headline: tuple[str, ...]) -> list[
 
 def html_report(title: str, metrics: dict[str, float], headline: tuple[str, ...], history: list[dict[str, Any]],
                 examples: list[dict[str, Any]], note: Optional[str] = None) -> str:
-    table = "".join(f"<tr><td>{html.escape(measure)}</td><td>{base}</td><td>{tuned}</td></tr>"
+    table = "".join(f"<tr><td>{html.escape(measure)}</td><td>{base}</td><td>{tuned}</td></tr>" if tuned else
+                    f"<tr><td>{html.escape(measure)}</td><td colspan='2'>{base}</td></tr>"
                     for measure, base, tuned in headline_rows(metrics, headline))
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
@@ -63,7 +64,7 @@ def html_report(title: str, metrics: dict[str, float], headline: tuple[str, ...]
         parts.append(f"<p>{html.escape(note)}</p>")
     parts.append(f"<table><tr><th>measure</th><th>base</th><th>tuned</th></tr>{table}</table>")
     if any("loss" in row for row in history):
-        parts.append(f"<h3>Training loss</h3><img alt='training loss per step' "
+        parts.append(f"<h3>Loss per step</h3><img alt='training and validation loss per step' "
                      f"src='data:image/png;base64,{_png(loss_curve(history))}'>")
     if examples:
         columns = list(examples[0])

@@ -216,8 +216,7 @@ def train_worker(config: Config, run_id: str, tokenized_dir: str, prepared_dir: 
                           work_dir=Path(out_dir).with_name("train-work"), out_dir=Path(out_dir),
                           logger=_logger(cfg, run_id), store=_store(cfg), prefix=run_prefix(run_id),
                           progress=console.progress(), order=kind.train_order(dataset, cfg),
-                          eval_dataset=validation, compute_metrics=kind.training_metrics(),
-                          eval_batch_size=cfg.evaluate.batch_size)
+                          eval_dataset=validation, compute_metrics=kind.training_metrics())
 
 
 def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, out_dir: str) -> dict:

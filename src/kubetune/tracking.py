@@ -223,18 +223,20 @@ def reopen_run(uri: str, experiment: str, run_id: str, config: dict[str, Any]) -
     return run_id
 
 
-def registered_since(uri: str, experiment: str, started_ms: int, resumed_run: str = "") -> str:
-    """"name/version" registered by the newest run of the experiment that started after started_ms,
-    or by resumed_run (what `kubetune run` reports: KFP gives a pipeline no outputs from inside its
-    exit handler)."""
+def runs_since(uri: str, experiment: str, started_ms: int, resumed_run: str = "") -> list:
+    """The runs of the experiment that started after started_ms, newest first, or resumed_run: the
+    run a `kubetune run` made (KFP gives a pipeline no outputs from inside its exit handler)."""
     mlflow_client = client(uri)
-    found = mlflow_client.get_experiment_by_name(experiment)
     if resumed_run:
-        runs = [mlflow_client.get_run(resumed_run)]
-    else:
-        runs = mlflow_client.search_runs([found.experiment_id], f"attributes.start_time >= {started_ms}",
-                                         order_by=["attributes.start_time DESC"]) if found else []
-    for run in runs:
+        return [mlflow_client.get_run(resumed_run)]
+    found = mlflow_client.get_experiment_by_name(experiment)
+    return mlflow_client.search_runs([found.experiment_id], f"attributes.start_time >= {started_ms}",
+                                     order_by=["attributes.start_time DESC"]) if found else []
+
+
+def registered_since(uri: str, experiment: str, started_ms: int, resumed_run: str = "") -> str:
+    """"name/version" registered by the run a `kubetune run` made (runs_since)."""
+    for run in runs_since(uri, experiment, started_ms, resumed_run):
         tags = run.data.tags
         if "kubetune.registered_version" in tags:
             return f"{tags['kubetune.registered_model']}/{tags['kubetune.registered_version']}"

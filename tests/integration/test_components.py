@@ -107,7 +107,7 @@ def test_evaluate_scores_base_and_tuned(run):
                                     confusion_matrix=confusion, report=report)
     assert not confusion.metadata, "a language model has no confusion matrix"
     page = Path(report.path).read_text()
-    assert "<td>perplexity</td>" in page and "Training loss" in page and "Held-out examples" in page
+    assert "<td>perplexity</td>" in page and "Loss per step" in page and "Held-out examples" in page
     result = json.loads((Path(evaluation.path) / "evaluation.json").read_text())
     scores = result["metrics"]
     assert scores["eval/tuned_perplexity"] < scores["eval/base_perplexity"]

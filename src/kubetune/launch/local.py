@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -155,9 +156,8 @@ class ProcessTasks:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["ProcessTasks"]:
-        from kfp.local import subprocess_task_handler as handler
-
         from kfp.local import logging_utils
+        from kfp.local import subprocess_task_handler as handler
 
         originals = (handler.replace_python_executable, handler.run_local_subprocess,
                      logging_utils.local_logger_context, logging_utils.print_horizontal_line)
@@ -175,9 +175,6 @@ class ProcessTasks:
 
     @contextlib.contextmanager
     def kfp_logging(self) -> Iterator[None]:
-        import logging
-        import sys
-
         root = logging.getLogger()
         saved = root.level, root.handlers[:]
         to_console = logging.StreamHandler(sys.stdout)
@@ -240,8 +237,6 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process",
 def _run_log(path: Path, verbose: bool) -> Iterator[Any]:
     """The run's whole log: this process's log records and every stage's lines. Unless verbose,
     the console keeps kubetune's own records and others' warnings (console.OursAndProblems)."""
-    import logging
-
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     with path.open("w", buffering=1) as log_file:
@@ -267,17 +262,9 @@ def _keep_log(cfg: RunConfig, path: Path, log_file, started_ms: int, resume: str
     """The run's log as an artifact of its MLflow run (logs/run.log), finished or failed."""
     log_file.flush()
     try:
-        mlflow_client = tracking.client(cfg.tracking.mlflow_uri)
-        if resume:
-            run_id = resume
-        else:
-            experiment = mlflow_client.get_experiment_by_name(cfg.tracking.experiment)
-            runs = mlflow_client.search_runs([experiment.experiment_id], f"attributes.start_time >= {started_ms}",
-                                             order_by=["attributes.start_time DESC"], max_results=1) if experiment else []
-            if not runs:
-                return
-            run_id = runs[0].info.run_id
-        mlflow_client.log_artifact(run_id, str(path), "logs")
+        runs = tracking.runs_since(cfg.tracking.mlflow_uri, cfg.tracking.experiment, started_ms, resume)
+        if runs:
+            tracking.client(cfg.tracking.mlflow_uri).log_artifact(runs[0].info.run_id, str(path), "logs")
     except Exception as exc:  # the log stays on disk; losing its copy must not fail the run
         log.warning("the run's log was not copied to MLflow (%s); it is at %s", exc, path)
 
