@@ -195,6 +195,8 @@ class Runtime:
 def describe(summary: dict[str, Any]) -> str:
     """The train stage's line: loss from first to last step, and the best evaluation."""
     text = f"{summary.get('steps')} steps"
+    if summary.get("resumed_from"):
+        text += f" (resumed from {Path(summary['resumed_from']).name})"
     if summary.get("train_loss_first") is not None:
         text += f", loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f}"
     if "best_step" in summary:
