@@ -46,6 +46,10 @@ def test_run_form_parameters_are_typed_described_and_empty_by_default():
         assert parameter["parameterType"] == KFP_TYPES[field.type], field.parameter
         assert parameter.get("defaultValue", field.type()) == field.type(), field.parameter
         assert field.help.split(" (sets")[0] in " ".join(parameter["description"].split()), field.parameter
+    # and each reaches the preflight task, which applies it (components/preflight.py names them one by one)
+    preflight = _spec()["components"]["comp-exit-handler-1"]["dag"]["tasks"]["preflight"]["inputs"]["parameters"]
+    for field in RUN_FORM:
+        assert preflight[field.parameter] == {"componentInputParameter": f"pipelinechannel--{field.parameter}"}
 
 
 def test_default_config_is_the_demo_without_local_only_inputs():

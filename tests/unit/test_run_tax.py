@@ -110,4 +110,22 @@ def test_a_quiet_run_shows_stage_lines_warnings_and_bars_only_on_a_terminal():
         assert "WARNING kubetune.training: checkpoint-6 could not be stored" in shown
         assert shown.endswith("= train            1.9 s  12 steps, loss 4.283 -> 4.090\n")
         assert ("7/12" in shown) is bars and "6/12" not in shown and "examples/s" not in shown
-    assert summary  # the stages' side of the same marker (logged, see kubetune.console.summary)
+    # the stages' side: what console.summary logs, in kfp's executor format, is the line read above
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("kubetune.summary")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO  # stages run with INFO (console.setup)
+    try:
+        summary("108 train, 12 validation rows")
+    finally:
+        logger.removeHandler(handler)
+        logger.level = level
+    out = io.StringIO()
+    lines = StageLines(out=out)
+    lines.line("prepare_data", f"[KFP Executor 2026-12-02 06:21:56,891 INFO]: {records[0].getMessage()}\n")
+    lines.finished("prepare_data", 0.3, True)
+    assert out.getvalue() == "= prepare_data     0.3 s  108 train, 12 validation rows\n"
