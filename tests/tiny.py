@@ -356,3 +356,22 @@ class SwitchableProxy:
             for end in (source, dest):
                 with contextlib.suppress(OSError):
                     end.close()
+
+
+# ---- chat: the tiny sentiment set as conversations ------------------------------------------------
+
+def chat_rows(count: int, seed: int = 0, sharegpt: bool = False) -> list[dict]:
+    """Conversations of two turns: the user gives a review, the assistant names its sentiment.
+    OpenAI's {role, content} messages, or ShareGPT's {from, value}."""
+    reviews = sentiment_rows(2 * count, seed)
+    out = []
+    for first, second in zip(reviews[::2], reviews[1::2]):
+        turns = [("system", "Name the sentiment of each review.")]
+        for review in (first, second):
+            turns += [("user", review["review"]), ("assistant", NAMES[review["score"]])]
+        if sharegpt:
+            names = {"system": "system", "user": "human", "assistant": "gpt"}
+            out.append({"conversations": [{"from": names[role], "value": text} for role, text in turns]})
+        else:
+            out.append({"messages": [{"role": role, "content": text} for role, text in turns]})
+    return out

@@ -6,7 +6,6 @@ rejected the same way everywhere, before any model is loaded.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -16,9 +15,10 @@ from typing import Any, Optional
 import yaml
 
 from kubetune.errors import ConfigError
+from kubetune.overrides import apply_overrides, merge
 from kubetune.strict import build
 
-TASKS = ("causal_lm", "classification", "instruction", "multitask")
+TASKS = ("causal_lm", "classification", "instruction", "multitask", "chat")
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task{input_clause}. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
@@ -126,6 +126,12 @@ class DataConfig:
     label_names: Optional[dict[str, str]] = _help(
         "Readable names for raw labels, e.g. {0: negative, 1: positive}; TweetEval's mapping.txt is "
         "read automatically.", None)
+    messages_field: str = _help(
+        "Field that holds each record's conversation (chat): a list of messages, OpenAI's {role, content} "
+        "(system, user, assistant) or ShareGPT's {from, value} (system, human, gpt).", "messages")
+    chat_template: Optional[str] = _help(
+        "How conversations are rendered (chat): null = the tokenizer's own chat template; chatml or gemma "
+        "(built in, for base models that have none); or a Jinja chat template of your own.", None)
     task_field: str = _help("Field that names each record's task (multitask).", "task")
     task_weights: Optional[dict[str, float]] = _help(
         "Sampling weight per task name (multitask); unnamed tasks get weight 1.", None)
@@ -385,44 +391,6 @@ def default_config() -> dict[str, Any]:
     return RunConfig().to_dict()
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError("--set", item, "write section.key=value, e.g. --set train.max_steps=20")
-    try:
-        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"--set {key.strip()}", raw, f"not a valid YAML value ({problem}); quote text that "
-                          "holds YAML syntax, e.g. --set 'data.instruction=\"Classify: the review\"'") from None
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    data = copy.deepcopy(data)
-    for item in overrides:
-        keys, value = _parse_override(item)
-        node = data
-        for key in keys[:-1]:
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(".".join(keys), item, f"{key} is not a section")
-            node = child
-        node[keys[-1]] = value
-    return data
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
     """Defaults, then the YAML file (if any), then --set overrides; validated."""
     data = default_config()
@@ -441,6 +409,6 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not isinstance(loaded, dict):
             raise ConfigError("--config", str(path), "the file must hold a mapping of sections")
         build(RunConfig, loaded, "")  # unknown keys are reported against the user's own file
-        data = _merge(data, loaded)
+        data = merge(data, loaded)
     data = apply_overrides(data, overrides or [])
     return RunConfig.from_dict(data)

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from kubetune.config import DataConfig
 from kubetune.errors import DataError
-from kubetune.sources import Loaded, general_text_lines, is_missing, load_records
+from kubetune.sources import Loaded, general_text_lines, load_records
 from kubetune.tasks import get_task
 from kubetune.tasks.base import TaskKind
 
@@ -40,11 +40,6 @@ class Splits:
         return {"train": self.train, "validation": self.validation, "test": self.test}
 
 
-def _invalid(value: Any) -> bool:
-    """No usable value: missing (kubetune.sources.is_missing), or a list or mapping where text belongs."""
-    return is_missing(value) or isinstance(value, (list, dict))
-
-
 def valid_examples(kind: TaskKind, loaded: Loaded, cfg: DataConfig, source_key: str
                    ) -> tuple[list[dict[str, Any]], int]:
     """The source's examples that hold a value in every field the kind requires, and how many were
@@ -55,7 +50,7 @@ def valid_examples(kind: TaskKind, loaded: Loaded, cfg: DataConfig, source_key: 
     keep: list[dict[str, Any]] = []
     invalid: dict[str, list[tuple[str, Any]]] = {}  # config key -> (where, value) of each bad example
     for row, at in zip(rows, where):
-        bad = [(key, name) for key, name in required if _invalid(row.get(name))]
+        bad = [(key, name) for key, name in required if kind.unusable(key, row.get(name))]
         for key, name in bad:
             invalid.setdefault(key, []).append((at, row.get(name, "<missing>")))
         if not bad:

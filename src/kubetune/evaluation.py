@@ -113,9 +113,9 @@ def score(kind: TaskKind, model, rows: list[dict[str, Any]], completions: list[C
             scores.texts[completion.row] = completion.labelled_answer
         else:
             todo.append(completion)
-    for budget, group in itertools.groupby(todo, key=lambda c: c.max_new_tokens):
+    for (budget, stops), group in itertools.groupby(todo, key=lambda c: (c.max_new_tokens, tuple(c.stop_strings))):
         group = list(group)
-        texts = generate(model, tokenizer, [c.prompt_ids for c in group], budget, cfg.batch_size)
+        texts = generate(model, tokenizer, [c.prompt_ids for c in group], budget, cfg.batch_size, stops)
         scores.texts.update({c.row: text for c, text in zip(group, texts)})
     return scores
 

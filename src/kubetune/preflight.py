@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from kubetune import modeling, tracking
@@ -24,6 +25,7 @@ from kubetune.evaluation import retention_texts
 from kubetune.model_source import check_snapshot, describe_source, resolve_model
 from kubetune.storage import open_store
 from kubetune.tasks import get_task
+from kubetune.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +42,31 @@ class PreflightReport:
     storage_uri: str = ""
 
 
-def check_data(cfg: RunConfig) -> dict[str, Any]:
+#: Training records preflight encodes with the model's tokenizer (chat: renders with its template).
+ENCODED_SAMPLE = 32
+
+
+def check_data(cfg: RunConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The data read, normalised and split as prepare_data will, and the task info tokenize will
-    learn from it (its checks, such as at least two classes, run here too)."""
+    learn from it (its checks, such as at least two classes, run here too); and the first training
+    records, for check_encoding."""
     splits = prepare_data(cfg.data, cfg.task, cfg.train.seed, cfg.storage.endpoint_url)
     info = get_task(cfg.task).info(splits.train, cfg.data)
     stats = splits.stats
     if cfg.evaluate.retention_path:
         retention_texts(cfg)
     return {"rows": stats["rows_source"], "train_rows": stats["rows_train"],
-            "validation_rows": stats["rows_validation"], "sha256": stats["content_sha256"], "info": info}
+            "validation_rows": stats["rows_validation"], "sha256": stats["content_sha256"],
+            "info": info}, splits.train[:ENCODED_SAMPLE]
+
+
+def check_encoding(cfg: RunConfig, model_dir: str, sample: list[dict[str, Any]], info: dict[str, Any]) -> None:
+    """The first training records encoded as tokenize will: a missing chat template, one that cannot
+    render the data, or answers that never fit data.max_length fail here, not after training."""
+    kind = get_task(cfg.task)
+    tokenizer = load_tokenizer(Path(model_dir))
+    kind.prepare_tokenizer(tokenizer, cfg.data)
+    kind.encode(sample, tokenizer, cfg.data, info)
 
 
 def check_model(cfg: RunConfig, info: dict[str, Any]) -> dict[str, Any]:
@@ -95,9 +112,10 @@ def preflight(cfg: RunConfig, train_gpus: Optional[bool] = None) -> PreflightRep
     the train stage gets GPUs (on a cluster, from the accelerator settings); None = this machine's."""
     cfg.validate()
     check_precision(cfg, train_gpus)
-    data_facts = check_data(cfg)
+    data_facts, sample = check_data(cfg)
     tracking_uri, storage_uri = check_services(cfg)
     model_facts = check_model(cfg, data_facts["info"])
+    check_encoding(cfg, model_facts["path"], sample, data_facts["info"])
     log.info("preflight passed: %d rows, %s with %d blocks", data_facts["rows"], model_facts["architecture"],
              model_facts["blocks"])
     return PreflightReport(tracking_uri=tracking_uri, data=data_facts, model=model_facts, storage_uri=storage_uri)

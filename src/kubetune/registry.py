@@ -44,6 +44,7 @@ SETTINGS_FILE = "settings.json"
 EXAMPLE_TEXT = "The battery lasts all day and the screen is lovely."
 EXAMPLE_PROMPT = "The best way to learn is"
 EXAMPLE_INSTRUCTION = "Is this review positive or negative?"
+EXAMPLE_QUESTION = "What makes a good cup of tea?"
 
 
 def pins(names: list[str]) -> list[str]:
@@ -94,14 +95,19 @@ def unquantized_modules(settings: dict[str, Any], adapter_dir: Path) -> Optional
 
 def signature(settings: dict[str, Any]):
     """Classification reads `text`; the language models read `prompt`, instruction models also
-    `instruction` and `input` (each column then optional); every model returns one string a row."""
+    `instruction` and `input`, chat models `messages` (lists of {role, content}; each column then
+    optional); every model returns one string a row."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array, Object, Property
 
     outputs = Schema([ColSpec("string")])
     if settings["predicts"] == LABELS:
         return ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=outputs)
-    if settings.get("prompt_format"):
+    if (settings.get("prompt_format") or {}).get("chat"):
+        message = Object([Property("role", "string"), Property("content", "string")])
+        inputs = Schema([ColSpec(Array(message), "messages", required=False), ColSpec("string", "prompt", required=False)])
+    elif settings.get("prompt_format"):
         inputs = Schema([ColSpec("string", name, required=False) for name in ("prompt", "instruction", "input")])
     else:
         inputs = Schema([ColSpec("string", "prompt")])
@@ -115,6 +121,8 @@ def input_example(settings: dict[str, Any]):
     if settings["predicts"] == LABELS:
         return pd.DataFrame({"text": [EXAMPLE_TEXT]})
     prompt_format = settings.get("prompt_format")
+    if prompt_format and prompt_format.get("chat"):
+        return pd.DataFrame({"messages": [[{"role": "user", "content": EXAMPLE_QUESTION}]]})
     if prompt_format:
         return pd.DataFrame({"instruction": [prompt_format.get("instruction") or EXAMPLE_INSTRUCTION],
                              "input": [EXAMPLE_TEXT]})

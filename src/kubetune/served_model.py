@@ -99,21 +99,126 @@ def stop_tokens(model, tokenizer) -> list[int]:
     return sorted({tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None})
 
 
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions of token-id prompts, left-padded in batches; the new text only."""
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+             stop_strings: Sequence[str] = ()) -> list[str]:
+    """Greedy completions of token-id prompts, left-padded in batches; the new text only, cut at the
+    first of stop_strings (a chat template's end of turn that is no single stop token)."""
     import torch
 
     pad, stop = pad_id(tokenizer), stop_tokens(model, tokenizer)
+    stops = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
 
     def score_batch(model, chunk, device):
         width = max(len(p) for p in chunk)
         input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         ids = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=stop)
-        return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in ids]
+                             do_sample=False, pad_token_id=pad, eos_token_id=stop, **stops)
+        return [_cut(tokenizer.decode(row[width:], skip_special_tokens=True), stop_strings) for row in ids]
 
     return per_row(model, prompts, batch_size, score_batch)
+
+
+def _cut(text: str, stop_strings: Sequence[str]) -> str:
+    for marker in stop_strings:
+        text = text.split(marker, 1)[0]
+    return text
+
+
+# ---- chat: conversations as training labelled them and as a served model prompts with them ---------
+
+ASSISTANT = "assistant"
+#: Message roles as chat templates know them, from OpenAI's (role) and ShareGPT's (from) names.
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": ASSISTANT, "gpt": ASSISTANT,
+         "model": ASSISTANT, "bot": ASSISTANT}
+_PROBE = "kubetune-turn-probe-7f3a"
+
+
+def message(item: Any) -> dict[str, str]:
+    """One message as {role, content}, from OpenAI's {role, content} or ShareGPT's {from, value};
+    content given as parts ([{type: text, text}]) is joined. ValueError names an unknown role."""
+    if not isinstance(item, dict):
+        raise ValueError(f"a message must be a mapping with role and content, not {type(item).__name__}")
+    role = str(item.get("role", item.get("from", ""))).strip().lower()
+    if role not in ROLES:
+        raise ValueError(f"message role {role!r} is none of {', '.join(ROLES)}")
+    content = item.get("content", item.get("value"))
+    if isinstance(content, list):
+        content = "".join(part.get("text") or "" if isinstance(part, dict) else str(part) for part in content)
+    return {"role": ROLES[role], "content": _text(content).strip()}
+
+
+def conversation(value: Any) -> list[dict[str, str]]:
+    """A conversation cell as a list of messages: a list (or array) of messages, or its JSON text."""
+    if isinstance(value, str):
+        value = json.loads(value)
+    if value is None or isinstance(value, (dict, str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"a conversation must be a list of messages, not {type(value).__name__}")
+    return [message(item) for item in value]
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def chat_pieces(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False
+                ) -> list[tuple[str, bool]]:
+    """The rendered conversation as consecutive (text, learned) pieces: what the template writes
+    before the first message, then one piece per message, each assistant message preceded by its
+    generation prompt (the "model\n" header). Learned are the assistant messages, with the template's
+    end of turn, so a model learns to answer and to stop. Each piece is the difference between the
+    renderings of two prefixes of the conversation; ValueError when a template renders a prefix as
+    something other than the start of the longer conversation."""
+    try:
+        done = render_chat(tokenizer, [])
+    except Exception:  # templates that read messages[0]
+        done = ""
+    pieces = [(done, False)] if done else []
+
+    def extend(text: str, learned: bool) -> None:
+        nonlocal done
+        if not text.startswith(done):
+            raise ValueError(f"the chat template renders the conversation up to message {len(pieces)} as text that "
+                             "the longer conversation does not start with, so its turns cannot be told apart")
+        if len(text) > len(done):
+            pieces.append((text[len(done):], learned))
+        done = text
+
+    for i, message in enumerate(messages):
+        if message["role"] == ASSISTANT:
+            extend(render_chat(tokenizer, messages[:i], add_generation_prompt=True), False)
+        extend(render_chat(tokenizer, messages[: i + 1]), message["role"] == ASSISTANT)
+    if add_generation_prompt:
+        extend(render_chat(tokenizer, messages, add_generation_prompt=True), False)
+    return pieces
+
+
+def chat_ids(tokenizer, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """(token ids, index of the piece each token comes from). Each piece is tokenized alone, adding
+    no special tokens (the template writes its own), so a turn's tokens never merge with the next
+    turn's; BOS goes first where the tokenizer starts every text with it and the template did not."""
+    ids: list[int] = []
+    owner: list[int] = []
+    for number, (text, _) in enumerate(pieces):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids.extend(piece)
+        owner.extend([number] * len(piece))
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] and ids[:1] != [bos]:
+        ids, owner = [bos, *ids], [-1, *owner]
+    return ids, owner
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """A conversation's token ids followed by the generation prompt of the assistant's next turn."""
+    return chat_ids(tokenizer, chat_pieces(tokenizer, messages, add_generation_prompt=True))[0]
+
+
+def turn_end(tokenizer) -> Optional[str]:
+    """What the chat template writes after an assistant message (ChatML: <|im_end|>), or None."""
+    text = render_chat(tokenizer, [{"role": "user", "content": "Hi"}, {"role": ASSISTANT, "content": _PROBE}])
+    end = text[text.index(_PROBE) + len(_PROBE):].strip() if _PROBE in text else ""
+    return end or None
 
 
 def build_prompt(template: str, instruction: str, input_text: str, alpaca_template: Optional[str] = None) -> str:
@@ -237,9 +342,10 @@ def _text(value: Any) -> str:
 
 class ServedModel:
     """The registered model: classification returns the label name of each string in a `text`
-    column; the language-model kinds complete the strings in a `prompt` column, and instruction
-    models also take `instruction` (and optional `input`) columns and build the prompt with the
-    template they were trained on. The `max_new_tokens` param bounds each completion."""
+    column; the language-model kinds complete the strings in a `prompt` column, instruction models
+    also take `instruction` (and optional `input`) columns and build the prompt with the template
+    they were trained on, and chat models answer the conversation in each `messages` cell with the
+    chat template they were trained with. The `max_new_tokens` param bounds each completion."""
 
     def load(self, artifacts: dict[str, str]) -> None:
         """artifacts: MLflow's local paths of the `adapter` folder and the `settings` file."""
@@ -251,6 +357,7 @@ class ServedModel:
         self.id2label = (self.settings.get("task_info") or {}).get("id2label", {})
         self.max_new_tokens = int(self.settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         self.prompt_format = self.settings.get("prompt_format")
+        self.chat = bool((self.prompt_format or {}).get("chat"))
 
     def serve(self, model_input, params: Optional[dict[str, Any]] = None) -> list[str]:
         if self.predicts == LABELS:
@@ -260,12 +367,16 @@ class ServedModel:
             ], PREDICT_BATCH)
             return [self.id2label.get(str(i), str(i)) for i in ids]
         limit = int((params or {}).get("max_new_tokens") or self.max_new_tokens)
+        if self.chat and "messages" in set(getattr(model_input, "columns", [])):
+            prompts = [chat_prompt_ids(self.tokenizer, conversation(cell)) for cell in model_input["messages"]]
+            end = turn_end(self.tokenizer)
+            return generate(self.model, self.tokenizer, prompts, limit, PREDICT_BATCH, [end] if end else [])
         prompts = [self.tokenizer(prompt)["input_ids"] for prompt in self.prompts(model_input)]
         return generate(self.model, self.tokenizer, prompts, limit, PREDICT_BATCH)
 
     def prompts(self, model_input) -> list[str]:
         columns = set(getattr(model_input, "columns", []))
-        if not self.prompt_format or "prompt" in columns or not columns & {"instruction", "input"}:
+        if not self.prompt_format or self.chat or "prompt" in columns or not columns & {"instruction", "input"}:
             return [_text(p) for p in _column(model_input, "prompt")]
         rows = len(model_input)
         fixed = (self.prompt_format.get("instruction") or "").strip()

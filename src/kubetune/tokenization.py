@@ -50,6 +50,7 @@ def tokenize(data_dir: Path, model_dir: Path, cfg: DataConfig, out_dir: Path, ta
     kind = get_task(task)
     info = kind.info(artifacts.read_split(data_dir, "train"), cfg)
     tokenizer = load_tokenizer(model_dir)
+    kind.prepare_tokenizer(tokenizer, cfg)
     columns_by_split: dict[str, dict[str, list]] = {}
     stats: dict[str, Any] = {}
     for split in artifacts.split_names(data_dir):

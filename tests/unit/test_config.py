@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.config import RunConfig, apply_overrides, default_config, load_config
+from kubetune.config import RunConfig, default_config, load_config
+from kubetune.overrides import apply_overrides
 from kubetune.config_reference import describe
 from kubetune.errors import ConfigError
 

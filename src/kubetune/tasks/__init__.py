@@ -1,4 +1,4 @@
-"""Task kinds: what differs between causal LM, classification, instruction and multitask tuning.
+"""Task kinds: what differs between causal LM, classification, instruction, multitask and chat tuning.
 
 The pipeline stages are the same for every kind; each stage asks the run's TaskKind for the parts
 that differ (kubetune.tasks.base lists them). Adding a kind: subclass TaskKind, add it to KINDS
@@ -10,10 +10,12 @@ from __future__ import annotations
 from kubetune.errors import ConfigError
 from kubetune.tasks.base import TaskKind
 from kubetune.tasks.causal_lm import CausalLM
+from kubetune.tasks.chat import Chat
 from kubetune.tasks.classification import Classification
 from kubetune.tasks.instruction import Instruction, Multitask
 
-KINDS: dict[str, type[TaskKind]] = {kind.name: kind for kind in (CausalLM, Classification, Instruction, Multitask)}
+KINDS: dict[str, type[TaskKind]] = {kind.name: kind for kind in (CausalLM, Classification, Instruction, Multitask,
+                                                                    Chat)}
 
 
 def get_task(name: str) -> TaskKind:

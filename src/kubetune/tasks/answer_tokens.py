@@ -64,10 +64,22 @@ def encode_answers(records: list[dict[str, Any]], tokenizer, max_length: int) ->
     return columns
 
 
+def answer_start(row: dict[str, Any]) -> int:
+    """Where the answer evaluation generates starts: the row's `answer_start` (a chat row's last
+    answer), else its first labelled token."""
+    if row.get("answer_start") is not None:
+        return int(row["answer_start"])
+    return next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+
+
 def prompt_ids(row: dict[str, Any]) -> list[int]:
     """The prompt as the model saw it in training (after any truncation): tokens before the answer."""
-    first = next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
-    return list(row["input_ids"][:first])
+    return list(row["input_ids"][: answer_start(row)])
+
+
+def answer_tokens(row: dict[str, Any]) -> int:
+    """Labelled tokens of the answer evaluation generates."""
+    return sum(label != IGNORE_INDEX for label in row["labels"][answer_start(row):])
 
 
 class AnswerCollator:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from kubetune.config import DataConfig, EvaluateConfig, RunConfig
-from kubetune.sources import require_fields, text_of
+from kubetune.sources import is_missing, require_fields, text_of
 
 #: Label of a token the loss skips (the default ignore_index of PyTorch's cross-entropy and of
 #: transformers' models): prompt tokens of instruction data, padding.
@@ -36,7 +36,8 @@ class Completion:
 
     prompt: the prompt as the samples show it. labelled_answer: when the row's labelled tokens are
     the continuation of prompt_ids (an instruction's answer), a model whose greedy choice already
-    reproduces every one of them needs no generation: its completion is this text.
+    reproduces every one of them needs no generation: its completion is this text. stop_strings: text
+    that ends the completion where the model's stop tokens do not (a chat template's end of turn).
     """
 
     row: int
@@ -44,6 +45,7 @@ class Completion:
     max_new_tokens: int
     prompt: str = ""
     labelled_answer: Optional[str] = None
+    stop_strings: list[str] = field(default_factory=list)  # text that ends the completion (a chat turn's end)
 
 
 @dataclass
@@ -115,6 +117,11 @@ class TaskKind:
         (kubetune.data) rejects or drops an example with a missing, null or NaN value there."""
         return [("data.text_field", cfg.text_field)]
 
+    def unusable(self, key: str, value: Any) -> bool:
+        """Whether a required field's value (key: its config key) makes no example: missing
+        (kubetune.sources.is_missing), or a list or mapping where text belongs."""
+        return is_missing(value) or isinstance(value, (list, dict))
+
     def check_fields(self, rows: list[dict[str, Any]], cfg: DataConfig) -> None:
         """Raise DataError when the records lack a field the config names."""
         require_fields(rows, cfg, [("data.text_field", cfg.text_field)])
@@ -147,6 +154,10 @@ class TaskKind:
         encoded = tokenizer(texts, truncation=True, max_length=cfg.max_length - len(eos), add_special_tokens=True)
         ids = [row + eos for row in encoded["input_ids"]]
         return {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]}
+
+    def prepare_tokenizer(self, tokenizer, cfg: DataConfig) -> None:
+        """Set up the base model's tokenizer before encoding; it is saved with the tokenized data, so
+        every later stage and the served model use it as set up (chat: the chat template)."""
 
     # ---- prepare_model / train --------------------------------------------------------------
     def auto_model_class(self):

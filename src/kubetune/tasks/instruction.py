@@ -29,8 +29,8 @@ from kubetune.config import DataConfig, EvaluateConfig, RunConfig
 from kubetune.errors import ConfigError, DataError
 from kubetune.sources import label_names_beside, require_fields
 from kubetune.tasks.answer_metrics import answer_metrics, loss_metrics, per_task_scores, task_metrics
-from kubetune.tasks.answer_tokens import AnswerCollator, encode_answers, prompt_ids
-from kubetune.tasks.base import IGNORE_INDEX, Completion, Evaluation, Scores, TaskKind
+from kubetune.tasks.answer_tokens import AnswerCollator, answer_tokens, encode_answers, prompt_ids
+from kubetune.tasks.base import Completion, Evaluation, Scores, TaskKind
 from kubetune.tasks.prompts import (GENERAL_TASK, build_prompt, check_template, closed_answer_set, expand_instances,
                                     field_text, is_short)
 from kubetune.tasks.schedule import training_order
@@ -155,8 +155,8 @@ class Instruction(TaskKind):
         evaluate.num_generations rows as samples (the full budget)."""
         scored = sorted(i for i, row in enumerate(rows) if self.scored_answer_set(row, info) or is_short(row["answer"]))
         samples = sorted(set(range(min(cfg.num_generations, len(rows)))) - set(scored))
-        answer_tokens = max((sum(label != IGNORE_INDEX for label in rows[i]["labels"]) for i in scored), default=0)
-        short_budget = min(cfg.max_new_tokens, answer_tokens + ANSWER_SLACK_TOKENS)
+        longest = max((answer_tokens(rows[i]) for i in scored), default=0)
+        short_budget = min(cfg.max_new_tokens, longest + ANSWER_SLACK_TOKENS)
         return [Completion(row=i, prompt_ids=prompt_ids(rows[i]), max_new_tokens=budget,
                            prompt=tokenizer.decode(prompt_ids(rows[i]), skip_special_tokens=True),
                            labelled_answer=rows[i]["answer"])
