@@ -153,3 +153,19 @@ def test_conversations_without_an_answer_follow_the_data_contract(tmp_path):
     assert splits.stats["rows_invalid"] == 2 and len(splits.train) + len(splits.validation) == 10
     with pytest.raises(ValueError, match="list of messages"):
         conversation({"role": "user"})
+
+
+def test_generation_stops_at_a_stop_string(tiny_model_dir, tokenizer):
+    """A multi-token end of turn (ChatML's <|im_end|> on a vocabulary without it) ends generation:
+    the text stops just before it, as if it were a stop token."""
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.scoring import generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prompts = [tokenizer("The only way to do")["input_ids"], tokenizer("Life is what")["input_ids"]]
+    free = generate(model, tokenizer, prompts, 12, batch_size=2)
+    marker = free[0].strip().split(" ")[1]  # a word the model writes after its first one
+    stopped = generate(model, tokenizer, prompts, 12, batch_size=2, stop_strings=[marker])
+    assert stopped[0] == free[0][: free[0].index(marker)]
+    assert stopped[1] == free[1][: free[1].index(marker)] if marker in free[1] else stopped[1] == free[1]
