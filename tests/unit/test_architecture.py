@@ -22,7 +22,7 @@ LAYERS = [
     ("I/O", ["kubetune.storage", "kubetune.tracking", "kubetune.model_source", "kubetune.sources",
              "kubetune.artifacts", "kubetune.console", "kubetune.containers", "kubetune.services"]),
     ("tasks", ["kubetune.tasks*"]),
-    ("data and tokens", ["kubetune.data", "kubetune.tokenization"]),
+    ("data and tokens", ["kubetune.data", "kubetune.tokenization", "kubetune.retrieval"]),
     ("model", ["kubetune.modeling"]),
     ("scoring, evaluation, training", ["kubetune.scoring", "kubetune.evaluation", "kubetune.training", "kubetune.report", "kubetune.best_checkpoint",
                                        "kubetune.distributed"]),

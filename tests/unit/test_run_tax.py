@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from kubetune import artifacts, console
-from kubetune.config import RunConfig, with_value
+from kubetune.config import RunConfig
+from kubetune.overrides import with_value
 from kubetune.errors import ConfigError
 from kubetune.preflight import PASSED_ENV, PreflightReport, passed_earlier, passed_record
 from kubetune.storage import LocalStore, reuse_or_build

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from kubetune import tracking
-from kubetune.config import INPUT, RunConfig, locations, with_value
+from kubetune.config import INPUT, RunConfig, locations
+from kubetune.overrides import with_value
 from kubetune.console import LOCAL_RUN_ENV, LOG_FORMAT, PROGRESS_ENV, OursAndProblems, StageLines, die_with_parent
 from kubetune.errors import ConfigError, StageFailed
 from kubetune.launch import container_runner

@@ -191,11 +191,13 @@ class Chat(Instruction):
     # ---- evaluate -----------------------------------------------------------------------------
     def completions(self, rows: list[dict[str, Any]], info: dict[str, Any], tokenizer,
                     cfg: EvaluateConfig) -> list[Completion]:
-        """The last answer of each conversation, generated until the template's end of turn."""
+        """The last answer of each conversation, generated until the template's end of turn; the
+        samples show the conversation with the template's markup."""
         end = turn_end(tokenizer)
         out = super().completions(rows, info, tokenizer, cfg)
         for completion in out:
             completion.stop_strings = [end] if end else []
+            completion.prompt = tokenizer.decode(completion.prompt_ids)
         return out
 
     # ---- register -----------------------------------------------------------------------------

