@@ -32,6 +32,7 @@ INITIAL_ADAPTER = "adapter_init"
 TRAINING_SUMMARY = "training_summary.json"
 EVALUATION = "evaluation.json"
 REPORT = "report.html"
+RETRIEVAL = "retrieval"  # evaluate.rag's index: passages.json, vectors.npy, settings.json
 LINEAGE = "lineage.json"
 
 
@@ -179,6 +180,23 @@ def write_report(eval_dir: Path, page: str) -> None:
 
 def report_path(eval_dir: Path) -> Path:
     return Path(eval_dir) / REPORT
+
+
+def write_retrieval(eval_dir: Path, passages: list[str], vectors, settings: dict[str, Any]) -> None:
+    """The index evaluate.rag scored with, for register to give the served model."""
+    import numpy as np
+
+    folder = Path(eval_dir) / RETRIEVAL
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / "passages.json", passages)
+    np.save(folder / "vectors.npy", vectors)
+    _write_json(folder / "settings.json", settings)
+
+
+def read_retrieval(eval_dir: Path) -> Optional[tuple[Path, dict[str, Any]]]:
+    """(the index folder, its settings) when the run evaluated with retrieval, else None."""
+    folder = Path(eval_dir) / RETRIEVAL
+    return (folder, _read_json(folder / "settings.json")) if (folder / "settings.json").is_file() else None
 
 
 # ---- lineage (preflight) -------------------------------------------------------------------------

@@ -4,7 +4,9 @@ The task kind says what is scored (its held-out rows, the completions to make) a
 mean (metrics, samples, tables, figures); the scoring itself is kubetune.scoring, the same for
 every kind. Forgetting (evaluate.retention_path) is the relative rise of the models' perplexity on
 general text: through the LM head for language models, through the checkpoint's masked-LM head for
-encoders that ship one.
+encoders that ship one. Retrieval (evaluate.rag) scores the same held-out rows again with passages
+retrieved from a corpus in front of each prompt, so fine-tuning and retrieval are compared on the
+same questions (kubetune.retrieval).
 
 The base model's figures depend only on the base snapshot, how it is loaded and what is scored, so
 they are kept (BaseCache, in storage under cache/base-scores/) and a later run that scores the same
@@ -24,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from kubetune import retrieval
 from kubetune.config import EvaluateConfig, RunConfig
-from kubetune.errors import ServiceError
+from kubetune.errors import DataError, ServiceError
 from kubetune.modeling import Variants, masked_lm_model
 from kubetune.scoring import (class_predictions, compare, encoder_of, generate, label_losses, masked_lm_losses,
                               pad_id)
@@ -33,6 +36,7 @@ from kubetune.sources import general_text_lines
 from kubetune.tasks import TaskKind
 from kubetune.tasks.base import (IGNORE_INDEX, MASKED_LM, TOKEN_LOSS, Completion, Evaluation, Scores, causal_labels,
                                  change_pct, mean_loss, perplexity)
+from kubetune.tasks.answer_tokens import prompt_ids
 from kubetune.tasks.causal_lm import CausalLM
 
 log = logging.getLogger(__name__)
@@ -196,3 +200,54 @@ def retention(kind: TaskKind, model_dir: Path, variants: Variants, tokenizer, cf
     return Retention(metrics={"eval/retention.base_perplexity": base, "eval/retention.tuned_perplexity": tuned,
                               "eval/retention.samples": len(rows), "eval/forgetting_pct": change_pct(base, tuned)},
                      texts=texts)
+
+
+# ---- retrieval beside fine-tuning ------------------------------------------------------------------
+
+
+@dataclass
+class Retrieved:
+    """evaluate.rag's figures and samples, and its index with what a served model needs to use it."""
+
+    evaluation: Evaluation
+    index: retrieval.Index
+    settings: dict[str, Any]
+
+
+def rag_evaluate(kind: TaskKind, variants: Variants, tokenizer, dataset, info: dict[str, Any],
+                 cfg: RunConfig) -> Retrieved:
+    """The held-out rows scored again, base and tuned, with the evaluate.rag.top_k passages nearest
+    to each prompt put in front of it (evaluate.rag.template): metrics as evaluate's, named
+    eval/rag.*, plus the retrieval's own (answer hit rate, passages, index and query seconds)."""
+    rag = cfg.evaluate.rag
+    passages = retrieval.load_passages(rag, cfg.data, cfg.storage.endpoint_url)
+    embedder = retrieval.load_embedder(rag, cfg.storage.endpoint_url)
+    index = retrieval.build_index(passages, embedder)
+    rows = kind.heldout_rows(dataset, tokenizer, cfg.evaluate)
+    prompts = [tokenizer.decode(prompt_ids(row), skip_special_tokens=True) for row in rows]
+    found, query_seconds = retrieval.retrieve(index, embedder, prompts, rag.top_k)
+    contexts = [[index.passages[i] for i in hits] for hits in found]
+    records = [{"prompt": retrieval.with_context(rag.template, context, prompt), "answer": row["answer"],
+                "task": row["task"]} for row, context, prompt in zip(rows, contexts, prompts)]
+    room = dataclasses.replace(cfg.data, max_length=cfg.data.max_length + rag.context_tokens)
+    columns = kind.encode(records, tokenizer, room, info)
+    if len(columns["input_ids"]) != len(records):
+        raise DataError("evaluate.rag.context_tokens", rag.context_tokens,
+                        f"{len(records) - len(columns['input_ids'])} held-out answers no longer fit with their "
+                        "passages; raise evaluate.rag.context_tokens or lower evaluate.rag.top_k")
+    from datasets import Dataset
+
+    result = evaluate(kind, variants, tokenizer, Dataset.from_dict(columns), info, cfg)
+    metrics = {f"eval/rag.{key.split('/', 1)[1]}": value for key, value in result.metrics.items()}
+    hits = [retrieval.contains_answer(context, row["answer"]) for context, row in zip(contexts, rows)]
+    metrics.update({"eval/rag.hit_rate": round(sum(hits) / max(1, len(hits)), 4), "eval/rag.passages": len(passages),
+                    "eval/rag.index_seconds": round(index.build_seconds, 2),
+                    "eval/rag.query_seconds": round(query_seconds, 3)})
+    generations = [{**sample, "passages": contexts[i]} for i, sample in enumerate(result.generations)]
+    log.info("retrieval: %d passages indexed in %.1f s, %d queries in %.2f s, answer in the passages for %.0f%%: %s",
+             len(passages), index.build_seconds, len(prompts), query_seconds, 100 * metrics["eval/rag.hit_rate"],
+             kind.summary(result.metrics))
+    settings = {"template": rag.template, "top_k": rag.top_k, "embedding_model": rag.embedding_model,
+                "embedding_model_path": embedder.location, "corpus": rag.corpus_path or cfg.data.path}
+    return Retrieved(Evaluation(metrics=metrics, generations=generations, tables={
+        f"rag_{name}": table for name, table in result.tables.items()}), index, settings)

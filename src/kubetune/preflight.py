@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from kubetune import modeling, tracking
+from kubetune import modeling, retrieval, tracking
 from kubetune.config import RunConfig
 from kubetune.errors import ConfigError
 from kubetune.data import prepare_data
@@ -81,6 +81,22 @@ def check_model(cfg: RunConfig, info: dict[str, Any]) -> dict[str, Any]:
             **describe_source(cfg.model.name_or_path, endpoint_url=cfg.storage.endpoint_url)}
 
 
+def check_rag(cfg: RunConfig) -> None:
+    """evaluate.rag: a kind it applies to, a corpus with at least top_k passages, an embedding model
+    that loads (all before any training)."""
+    rag = cfg.evaluate.rag
+    if rag is None:
+        return
+    if not get_task(cfg.task).retrieval:
+        raise ConfigError("task", cfg.task, "evaluate.rag (retrieval) is measured for instruction and multitask runs "
+                          "(a prompt and its answer); set evaluate.rag: null for this task")
+    passages = retrieval.load_passages(rag, cfg.data, cfg.storage.endpoint_url)
+    if rag.top_k > len(passages):
+        raise ConfigError("evaluate.rag.top_k", rag.top_k, f"the corpus holds only {len(passages)} passages; lower "
+                          "top_k or give a larger evaluate.rag.corpus_path")
+    retrieval.load_embedder(rag, cfg.storage.endpoint_url)
+
+
 def check_precision(cfg: RunConfig, train_gpus: Optional[bool]) -> None:
     """fp16 and bf16 need a GPU where train runs: on this machine (train_gpus None) or, on a cluster,
     as the pipeline's accelerator settings grant. Whether a cluster GPU has bf16 is only known there."""
@@ -113,6 +129,7 @@ def preflight(cfg: RunConfig, train_gpus: Optional[bool] = None) -> PreflightRep
     cfg.validate()
     check_precision(cfg, train_gpus)
     data_facts, sample = check_data(cfg)
+    check_rag(cfg)
     tracking_uri, storage_uri = check_services(cfg)
     model_facts = check_model(cfg, data_facts["info"])
     check_encoding(cfg, model_facts["path"], sample, data_facts["info"])

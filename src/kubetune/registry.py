@@ -111,7 +111,8 @@ def signature(settings: dict[str, Any]):
         inputs = Schema([ColSpec("string", name, required=False) for name in ("prompt", "instruction", "input")])
     else:
         inputs = Schema([ColSpec("string", "prompt")])
-    params = ParamSchema([ParamSpec("max_new_tokens", "long", settings["max_new_tokens"])])
+    params = ParamSchema([ParamSpec("max_new_tokens", "long", settings["max_new_tokens"]),
+                          *([ParamSpec("retrieve", "boolean", True)] if settings.get("retrieval") else [])])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
@@ -130,15 +131,19 @@ def input_example(settings: dict[str, Any]):
 
 
 def register(tracking_uri: str, run_id: str, model_name: str, adapter_dir: Path, settings: dict[str, Any],
-             metrics: dict[str, float], lineage: dict[str, str], score: tuple[str, bool]) -> dict[str, Any]:
+             metrics: dict[str, float], lineage: dict[str, str], score: tuple[str, bool],
+             retrieval: Optional[tuple[Path, dict[str, Any]]] = None) -> dict[str, Any]:
     """Logs the model into the run, registers a new version tagged with its lineage and metrics, and
     moves the champion alias to it when it beats the current champion on score (metric, higher is
-    better)."""
+    better). retrieval: evaluate.rag's index folder and settings; the version then retrieves as
+    evaluation did (its passages and vectors travel with it; the embedding model is referenced)."""
     import mlflow
     import mlflow.pyfunc
     from mlflow import MlflowClient
 
-    settings = {**settings, "unquantized_modules": unquantized_modules(settings, adapter_dir)}
+    settings = {**settings, "unquantized_modules": unquantized_modules(settings, adapter_dir),
+                **({"retrieval": retrieval[1]} if retrieval else {})}
+    files = {"adapter": str(adapter_dir), **({"retrieval": str(retrieval[0])} if retrieval else {})}
     with tempfile.TemporaryDirectory(prefix="kubetune-register-") as work, tracking.process_uris(tracking_uri), \
             mlflow.start_run(run_id=run_id, log_system_metrics=False):
         settings_file = Path(work) / SETTINGS_FILE
@@ -147,7 +152,7 @@ def register(tracking_uri: str, run_id: str, model_name: str, adapter_dir: Path,
             name="model",
             python_model=str(SERVED_MODEL_FILE),
             # the tokenizer is saved beside the adapter
-            artifacts={"adapter": str(adapter_dir), "settings": str(settings_file)},
+            artifacts={**files, "settings": str(settings_file)},
             signature=signature(settings),
             input_example=input_example(settings),
             pip_requirements=requirements(settings),

@@ -6,12 +6,12 @@ The search is one matrix product over L2-normalised vectors: 5,000 passages of a
 (FAISS, HNSW) would buy nothing at the sizes evaluate scores; embedding the corpus is the cost, and
 it is timed and logged. Embeddings follow the model's sentence-transformers configuration where it
 ships one (1_Pooling/config.json: mean or CLS pooling; all-MiniLM-L6-v2 is mean-pooled), computed
-with transformers alone, then normalised.
+with transformers alone, then normalised. The embedder, the search and the prompt with its passages
+live in kubetune.served_model: a registered model retrieves with the code evaluation retrieved with.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -22,13 +22,10 @@ from typing import Any, Optional
 from kubetune.config import DataConfig, RagConfig
 from kubetune.errors import ConfigError, DataError
 from kubetune.model_source import resolve_model
+from kubetune.served_model import Embedder, nearest, with_context  # noqa: F401 (with_context re-exported)
 from kubetune.sources import load_records, text_of
 
 log = logging.getLogger(__name__)
-
-#: Texts per forward pass of the embedding model.
-EMBED_BATCH = 64
-
 
 def split_words(text: str, max_words: int) -> list[str]:
     """A text as passages of at most max_words words (a short text is one passage)."""
@@ -66,41 +63,6 @@ def load_passages(rag: RagConfig, data: DataConfig, endpoint_url: Optional[str] 
     return passages
 
 
-class Embedder:
-    """Sentence embeddings with a transformers encoder: pooled over real tokens, L2-normalised."""
-
-    def __init__(self, model_dir: Path):
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
-        pooling = model_dir / "1_Pooling" / "config.json"
-        settings = json.loads(pooling.read_text()) if pooling.is_file() else {}
-        self.cls = bool(settings.get("pooling_mode_cls_token"))
-        bert = model_dir / "sentence_bert_config.json"
-        limit = json.loads(bert.read_text()).get("max_seq_length") if bert.is_file() else None
-        self.max_length = int(limit or min(512, getattr(self.model.config, "max_position_embeddings", 512)))
-
-    def __call__(self, texts: list[str]):
-        import numpy as np
-        import torch
-
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(texts), EMBED_BATCH):
-                batch = self.tokenizer(texts[start:start + EMBED_BATCH], padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt")
-                hidden = self.model(**batch).last_hidden_state
-                if self.cls:
-                    pooled = hidden[:, 0]
-                else:
-                    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-                out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
-
-
 def load_embedder(rag: RagConfig, endpoint_url: Optional[str] = None) -> Embedder:
     """The embedding model, or ConfigError naming evaluate.rag.embedding_model."""
     try:
@@ -123,10 +85,7 @@ class Index:
 
     def search(self, queries, k: int) -> list[list[int]]:
         """The k nearest passages of each query vector, nearest first."""
-        import numpy as np
-
-        scores = queries @ self.vectors.T
-        return np.argsort(-scores, axis=1, kind="stable")[:, :k].tolist()
+        return nearest(queries, self.vectors, k)
 
 
 def build_index(passages: list[str], embedder: Embedder) -> Index:
@@ -140,10 +99,6 @@ def retrieve(index: Index, embedder: Embedder, queries: list[str], k: int) -> tu
     started = time.monotonic()
     found = index.search(embedder(queries), k)
     return found, time.monotonic() - started
-
-
-def with_context(template: str, passages: list[str], prompt: str) -> str:
-    return template.format(passages="\n".join(passages), prompt=prompt)
 
 
 def contains_answer(passages: list[str], answer: str) -> bool:

@@ -246,6 +246,85 @@ def build_prompt(template: str, instruction: str, input_text: str, alpaca_templa
     return template.format(instruction=instruction, input=input_text)
 
 
+# ---- retrieval: what evaluate.rag measured, served the same way ----------------------------------
+
+#: Texts per forward pass of the embedding model.
+EMBED_BATCH = 64
+#: Where the embedding model is when it is not where the settings say (as BASE_MODEL_ENV).
+EMBEDDING_MODEL_ENV = "KUBETUNE_EMBEDDING_MODEL_PATH"
+
+
+class Embedder:
+    """Sentence embeddings with a transformers encoder: pooled over real tokens, L2-normalised."""
+
+    def __init__(self, model_dir: Path):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.location = str(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+        pooling = model_dir / "1_Pooling" / "config.json"
+        settings = json.loads(pooling.read_text()) if pooling.is_file() else {}
+        self.cls = bool(settings.get("pooling_mode_cls_token"))
+        bert = model_dir / "sentence_bert_config.json"
+        limit = json.loads(bert.read_text()).get("max_seq_length") if bert.is_file() else None
+        self.max_length = int(limit or min(512, getattr(self.model.config, "max_position_embeddings", 512)))
+
+    def __call__(self, texts: list[str]):
+        import numpy as np
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(texts), EMBED_BATCH):
+                batch = self.tokenizer(texts[start:start + EMBED_BATCH], padding=True, truncation=True,
+                                       max_length=self.max_length, return_tensors="pt")
+                hidden = self.model(**batch).last_hidden_state
+                if self.cls:
+                    pooled = hidden[:, 0]
+                else:
+                    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+                out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+
+
+def nearest(queries, vectors, k: int) -> list[list[int]]:
+    """The k rows of vectors nearest each query (dot product: cosine for normalised rows), nearest first."""
+    import numpy as np
+
+    return np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :k].tolist()
+
+
+def with_context(template: str, passages: list[str], prompt: str) -> str:
+    """The prompt with its retrieved passages (one a line) in front, as evaluate.rag.template says."""
+    return template.format(passages="\n".join(passages), prompt=prompt)
+
+
+class Retriever:
+    """A registered version's retrieval: its passages and their vectors (the `retrieval` artifact, as
+    evaluation indexed them) and the embedding model, from $KUBETUNE_EMBEDDING_MODEL_PATH or where it
+    was at registration."""
+
+    def __init__(self, folder: Path, settings: dict[str, Any]):
+        import numpy as np
+
+        self.passages = json.loads((folder / "passages.json").read_text())
+        self.vectors = np.load(folder / "vectors.npy")
+        self.template, self.top_k = settings["template"], int(settings["top_k"])
+        location = os.environ.get(EMBEDDING_MODEL_ENV, "").strip() or settings["embedding_model_path"]
+        if not (Path(location).expanduser() / "config.json").is_file():
+            raise FileNotFoundError(f"the embedding model is not at {location!r}; set {EMBEDDING_MODEL_ENV} to a local "
+                                    f"folder holding {settings.get('embedding_model')!r}")
+        self.embedder = Embedder(Path(location).expanduser())
+
+    def __call__(self, prompts: list[str]) -> list[str]:
+        found = nearest(self.embedder(prompts), self.vectors, self.top_k)
+        return [with_context(self.template, [self.passages[i] for i in hits], prompt)
+                for hits, prompt in zip(found, prompts)]
+
+
 # ---- loading ------------------------------------------------------------------------------------
 
 def load_tokenizer(folder: Path):
@@ -356,10 +435,13 @@ class ServedModel:
     column; the language-model kinds complete the strings in a `prompt` column, instruction models
     also take `instruction` (and optional `input`) columns and build the prompt with the template
     they were trained on, and chat models answer the conversation in each `messages` cell with the
-    chat template they were trained with. The `max_new_tokens` param bounds each completion."""
+    chat template they were trained with. The `max_new_tokens` param bounds each completion. A
+    version registered from a run with evaluate.rag retrieves as evaluation did: the passages
+    nearest each prompt go in front of it (the `retrieve` param, true by default, turns it off)."""
 
     def load(self, artifacts: dict[str, str]) -> None:
-        """artifacts: MLflow's local paths of the `adapter` folder and the `settings` file."""
+        """artifacts: MLflow's local paths of the `adapter` folder, the `settings` file and, with
+        retrieval, the `retrieval` folder."""
         self.settings = json.loads(Path(artifacts["settings"]).read_text())
         adapter = Path(artifacts["adapter"])
         self.tokenizer = load_tokenizer(adapter)
@@ -369,6 +451,8 @@ class ServedModel:
         self.max_new_tokens = int(self.settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         self.prompt_format = self.settings.get("prompt_format")
         self.chat = bool((self.prompt_format or {}).get("chat"))
+        retrieval = self.settings.get("retrieval")
+        self.retriever = Retriever(Path(artifacts["retrieval"]), retrieval) if retrieval else None
 
     def serve(self, model_input, params: Optional[dict[str, Any]] = None) -> list[str]:
         if self.predicts == LABELS:
@@ -382,7 +466,10 @@ class ServedModel:
             prompts = [chat_prompt_ids(self.tokenizer, conversation(cell)) for cell in model_input["messages"]]
             end = turn_end(self.tokenizer)
             return generate(self.model, self.tokenizer, prompts, limit, PREDICT_BATCH, [end] if end else [])
-        prompts = [self.tokenizer(prompt)["input_ids"] for prompt in self.prompts(model_input)]
+        texts = self.prompts(model_input)
+        if self.retriever is not None and (params or {}).get("retrieve", True):
+            texts = self.retriever(texts)
+        prompts = [self.tokenizer(prompt)["input_ids"] for prompt in texts]
         return generate(self.model, self.tokenizer, prompts, limit, PREDICT_BATCH)
 
     def prompts(self, model_input) -> list[str]:

@@ -237,6 +237,13 @@ def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, ou
             "batches": "by length"})  # how rows are batched moves 8-bit scores in their last digits
         result = evaluation.evaluate(kind, variants, tokenizer, dataset, info, cfg, cache)
         result.metrics["eval/split_" + split] = 1
+        if cfg.evaluate.rag is not None:
+            retrieved = evaluation.rag_evaluate(kind, variants, tokenizer, dataset, info, cfg)
+            result.metrics.update(retrieved.evaluation.metrics)
+            result.tables.update(retrieved.evaluation.tables)
+            logger.json(retrieved.evaluation.generations, "eval/rag_generations.json")
+            artifacts.write_retrieval(Path(out_dir), retrieved.index.passages, retrieved.index.vectors,
+                                      retrieved.settings)
         if cfg.evaluate.retention_path:
             retained = evaluation.retention(kind, model_dir, variants, tokenizer, cfg, cache)
             logger.dataset(cfg.evaluate.retention_path, "retention", retained.texts)
@@ -283,7 +290,8 @@ def register(config: Config, run_id: str, lineage_path: str, tokenized_dir: str,
         settings = registry.model_config(plan, kind, artifacts.read_task_info(Path(tokenized_dir)),
                                          kind.prompt_format(cfg.data))
         result = registry.register(logger.uri, run_id, cfg.register.model_name, Path(tuned_dir), settings,
-                                   artifacts.read_evaluation_metrics(Path(eval_dir)), lineage, kind.registry_score)
+                                   artifacts.read_evaluation_metrics(Path(eval_dir)), lineage, kind.registry_score,
+                                   artifacts.read_retrieval(Path(eval_dir)))
         logger.tags({"kubetune.registered_model": cfg.register.model_name,
                      "kubetune.registered_version": result["version"]})
         console.summary(f"{cfg.register.model_name}/{result['version']}" + (" (champion)" if result["champion"] else ""))

@@ -33,6 +33,10 @@ LAYERS = [
     ("command line", ["kubetune.cli"]),
 ]
 MAX_LINES = 450
+#: Modules that are one file by design, with their own limit: MLflow loads a registered version from
+#: the single file kubetune.served_model (models from code), so what serving needs (scoring loops,
+#: chat rendering, retrieval) cannot be split into kubetune modules it would import.
+ONE_FILE_LIMITS = {"kubetune.served_model": 550}
 # Function-local imports of kubetune modules that are there on purpose:
 # - a KFP lightweight component ships only its function body, so the body imports the library;
 # - the command line imports the KFP layer per command (importing the pipeline builds the DAG, ~1.5 s).
@@ -168,4 +172,5 @@ def test_internal_imports_sit_at_module_top(module):
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_no_module_outgrows_a_page(module):
     lines = len(MODULES[module].read_text().splitlines())
-    assert lines <= MAX_LINES, f"{MODULES[module].relative_to(ROOT)} has {lines} lines; split it by job"
+    limit = ONE_FILE_LIMITS.get(module, MAX_LINES)
+    assert lines <= limit, f"{MODULES[module].relative_to(ROOT)} has {lines} lines; split it by job"

@@ -102,6 +102,9 @@ class TaskKind:
     #: the LM head on the tail only (kubetune.scoring.label_losses).
     labelled_tail = False
     retention_form = CAUSAL_LM
+    #: Whether evaluate.rag applies: held-out rows are a prompt and its answer, and passages can go
+    #: in front of the prompt.
+    retrieval = False
     #: The registry's promotion gate: the metric a new version must beat, and whether higher is better.
     registry_score = ("eval/tuned_perplexity", False)
     #: What the end-of-run summary shows (those of them the run produced), after the retention figures.

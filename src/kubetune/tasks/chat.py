@@ -80,6 +80,7 @@ def turns(value: Any) -> list[dict[str, str]]:
 
 class Chat(Instruction):
     name = "chat"
+    retrieval = False  # the prompt is a rendered conversation: no place for passages in front of it
 
     # ---- prepare_data -------------------------------------------------------------------------
     def expand(self, rows: list[dict[str, Any]], where: list[str]) -> tuple[list[dict[str, Any]], list[str]]:

@@ -46,6 +46,7 @@ class Instruction(TaskKind):
     name = "instruction"
     peft_task_type = "CAUSAL_LM"
     labelled_tail = True
+    retrieval = True
     headline_metrics = ("eval/base_perplexity", "eval/tuned_perplexity", "eval/perplexity_change_pct",
                         "eval/base_answer_accuracy", "eval/tuned_answer_accuracy")
 
