@@ -37,7 +37,9 @@ def _run(args: argparse.Namespace) -> int:
     for stage, seconds in result["stage_seconds"].items():
         print(f"  {stage:<14} {seconds:7.1f} s")
     print(f"  {result['trainable_line']}")
-    for key in (*get_task(cfg.task).headline_metrics, *RETENTION_METRICS):
+    headline = get_task(cfg.task).headline_metrics
+    retrieved = (*(f"eval/rag.{key.split('/', 1)[1]}" for key in headline), "eval/rag.hit_rate")  # evaluate.rag
+    for key in (*headline, *retrieved, *RETENTION_METRICS):
         if key in result["eval"]:
             print(f"  {key:<34} {result['eval'][key]}")
     print(f"registered model version: {result['registered']}" + (" (champion)" if result["champion"] else ""))

@@ -2,8 +2,9 @@
 
 registry.register logs this file as an MLflow "model from code": the version holds the file, the
 `adapter` artifact (the trained LoRA adapter, or the full trained weights without LoRA, with the
-tokenizer beside it) and the `settings` artifact (settings.json: the base model, quantization,
-task info, prompt format, the model class and its config overrides). MLflow executes the file in
+tokenizer, and a chat model's template, beside it), the `settings` artifact (settings.json: the
+base model, quantization, task info, prompt format, the model class and its config overrides) and,
+from a run with evaluate.rag, the `retrieval` artifact (passages and their vectors). MLflow executes the file in
 the loading process, so it imports the standard library, mlflow, pandas, torch, transformers and
 peft only (bitsandbytes when installed), never kubetune: kubetune is on no package index, and a
 CloudPickled kubetune class could not be loaded anywhere kubetune was not installed.

@@ -6,6 +6,8 @@ Marked `containers` (`make test-containers`): the first call builds the CPU imag
 minutes), later calls reuse it. Skipped with the reason where podman cannot run.
 """
 
+import contextlib
+import io
 import math
 from pathlib import Path
 
@@ -44,9 +46,21 @@ def both_runs(cpu_image, tiny_model_dir, quotes_file, mlflow_server, s3_server):
                              evaluate={"retention_samples": 16},
                              register={"model_name": "tiny-containers"})
     in_process = run_pipeline(RunConfig.from_dict(config), progress=False)
-    in_containers = run_pipeline(RunConfig.from_dict(config), progress=False, runner="container")
+    with contextlib.redirect_stdout(io.StringIO()) as console:
+        in_containers = run_pipeline(RunConfig.from_dict(config), progress=False, runner="container")
     return {"process": in_process, "container": in_containers, "client": tracking.client(mlflow_server),
-            "uri": mlflow_server}
+            "uri": mlflow_server, "console": console.getvalue()}
+
+
+def test_container_run_console_is_quiet_and_its_log_whole(both_runs):
+    """As in-process: a line as each stage starts and ends; the executor dumps and the stages' own
+    lines only in the run's log."""
+    console = both_runs["console"].splitlines()
+    assert "> train" in console and any(line.startswith("= train ") for line in console)
+    assert not any("executor_input" in line or "'loss'" in line for line in console)
+    assert len(console) < 30
+    run_log = Path(both_runs["container"]["log"]).read_text()
+    assert "executor_input" in run_log and "train| " in run_log and "stage result: " in run_log
 
 
 def test_same_figures_as_in_process(both_runs):

@@ -246,9 +246,11 @@ def task_name(command: list[str]) -> str:
 class TaskRunner:
     """Stands in for kfp.local's run_docker_container for one pipeline run."""
 
-    def __init__(self, images: dict[str, str]):
+    def __init__(self, images: dict[str, str], lines=None, run_log=None):
         self.images = images
         self.failures: list[StageFailed] = []
+        self.lines = lines  # console.StageLines unless verbose: the quiet console
+        self.run_log = run_log  # the run's whole log, every line of every task
 
     def __call__(self, client, image: str, command: list[str], volumes: dict[str, Any], **run_args) -> int:
         task = task_name(command)
@@ -256,24 +258,40 @@ class TaskRunner:
         if actual != image:
             log.info("%s: its component names %s; running it in %s (no GPU on this machine)", task, image, actual)
         started = time.monotonic()
+        if self.lines is not None:
+            self.lines.started(task)
         container = client.containers.run(image=actual, command=command, detach=True, volumes=volumes, **run_args)
         tail: collections.deque[str] = collections.deque(maxlen=80)
         partial = ""
         try:
             for chunk in container.logs(stream=True, follow=True):
                 text = chunk.decode(errors="replace")
-                print(text, end="", flush=True)
+                if self.lines is None:
+                    print(text, end="", flush=True)
                 *complete, partial = (partial + text).split("\n")
+                for line in complete:
+                    self._keep(task, line + "\n")
                 tail.extend(complete)
             exit_code = container.wait()["StatusCode"]
         finally:
             with contextlib.suppress(Exception):
                 container.remove(force=True)
+        if partial:
+            self._keep(task, partial + "\n")
         tail.append(partial)
+        if self.lines is not None:
+            self.lines.finished(task, time.monotonic() - started, exit_code == 0)
         log.info("%s: container exited %d after %.1f s", task, exit_code, time.monotonic() - started)
         if exit_code != 0:
             self.failures.append(StageFailed(task, actual, exit_code, error_line(list(tail))))
         return exit_code
+
+
+    def _keep(self, task: str, line: str) -> None:
+        if self.lines is not None:
+            self.lines.line(task, line)
+        if self.run_log is not None:
+            self.run_log.write(f"{task}| {line}")
 
 
 @contextlib.contextmanager
@@ -365,8 +383,9 @@ def artifact_folder(tracking_uri: str, experiment: str) -> Optional[Path]:
 
 
 def run(cfg: RunConfig, podman: containers.Podman, gpu: bool, state: Path, progress: bool,
-        pipeline_root: Path, workspace_root: Path, resume: str = "") -> str:
-    """Run the DAG in containers; returns register's output ("name/version")."""
+        pipeline_root: Path, workspace_root: Path, resume: str = "", lines=None, run_log=None) -> str:
+    """Run the DAG in containers; returns register's output ("name/version"). lines: the quiet
+    console (console.StageLines), None to print every line; run_log: where every line is kept."""
     from kfp import local
 
     container_plan = plan(cfg, state, artifact_folder(cfg.tracking.mlflow_uri, cfg.tracking.experiment),
@@ -381,7 +400,7 @@ def run(cfg: RunConfig, podman: containers.Podman, gpu: bool, state: Path, progr
         log.info("mounted in every container: %s%s (%s, for %s)", mount.path,
                  f" at {mount.target}" if mount.target else "", "read-write" if mount.writable else "read-only",
                  mount.why)
-    runner = TaskRunner(container_plan.images)
+    runner = TaskRunner(container_plan.images, lines, run_log)
     with docker_api(podman), replaced_docker_run(runner):
         local.init(runner=local.DockerRunner(**docker_run_args(container_plan)), pipeline_root=str(pipeline_root),
                    workspace_root=str(workspace_root), raise_on_error=True)

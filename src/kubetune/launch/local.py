@@ -157,36 +157,47 @@ class ProcessTasks:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["ProcessTasks"]:
-        from kfp.local import logging_utils
         from kfp.local import subprocess_task_handler as handler
 
-        originals = (handler.replace_python_executable, handler.run_local_subprocess,
-                     logging_utils.local_logger_context, logging_utils.print_horizontal_line)
+        originals = handler.replace_python_executable, handler.run_local_subprocess
         handler.replace_python_executable = self.keep_arguments(originals[0])
         handler.run_local_subprocess = self
-        if self.lines is not None:  # kfp.local's own lines (task dumps, statuses, rules) to the run log only
-            logging_utils.local_logger_context = self.kfp_logging
-            logging_utils.print_horizontal_line = lambda: None
         try:
-            yield self
+            with quiet_kfp(self.lines is not None, self.run_log):
+                yield self
         finally:
-            (handler.replace_python_executable, handler.run_local_subprocess, logging_utils.local_logger_context,
-             logging_utils.print_horizontal_line) = originals
+            (handler.replace_python_executable, handler.run_local_subprocess) = originals[:2]
             shutil.rmtree(self.tmp, ignore_errors=True)
 
+
+@contextlib.contextmanager
+def quiet_kfp(quiet: bool, run_log=None) -> Iterator[None]:
+    """When quiet, kfp.local's own lines (task input dumps, statuses, rules) go to the run log only,
+    its warnings to the console too."""
+    from kfp.local import logging_utils
+
+    originals = logging_utils.local_logger_context, logging_utils.print_horizontal_line
+
     @contextlib.contextmanager
-    def kfp_logging(self) -> Iterator[None]:
+    def to_run_log() -> Iterator[None]:
         root = logging.getLogger()
         saved = root.level, root.handlers[:]
         to_console = logging.StreamHandler(sys.stdout)
         to_console.setLevel(logging.WARNING)
-        root.handlers = [to_console, *([logging.StreamHandler(self.run_log)] if self.run_log is not None else [])]
+        root.handlers = [to_console, *([logging.StreamHandler(run_log)] if run_log is not None else [])]
         root.setLevel(logging.INFO)
         try:
             yield
         finally:
             root.setLevel(saved[0])
             root.handlers = saved[1]
+
+    if quiet:
+        logging_utils.local_logger_context, logging_utils.print_horizontal_line = to_run_log, lambda: None
+    try:
+        yield
+    finally:
+        logging_utils.local_logger_context, logging_utils.print_horizontal_line = originals
 
 
 def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process", resume: str = "",
@@ -279,9 +290,11 @@ def _run_dag(cfg: RunConfig, home: Path, runner: str, resume: str, warm: Optiona
     warnings.filterwarnings("ignore", message=r"Task '.*': settings .* have no effect in the current local runner")
     warnings.filterwarnings("ignore", message=r".*custom or non-Python base image.*")
     if runner == "container":
-        return container_runner.run(cfg, podman, gpu, home, os.environ[PROGRESS_ENV] == "1",
-                                    pipeline_root=home / "kfp", workspace_root=home / "kfp-workspace",
-                                    resume=resume), []
+        lines = None if verbose else StageLines(progress=progress)
+        with quiet_kfp(lines is not None, run_log):
+            return container_runner.run(cfg, podman, gpu, home, os.environ[PROGRESS_ENV] == "1",
+                                        pipeline_root=home / "kfp", workspace_root=home / "kfp-workspace",
+                                        resume=resume, lines=lines, run_log=run_log), []
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
                workspace_root=str(home / "kfp-workspace"), raise_on_error=True)
     with ProcessTasks(home, warm, verbose=verbose, run_log=run_log, progress=progress).installed() as tasks:
