@@ -215,14 +215,14 @@ class Retrieved:
 
 
 def rag_evaluate(kind: TaskKind, variants: Variants, tokenizer, dataset, info: dict[str, Any],
-                 cfg: RunConfig) -> Retrieved:
+                 cfg: RunConfig, store: Any = None) -> Retrieved:
     """The held-out rows scored again, base and tuned, with the evaluate.rag.top_k passages nearest
     to each prompt put in front of it (evaluate.rag.template): metrics as evaluate's, named
     eval/rag.*, plus the retrieval's own (answer hit rate, passages, index and query seconds)."""
     rag = cfg.evaluate.rag
     passages = retrieval.load_passages(rag, cfg.data, cfg.storage.endpoint_url)
     embedder = retrieval.load_embedder(rag, cfg.storage.endpoint_url)
-    index = retrieval.build_index(passages, embedder)
+    index = retrieval.build_index(passages, embedder, store)
     rows = kind.heldout_rows(dataset, tokenizer, cfg.evaluate)
     prompts = [tokenizer.decode(prompt_ids(row), skip_special_tokens=True) for row in rows]
     found, query_seconds = retrieval.retrieve(index, embedder, prompts, rag.top_k)
@@ -241,7 +241,7 @@ def rag_evaluate(kind: TaskKind, variants: Variants, tokenizer, dataset, info: d
     metrics = {f"eval/rag.{key.split('/', 1)[1]}": value for key, value in result.metrics.items()}
     hits = [retrieval.contains_answer(context, row["answer"]) for context, row in zip(contexts, rows)]
     metrics.update({"eval/rag.hit_rate": round(sum(hits) / max(1, len(hits)), 4), "eval/rag.passages": len(passages),
-                    "eval/rag.index_seconds": round(index.build_seconds, 2),
+                    "eval/rag.index_seconds": round(index.build_seconds, 2), "eval/rag.index_reused": int(index.reused),
                     "eval/rag.query_seconds": round(query_seconds, 3)})
     generations = [{**sample, "passages": contexts[i]} for i, sample in enumerate(result.generations)]
     log.info("retrieval: %d passages indexed in %.1f s, %d queries in %.2f s, answer in the passages for %.0f%%: %s",

@@ -277,10 +277,11 @@ class Embedder:
         import torch
 
         out = []
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of like length: little padding
         with torch.no_grad():
             for start in range(0, len(texts), EMBED_BATCH):
-                batch = self.tokenizer(texts[start:start + EMBED_BATCH], padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt")
+                batch = self.tokenizer([texts[i] for i in order[start:start + EMBED_BATCH]], padding=True,
+                                       truncation=True, max_length=self.max_length, return_tensors="pt")
                 hidden = self.model(**batch).last_hidden_state
                 if self.cls:
                     pooled = hidden[:, 0]
@@ -288,7 +289,11 @@ class Embedder:
                     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
                 out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+        if not out:
+            return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+        vectors = np.empty((len(texts), out[0].shape[1]), dtype=np.float32)
+        vectors[order] = np.concatenate(out)
+        return vectors
 
 
 def nearest(queries, vectors, k: int) -> list[list[int]]:

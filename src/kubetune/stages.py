@@ -238,7 +238,7 @@ def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, ou
         result = evaluation.evaluate(kind, variants, tokenizer, dataset, info, cfg, cache)
         result.metrics["eval/split_" + split] = 1
         if cfg.evaluate.rag is not None:
-            retrieved = evaluation.rag_evaluate(kind, variants, tokenizer, dataset, info, cfg)
+            retrieved = evaluation.rag_evaluate(kind, variants, tokenizer, dataset, info, cfg, _store(cfg))
             result.metrics.update(retrieved.evaluation.metrics)
             result.tables.update(retrieved.evaluation.tables)
             logger.json(retrieved.evaluation.generations, "eval/rag_generations.json")

@@ -346,3 +346,19 @@ def test_trainer_reads_rows_in_the_given_order(tiny_model_dir, tokenizer, tmp_pa
                              out_dir=tmp_path / "out", progress=False, order=order)
     assert summary["steps"] == 3
     assert seen == order, "read in sequence: 3 steps x 2 micro-batches x 2 rows"
+
+
+def test_per_task_exact_match_of_short_answers():
+    """Open short answers (names, not a closed set) get an exact match per task, and its macro mean."""
+    from kubetune.tasks.answer_metrics import per_task_scores, task_metrics
+    from kubetune.tasks.base import Scores
+
+    rows = [{"task": "seen", "answer": "William Blake"}, {"task": "seen", "answer": "Iris Murdoch"},
+            {"task": "unseen", "answer": "Laozi"}, {"task": "unseen", "answer": "a long answer of many words"}]
+    base = Scores(losses=[(1.0, 1)] * 4, texts={0: "William Blake.", 1: "Confucius", 2: "laozi", 3: "x"})
+    tuned = Scores(losses=[(0.5, 1)] * 4, texts={0: "William Blake", 1: "Iris Murdoch\nmore", 2: "Buddha", 3: "x"})
+    per_task = per_task_scores(rows, {"base": base, "tuned": tuned}, lambda row: None)
+    assert per_task["seen"]["base_short_answer_exact_match"] == 0.5
+    assert per_task["seen"]["tuned_short_answer_exact_match"] == 1.0
+    assert per_task["unseen"]["base_short_answer_exact_match"] == 1.0  # the long answer is not scored
+    assert task_metrics(per_task)["eval/task_macro.tuned_short_answer_exact_match"] == 0.5

@@ -63,8 +63,8 @@ def answer_metrics(rows: list[dict[str, Any]], scores: dict[str, Scores], answer
 
 def per_task_scores(rows: list[dict[str, Any]], scores: dict[str, Scores],
                     answer_set_of: AnswerSetOf) -> dict[str, dict[str, float]]:
-    """Held-out samples, base/tuned answer loss and perplexity, and answer accuracy (closed answer
-    sets) of each task."""
+    """Held-out samples, base/tuned answer loss and perplexity, answer accuracy (closed answer sets)
+    and exact match (other short answers) of each task."""
     by_task: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         by_task.setdefault(row["task"], []).append(i)
@@ -78,6 +78,11 @@ def per_task_scores(rows: list[dict[str, Any]], scores: dict[str, Scores],
         if closed:
             for name in VARIANTS:
                 values[f"{name}_answer_accuracy"] = accuracy(rows, closed, scores[name].texts, answer_set_of)
+        short = [i for i in indices if is_short(rows[i]["answer"]) and not answer_set_of(rows[i])]
+        if short:
+            for name in VARIANTS:
+                values[f"{name}_short_answer_exact_match"] = round(sum(
+                    exact_match(scores[name].texts.get(i, ""), rows[i]["answer"]) for i in short) / len(short), 4)
         per_task[task] = values
     return per_task
 
@@ -91,7 +96,8 @@ def task_metrics(per_task: dict[str, dict[str, float]]) -> dict[str, Any]:
     for task in logged:
         metrics.update({f"eval/task.{metric_key(task)}.{k}": v for k, v in per_task[task].items()})
     metrics["eval/tasks_logged"] = len(logged)
-    for key in ("base_loss", "tuned_loss", "base_answer_accuracy", "tuned_answer_accuracy"):
+    for key in ("base_loss", "tuned_loss", "base_answer_accuracy", "tuned_answer_accuracy",
+                "base_short_answer_exact_match", "tuned_short_answer_exact_match"):
         values = [v[key] for v in per_task.values() if key in v]
         if values:
             metrics[f"eval/task_macro.{key}"] = round(sum(values) / len(values), 5)
