@@ -445,6 +445,8 @@ class ServedModel:
     version registered from a run with evaluate.rag retrieves as evaluation did: the passages
     nearest each prompt go in front of it (the `retrieve` param, true by default, turns it off)."""
 
+    retriever: Optional[Retriever] = None
+
     def load(self, artifacts: dict[str, str]) -> None:
         """artifacts: MLflow's local paths of the `adapter` folder, the `settings` file and, with
         retrieval, the `retrieval` folder."""
@@ -456,9 +458,13 @@ class ServedModel:
         self.id2label = (self.settings.get("task_info") or {}).get("id2label", {})
         self.max_new_tokens = int(self.settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         self.prompt_format = self.settings.get("prompt_format")
-        self.chat = bool((self.prompt_format or {}).get("chat"))
         retrieval = self.settings.get("retrieval")
         self.retriever = Retriever(Path(artifacts["retrieval"]), retrieval) if retrieval else None
+
+    @property
+    def chat(self) -> bool:
+        """A chat model: it answers `messages` conversations with its chat template."""
+        return bool((self.prompt_format or {}).get("chat"))
 
     def serve(self, model_input, params: Optional[dict[str, Any]] = None) -> list[str]:
         if self.predicts == LABELS:
