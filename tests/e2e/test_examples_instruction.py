@@ -43,3 +43,19 @@ def test_progressive_multitask_example_lowers_the_answer_loss(tmp_path):
                  "train.save_steps=5", "evaluate.max_new_tokens=16")
     assert scores["eval/tuned_loss"] < scores["eval/base_loss"]
     assert scores["eval/task_macro.tuned_loss"] < scores["eval/task_macro.base_loss"]
+
+
+def test_chat_example_lowers_the_assistant_loss(tmp_path):
+    scores = run("chat-roleplay-apps-gemma-lora.yaml", tmp_path, "train.max_steps=8", "train.eval_steps=4",
+                 "train.save_steps=4", "evaluate.max_samples=8", "evaluate.max_new_tokens=16")
+    assert scores["eval/tuned_loss"] < scores["eval/base_loss"]
+    assert scores["eval/samples"] == 8
+
+
+def test_rag_example_scores_four_ways(tmp_path):
+    scores = run("rag-quotes-gemma-lora.yaml", tmp_path, "train.max_steps=10", "train.eval_steps=5",
+                 "train.save_steps=5", "evaluate.max_samples=16", "evaluate.max_new_tokens=8")
+    for variant in ("base", "tuned", "rag.base", "rag.tuned"):
+        assert f"eval/{variant}_short_answer_exact_match" in scores
+    assert scores["eval/rag.hit_rate"] >= 0.9  # the quoted text finds its own passage
+    assert scores["eval/rag.base_loss"] < scores["eval/base_loss"]  # the author in the context helps
