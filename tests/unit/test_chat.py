@@ -113,8 +113,9 @@ def test_tail_scoring_of_multi_turn_rows_matches_full_scoring(tiny_model_dir, to
     records = CHAT.normalise(chat_rows(6), cfg)
     columns = CHAT.encode(records, tokenizer, cfg, {})
     rows = [{"input_ids": ids, "labels": labels} for ids, labels in zip(columns["input_ids"], columns["labels"])]
-    assert all(CHAT_TEMPLATES and labels.count(IGNORE_INDEX) > labels.index(next(t for t in labels if t != IGNORE_INDEX))
-               for labels in columns["labels"])  # unlabelled tokens (the second question) after the first answer
+    first_answer = [next(i for i, t in enumerate(labels) if t != IGNORE_INDEX) for labels in columns["labels"]]
+    # the tail holds unlabelled tokens (the second question) between the answers
+    assert all(IGNORE_INDEX in labels[start:] for labels, start in zip(columns["labels"], first_answer))
     tail = label_losses(model, rows, tokenizer.pad_token_id, batch_size=3, tail_only=True)
     full = label_losses(model, rows, tokenizer.pad_token_id, batch_size=3, tail_only=False)
     for (tail_loss, tail_n, _), (full_loss, full_n, _) in zip(tail, full):
