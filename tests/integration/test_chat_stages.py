@@ -59,3 +59,9 @@ def test_chat_stages_learn_the_answers_and_serve_conversations(tiny_model_dir, t
     assert model.tokenizer.decode(chat_prompt_ids(model.tokenizer, talk)).endswith("Answer: ")
     answers = served.predict(pd.DataFrame({"messages": [talk, [talk[1]]]}), params={"max_new_tokens": 8})
     assert len(answers) == 2 and answers[0].strip() in ("negative", "neutral", "positive")
+    # a REST request's JSON goes through the signature's Array(Object) column as the server parses it
+    (tmp_path / "request.json").write_text(json.dumps({"dataframe_records": [{"messages": talk}],
+                                                       "params": {"max_new_tokens": 8}}))
+    mlflow.models.predict(f"models:/{out['version']}", input_path=str(tmp_path / "request.json"), content_type="json",
+                          output_path=str(tmp_path / "rest.json"), env_manager="local")
+    assert json.loads((tmp_path / "rest.json").read_text())["predictions"] == answers[:1]

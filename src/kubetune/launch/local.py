@@ -258,6 +258,10 @@ def _run_log(path: Path, verbose: bool) -> Iterator[Any]:
         # MLflow logs through a handler of its own (INFO lines such as its schema set-up), made on import
         if not verbose:
             import mlflow  # noqa: F401  (preflight imports it anyway)
+            from transformers.utils import logging as transformers_logging
+
+            # preflight loads tokenizers and the retrieval model here: their load bars are no stage's progress
+            transformers_logging.disable_progress_bar()
         quiet = [] if verbose else [h for h in (*root.handlers, *logging.getLogger("mlflow").handlers)
                                     if h is not handler]
         for console_handler in quiet:
@@ -266,6 +270,8 @@ def _run_log(path: Path, verbose: bool) -> Iterator[Any]:
             yield log_file
         finally:
             root.removeHandler(handler)
+            if not verbose:
+                transformers_logging.enable_progress_bar()
             for console_handler in quiet:
                 console_handler.filters = [f for f in console_handler.filters if not isinstance(f, OursAndProblems)]
 
