@@ -128,8 +128,10 @@ def test_bad_chat_input_gets_one_message(tokenizer, tmp_path):
     path.write_text(json.dumps({"messages": [*TALK[:2], {"role": "tool", "content": "42"}, TALK[2]]}) + "\n")
     with pytest.raises(DataError, match=r"data.messages_field.*role 'tool'"):
         CHAT.check_fields([json.loads(path.read_text())], DataConfig(path=str(path)))
+    with pytest.raises(DataError, match="data.messages_field.*not a field of the data.*lists are conversations"):
+        CHAT.check_fields([{"conversations": TALK, "id": 1}], DataConfig(path="x"))
     with pytest.raises(DataError, match="data.messages_field.*not a field of the data"):
-        CHAT.check_fields([{"conversations": TALK}], DataConfig(path="x"))
+        CHAT.check_fields([{"text": "no conversation here"}], DataConfig(path="x"))
     with pytest.raises(ConfigError, match="data.chat_template.*no chat template.*chatml or gemma"):
         CHAT.prepare_tokenizer(tokenizer, DataConfig(path="x"))
     with pytest.raises(ConfigError, match="data.chat_template = 'chat-ml'.*neither a built-in"):

@@ -102,6 +102,11 @@ class Chat(Instruction):
         """The field exists and every message in it has a known role (an unknown role is a mapping to
         fix, not an example to drop)."""
         check_chat_template(cfg.chat_template)
+        lists = sorted({key for row in rows[:100] for key, value in row.items() if isinstance(value, list)})
+        if lists and not any(cfg.messages_field in row for row in rows[:100]):
+            raise DataError("data.messages_field", cfg.messages_field, f"not a field of the data; the fields holding "
+                            f"lists are {', '.join(lists)}: set data.messages_field to the one holding the "
+                            f"conversations (ShareGPT: conversations)")
         require_fields(rows, cfg, [("data.messages_field", cfg.messages_field)])
         for number, row in enumerate(rows, start=1):
             value = row.get(cfg.messages_field)
