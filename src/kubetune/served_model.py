@@ -187,21 +187,21 @@ def chat_pieces(tokenizer, messages: list[dict[str, str]], add_generation_prompt
         done = ""
     pieces = [(done, False)] if done else []
 
-    def extend(text: str, learned: bool) -> None:
+    def extend(text: str, learned: bool, through: int) -> None:
         nonlocal done
         if not text.startswith(done):
-            raise ValueError(f"the chat template renders the conversation up to message {len(pieces)} as text that "
-                             "the longer conversation does not start with, so its turns cannot be told apart")
+            raise ValueError(f"the chat template's rendering of the first {through} messages does not start with its "
+                             "rendering of fewer, so the turns cannot be told apart")
         if len(text) > len(done):
             pieces.append((text[len(done):], learned))
         done = text
 
     for i, message in enumerate(messages):
         if message["role"] == ASSISTANT:
-            extend(render_chat(tokenizer, messages[:i], add_generation_prompt=True), False)
-        extend(render_chat(tokenizer, messages[: i + 1]), message["role"] == ASSISTANT)
+            extend(render_chat(tokenizer, messages[:i], add_generation_prompt=True), False, i)
+        extend(render_chat(tokenizer, messages[: i + 1]), message["role"] == ASSISTANT, i + 1)
     if add_generation_prompt:
-        extend(render_chat(tokenizer, messages, add_generation_prompt=True), False)
+        extend(render_chat(tokenizer, messages, add_generation_prompt=True), False, len(messages))
     return pieces
 
 

@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from kubetune.errors import DataError
-from kubetune.tasks.base import IGNORE_INDEX
+from kubetune.tasks.base import IGNORE_INDEX, first_labelled
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def answer_start(row: dict[str, Any]) -> int:
     answer), else its first labelled token."""
     if row.get("answer_start") is not None:
         return int(row["answer_start"])
-    return next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+    return first_labelled(row["labels"])
 
 
 def prompt_ids(row: dict[str, Any]) -> list[int]:

@@ -87,6 +87,11 @@ def change_pct(base: float, tuned: float) -> float:
     return round(100 * (tuned / base - 1), 2)
 
 
+def first_labelled(labels: list[int]) -> int:
+    """The position of the first token the loss reads (len(labels) when there is none)."""
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+
+
 def causal_labels(input_ids: list[int], pad_token_id: Optional[int]) -> list[int]:
     """Every token is learned except padding (as transformers' causal-LM collator labels them)."""
     return [IGNORE_INDEX if token == pad_token_id else token for token in input_ids]

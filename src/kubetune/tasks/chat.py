@@ -30,7 +30,7 @@ from kubetune.config import DataConfig, EvaluateConfig
 from kubetune.errors import ConfigError, DataError
 from kubetune.served_model import ASSISTANT, ROLES, chat_ids, chat_pieces, conversation, turn_end
 from kubetune.sources import is_missing, require_fields
-from kubetune.tasks.base import IGNORE_INDEX, Completion
+from kubetune.tasks.base import IGNORE_INDEX, Completion, TaskKind
 from kubetune.tasks.instruction import Instruction
 from kubetune.tasks.prompts import GENERAL_TASK
 
@@ -146,9 +146,9 @@ class Chat(Instruction):
                                     "answer_start": []}
         shortened = dropped = 0
         for number, row in enumerate(records, start=1):
-            if not row["messages"]:  # replayed general text
-                ids = tokenizer(row["text"], truncation=True, max_length=cfg.max_length - 1)["input_ids"]
-                ids, labels, answer, start = ids + [tokenizer.eos_token_id], ids + [tokenizer.eos_token_id], "", 0
+            if not row["messages"]:  # replayed general text, encoded as causal_lm encodes it (all learned)
+                ids = TaskKind.encode(self, [row], tokenizer, cfg, info)["input_ids"][0]
+                labels, answer, start = list(ids), "", 0
             else:
                 ids, labels, answer, start, cut = self.encode_conversation(row["messages"], tokenizer, cfg, number)
                 if start >= len(ids) - 1:  # not one token of an answer fits
