@@ -33,7 +33,7 @@ define LOCK_HEADER
 endef
 export LOCK_HEADER
 
-.PHONY: help venv demo-deps demo bench bench-gpu test test-slow test-containers test-ui compile check-compiled services-up services-down readme-config \
+.PHONY: help venv demo-deps demo bench bench-scale bench-gpu test test-slow test-containers test-ui compile check-compiled services-up services-down readme-config \
         images images-local lock-cuda \
         lock clean distclean
 
@@ -72,6 +72,10 @@ BENCH_ARGS ?=
 bench: venv demo-deps ## kubetune's training vs the plain script and TRL, and the whole run; writes bench/results/latest.*
 	$(PIP) install -c $(LOCK) -e ".[bench]" 2>&1 | $(QUIET)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+BENCH_SCALE_ARGS ?=
+bench-scale: venv ## kubetune's data stages vs the plain datasets script at 10k-3M rows (--sizes); writes bench/results/scale.*
+	$(BIN)/python bench/scale.py $(BENCH_SCALE_ARGS)
 
 BENCH_GPU_ARGS ?=
 bench-gpu: venv demo-deps ## on one CUDA GPU (<8 min): 8/4-bit LoRA tokens/s, peak memory, MFU vs the plain script; writes bench/results/gpu-latest.*

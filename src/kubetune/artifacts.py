@@ -5,7 +5,7 @@ reader can see in one page what flows along each edge of the DAG:
 
     preflight      -> lineage         lineage.json: what the run is made of (data hash, base model
                                       fingerprint, version, technique), handed to register
-    prepare_data   -> dataset         train/validation[/test].jsonl, stats.json
+    prepare_data   -> dataset         train/ validation/ [test/] (Arrow shards), stats.json
     tokenize       -> tokenized       <split>/ (datasets folders), tokenizer/, task_info.json, stats.json
     prepare_model  -> prepared_model  plan.json, adapter_init/ (LoRA: the adapter training starts from)
     train          -> tuned_model     the adapter (or the full weights), the tokenizer, training_summary.json
@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 SPLIT_NAMES = ("train", "validation", "test")
 DATA_STATS = "stats.json"
@@ -54,47 +54,142 @@ def _read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 # ---- dataset (prepare_data) ----------------------------------------------------------------------
+# Each split is a folder of Arrow IPC stream shards (<split>/data-00000.arrow, ...) that any reader
+# memory-maps: datasets.Dataset.from_file, pyarrow.ipc.open_stream. Rows are in the kind's record
+# schema (Task.record_schema); a column a record lacks is null and is left out when a row is read.
+
+#: Rows per shard of a prepared split, and rows gathered per batch while writing one.
+SHARD_ROWS = 1_000_000
+GATHER_ROWS = 50_000
+
+
+class RecordWriter:
+    """Appends records (dicts) to one Arrow stream file in a fixed schema, a batch per write()."""
+
+    def __init__(self, path: Path, schema):
+        self.path, self.schema = Path(path), schema
+
+    def __enter__(self) -> "RecordWriter":
+        import pyarrow as pa
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._sink = pa.OSFile(str(self.path), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, self.schema)
+        return self
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        import pyarrow as pa
+
+        if rows:
+            self._writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=self.schema))
+
+    def __exit__(self, *exc) -> None:
+        self._writer.close()
+        self._sink.close()
+
+
+def _shards(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("data-*.arrow"))
+
+
+def _present(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in row.items() if value is not None}
+
+
+def _row_chars(row: dict[str, Any]) -> int:
+    return len(" ".join(str(v) for v in row.values()))
+
+
+def write_split(out_dir: Path, name: str, examples: Path, order, measure: bool = False) -> dict[str, float]:
+    """The split `name`: the rows of the Arrow file `examples` at the positions in `order` (a
+    sequence of ints), gathered a batch at a time from the memory-mapped file. measure: returns the
+    length statistics of the rows in characters (chars_mean, chars_min, chars_max)."""
+    import numpy as np
+    import pyarrow as pa
+
+    folder = Path(out_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    positions = np.frombuffer(order, dtype=np.int64) if isinstance(order, (bytes, bytearray, memoryview)) or \
+        hasattr(order, "typecode") else np.asarray(order, dtype=np.int64)
+    total, low, high = 0, None, None
+    with pa.memory_map(str(examples)) as source:
+        table = pa.ipc.open_stream(source).read_all()
+        for shard, start in enumerate(range(0, max(1, len(positions)), SHARD_ROWS)):
+            with pa.OSFile(str(folder / f"data-{shard:05d}.arrow"), "wb") as sink, \
+                    pa.ipc.new_stream(sink, table.schema) as writer:
+                for first in range(start, min(start + SHARD_ROWS, len(positions)), GATHER_ROWS):
+                    batch = table.take(pa.array(positions[first: min(first + GATHER_ROWS, start + SHARD_ROWS)]))
+                    writer.write_table(batch)
+                    if measure:
+                        lengths = [_row_chars(_present(row)) for row in batch.to_pylist()]
+                        total += sum(lengths)
+                        low = min(lengths) if low is None else min(low, *lengths)
+                        high = max(lengths) if high is None else max(high, *lengths)
+    if not measure or not len(positions):
+        return {}
+    return {"chars_mean": round(total / len(positions), 1), "chars_min": low, "chars_max": high}
+
+
+def write_data_stats(out_dir: Path, stats: dict[str, Any]) -> None:
+    _write_json(Path(out_dir) / DATA_STATS, stats)
 
 
 def write_dataset(out_dir: Path, splits: dict[str, list[dict[str, Any]]], stats: dict[str, Any]) -> None:
-    """JSONL per split (an empty split is left out) plus stats.json: readable, diffable and small."""
+    """Small splits held as lists (tests, benchmarks) in the same layout prepare_data writes; an
+    empty test split is left out."""
+    import pyarrow as pa
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     for name in SPLIT_NAMES:
         rows = splits.get(name) or []
         if not rows and name == "test":
             continue
-        with (out_dir / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    _write_json(out_dir / DATA_STATS, stats)
+        table = pa.Table.from_pylist(rows)
+        folder = out_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        with pa.OSFile(str(folder / "data-00000.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+    write_data_stats(out_dir, stats)
 
 
-def read_split(dataset_dir: Path, name: str) -> list[dict[str, Any]]:
-    return read_jsonl(Path(dataset_dir) / f"{name}.jsonl")
+def read_split(dataset_dir: Path, name: str):
+    """A prepared split as a datasets.Dataset, memory-mapped from its shards."""
+    from datasets import Dataset, concatenate_datasets
+
+    parts = [Dataset.from_file(str(path)) for path in _shards(Path(dataset_dir) / name)]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def split_rows(dataset_dir: Path, name: str, columns: Optional[list[str]] = None) -> Iterator[dict[str, Any]]:
+    """The records of a prepared split, a batch at a time from the memory-mapped shards (only the
+    named columns, when given)."""
+    import pyarrow as pa
+
+    for path in _shards(Path(dataset_dir) / name):
+        with pa.memory_map(str(path)) as source:
+            for batch in pa.ipc.open_stream(source):
+                if columns is not None:
+                    batch = batch.select([c for c in columns if c in batch.schema.names])
+                yield from (_present(row) for row in batch.to_pylist())
 
 
 def split_names(dataset_dir: Path) -> list[str]:
     """The splits a prepared dataset holds (test only when data.test_path was given)."""
-    return [name for name in SPLIT_NAMES if (Path(dataset_dir) / f"{name}.jsonl").exists()]
+    return [name for name in SPLIT_NAMES if _shards(Path(dataset_dir) / name)]
 
 
 # ---- tokenized (tokenize) ------------------------------------------------------------------------
 
 
-def write_tokenized(out_dir: Path, columns_by_split: dict[str, dict[str, list]], tokenizer,
-                    info: dict[str, Any], stats: dict[str, Any]) -> None:
-    from datasets import Dataset
+def write_tokenized_split(out_dir: Path, split: str, dataset) -> None:
+    dataset.save_to_disk(str(Path(out_dir) / split))
 
+
+def write_tokenized(out_dir: Path, tokenizer, info: dict[str, Any], stats: dict[str, Any]) -> None:
+    """The tokenizer, the task info and the token statistics (the splits: write_tokenized_split)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for split, columns in columns_by_split.items():
-        Dataset.from_dict(columns).save_to_disk(str(out_dir / split))
     tokenizer.save_pretrained(out_dir / TOKENIZER)
     _write_json(out_dir / TASK_INFO, info)
     _write_json(out_dir / DATA_STATS, stats)

@@ -9,20 +9,29 @@ describe the result (row counts, lengths, the content hash that lineage carries)
 
 Why a contract: without it a NaN label became a class of its own ("nan" from JSON, "NaN" from CSV)
 and a three-class model was registered as champion; a NaN text was learned as the word "nan".
+
+Why Arrow: rows are never held in Python. The usable examples stream, a batch at a time, into one
+Arrow file in the kind's schema; the split is a permutation of row numbers (8 bytes a row, the same
+permutation random.shuffle gives a list, so the rows and the split are those of the list-based
+version); the splits are gathered from the memory-mapped file into Arrow shards, the artifact
+tokenize reads (kubetune.artifacts).
 """
 
 from __future__ import annotations
 
+import array
 import hashlib
 import logging
 import random
-import statistics
-from dataclasses import dataclass
-from typing import Any, Optional
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
 
+from kubetune import artifacts
 from kubetune.config import DataConfig
 from kubetune.errors import DataError
-from kubetune.sources import Loaded, general_text_lines, load_records
+from kubetune.sources import BATCH_ROWS, Staged, general_text_sample, staged
 from kubetune.tasks import get_task
 from kubetune.tasks.base import TaskKind
 
@@ -31,106 +40,165 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Splits:
-    train: list[dict[str, Any]]
-    validation: list[dict[str, Any]]
-    test: list[dict[str, Any]]
+    """The prepared splits, as written to `folder` (kubetune.artifacts), and their statistics."""
+
+    folder: Path
     stats: dict[str, Any]
+    names: list[str] = field(default_factory=list)
 
-    def by_name(self) -> dict[str, list[dict[str, Any]]]:
-        return {"train": self.train, "validation": self.validation, "test": self.test}
+    def dataset(self, name: str):
+        """A split as a memory-mapped datasets.Dataset (an empty list when the run has no such split)."""
+        return artifacts.read_split(self.folder, name) if name in self.names else []
 
+    def rows(self, name: str) -> list[dict[str, Any]]:
+        """A split's records in memory: for small data (tests, samples)."""
+        return list(artifacts.split_rows(self.folder, name)) if name in self.names else []
 
-def valid_examples(kind: TaskKind, loaded: Loaded, cfg: DataConfig, source_key: str
-                   ) -> tuple[list[dict[str, Any]], int]:
-    """The source's examples that hold a value in every field the kind requires, and how many were
-    dropped. Without data.drop_invalid, the first invalid example stops the run: one message with
-    the field, the counts and where the first one is."""
-    rows, where = kind.expand(loaded.rows, loaded.where)
-    required = kind.required_fields(cfg)
-    keep: list[dict[str, Any]] = []
-    invalid: dict[str, list[tuple[str, Any]]] = {}  # config key -> (where, value) of each bad example
-    for row, at in zip(rows, where):
-        bad = [(key, name) for key, name in required if kind.unusable(key, row.get(name))]
-        for key, name in bad:
-            invalid.setdefault(key, []).append((at, row.get(name, "<missing>")))
-        if not bad:
-            keep.append(row)
-    if not invalid:
-        return keep, 0
-    described = "; ".join(f"{key} ({dict(required)[key]}): {len(found)}" for key, found in invalid.items())
-    dropped = len(rows) - len(keep)
-    if not cfg.drop_invalid:
-        key, found = next(iter(invalid.items()))
-        first_at, first_value = found[0]
-        raise DataError(key, dict(required)[key], f"{dropped} of {len(rows)} records in {source_key} have no usable "
-                        f"value (missing, null, NaN, empty or not text) by field: {described}; the first is "
-                        f"{first_at} ({first_value!r}). Fix the data, or set data.drop_invalid: true to drop them")
-    log.warning("data: dropped %d of %d records of %s with no usable value (%s)", dropped, len(rows), source_key,
-                described)
-    return keep, dropped
+    def count(self, name: str) -> int:
+        return self.stats[f"rows_{name}"]
 
 
-def split(rows: list[dict[str, Any]], cfg: DataConfig, seed: int) -> tuple[list, list]:
-    """Shuffle with the run's seed, cap at max_rows, hold out validation_fraction; each split at least
-    its data.min_*_rows."""
-    rows = list(rows)
-    random.Random(seed).shuffle(rows)
+class Contract:
+    """The data contract over a stream of examples: keep() passes on those that hold a value in every
+    field the kind requires and counts the others; finish() then stops the run naming the first
+    invalid one (or, under data.drop_invalid, logs how many were dropped) and returns that count."""
+
+    def __init__(self, kind: TaskKind, cfg: DataConfig, source_key: str):
+        self.kind, self.cfg, self.source_key = kind, cfg, source_key
+        self.required = kind.required_fields(cfg)
+        self.invalid: dict[str, tuple[int, str, Any]] = {}  # config key -> (count, where and value of the first)
+        self.seen = self.kept = 0
+
+    def keep(self, located: Iterable[tuple[dict[str, Any], str]]) -> Iterator[dict[str, Any]]:
+        for row, at in located:
+            self.seen += 1
+            bad = [(key, name) for key, name in self.required if self.kind.unusable(key, row.get(name))]
+            for key, name in bad:
+                count, first_at, first_value = self.invalid.get(key, (0, at, row.get(name, "<missing>")))
+                self.invalid[key] = (count + 1, first_at, first_value)
+            if not bad:
+                self.kept += 1
+                yield row
+
+    def finish(self) -> int:
+        if not self.invalid:
+            return 0
+        names = dict(self.required)
+        described = "; ".join(f"{key} ({names[key]}): {count}" for key, (count, _, _) in self.invalid.items())
+        dropped = self.seen - self.kept
+        if not self.cfg.drop_invalid:
+            key, (_, first_at, first_value) = next(iter(self.invalid.items()))
+            raise DataError(key, names[key], f"{dropped} of {self.seen} records in {self.source_key} have no usable "
+                            f"value (missing, null, NaN, empty or not text) by field: {described}; the first is "
+                            f"{first_at} ({first_value!r}). Fix the data, or set data.drop_invalid: true to drop them")
+        log.warning("data: dropped %d of %d records of %s with no usable value (%s)", dropped, self.seen,
+                    self.source_key, described)
+        return dropped
+
+
+def _batches(items: Iterator[Any], size: int = BATCH_ROWS) -> Iterator[list[Any]]:
+    while True:
+        batch = [item for _, item in zip(range(size), items)]
+        if not batch:
+            return
+        yield batch
+
+
+def normalised_examples(kind: TaskKind, records: Staged, cfg: DataConfig, source_key: str,
+                        writer: artifacts.RecordWriter) -> tuple[int, int]:
+    """The staged source's usable examples, in the kind's schema, appended to writer; returns
+    (examples written, examples invalid). The field checks and the contract run first."""
+    kind.check_fields(records, cfg)
+    contract = Contract(kind, cfg, source_key)
+    written = 0
+    for batch in _batches(contract.keep(kind.expand(records.located()))):
+        rows = kind.normalise(batch, cfg, whole=False)
+        writer.write(rows)
+        written += len(rows)
+    invalid = contract.finish()
+    if not written:
+        kind.normalise([], cfg)  # a kind that refuses a source without one usable record says why
+    return written, invalid
+
+
+def shuffled(count: int, seed: int) -> array.array:
+    """range(count) in the order random.Random(seed).shuffle leaves a list of `count` items (its
+    Fisher-Yates steps, with randrange(n) drawing as shuffle's randbelow(n) does), as 8-byte ints."""
+    order = array.array("q", range(count))
+    draw = random.Random(seed).randrange
+    for i in range(count - 1, 0, -1):
+        j = draw(i + 1)
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def split_sizes(rows: int, cfg: DataConfig) -> tuple[int, int]:
+    """(rows used after data.max_rows, rows held out for validation); each split at least its
+    data.min_*_rows, else DataError."""
     if cfg.max_rows is not None:
-        rows = rows[: cfg.max_rows]
+        rows = min(rows, cfg.max_rows)
     needed = cfg.min_train_rows + cfg.min_validation_rows
-    if len(rows) < needed:
-        raise DataError("data.path", cfg.path, f"{len(rows)} usable records, fewer than the {needed} a run needs "
+    if rows < needed:
+        raise DataError("data.path", cfg.path, f"{rows} usable records, fewer than the {needed} a run needs "
                         f"(data.min_train_rows {cfg.min_train_rows} + data.min_validation_rows "
                         f"{cfg.min_validation_rows}); add data, or lower the minimums for a smoke test")
-    n_val = max(1, round(len(rows) * cfg.validation_fraction))
+    n_val = max(1, round(rows * cfg.validation_fraction))
     if n_val < cfg.min_validation_rows:
         raise DataError("data.validation_fraction", cfg.validation_fraction,
-                        f"holds out {n_val} of {len(rows)} usable records, fewer than data.min_validation_rows "
+                        f"holds out {n_val} of {rows} usable records, fewer than data.min_validation_rows "
                         f"({cfg.min_validation_rows}); raise the fraction, add data, or lower the minimum")
-    if len(rows) - n_val < cfg.min_train_rows:
-        raise DataError("data.path", cfg.path, f"{len(rows) - n_val} usable training records (of {len(rows)}, "
+    if rows - n_val < cfg.min_train_rows:
+        raise DataError("data.path", cfg.path, f"{rows - n_val} usable training records (of {rows}, "
                         f"{n_val} held out), fewer than data.min_train_rows ({cfg.min_train_rows}); add data, "
                         "or lower data.min_train_rows for a smoke test")
-    return rows[n_val:], rows[:n_val]
+    return rows, n_val
 
 
 def replay_texts(cfg: DataConfig, count: int, seed: int, endpoint_url: Optional[str] = None) -> list[str]:
-    """`count` lines of general text for replay, drawn with the seed."""
-    usable = general_text_lines(cfg, endpoint_url, "data.replay_path", cfg.replay_path)
-    rng = random.Random(seed)
-    return [rng.choice(usable) for _ in range(count)] if count > len(usable) else rng.sample(usable, count)
+    """`count` lines of general text for replay, drawn with the seed (with repeats when the file has
+    fewer usable lines)."""
+    return general_text_sample(cfg, endpoint_url, "data.replay_path", cfg.replay_path, count, random.Random(seed),
+                               repeat=True)
 
 
-def length_stats(rows: list[dict[str, Any]]) -> dict[str, float]:
-    lengths = [len(" ".join(str(v) for v in row.values())) for row in rows]
-    return {"chars_mean": round(statistics.fmean(lengths), 1), "chars_min": min(lengths),
-            "chars_max": max(lengths)}
-
-
-def prepare_data(cfg: DataConfig, task: str, seed: int, endpoint_url: Optional[str] = None) -> Splits:
+def prepare_data(cfg: DataConfig, task: str, seed: int, endpoint_url: Optional[str] = None,
+                 out_dir: Optional[Path] = None) -> Splits:
+    """Writes the prepared dataset artifact to out_dir (a new temporary folder when None) and
+    returns its splits and statistics."""
     kind = get_task(task)
-    loaded = load_records(cfg, endpoint_url)
-    kind.check_fields(loaded.rows, cfg)
-    rows, invalid = valid_examples(kind, loaded, cfg, "data.path")
-    normalised = kind.normalise(rows, cfg)
-    train, validation = split(normalised, cfg, seed)
-    digest = loaded.digest
-    test: list[dict[str, Any]] = []
-    if cfg.test_path:
-        test_loaded = load_records(cfg, endpoint_url, "data.test_path", cfg.test_path)
-        kind.check_fields(test_loaded.rows, cfg)
-        test_rows, test_invalid = valid_examples(kind, test_loaded, cfg, "data.test_path")
-        invalid += test_invalid
-        test = kind.normalise(test_rows, cfg)
-        digest = hashlib.sha256((digest + test_loaded.digest).encode()).hexdigest()
-    replayed = 0
-    if cfg.replay_fraction > 0:
-        replayed = round(len(train) * cfg.replay_fraction / (1 - cfg.replay_fraction))
-        train = train + [kind.replay_record(text) for text in replay_texts(cfg, replayed, seed, endpoint_url)]
-        random.Random(seed + 1).shuffle(train)
-    stats = {"rows_source": len(loaded.rows), "rows_invalid": invalid, "rows_usable": len(normalised), "rows_train": len(train),
-             "rows_validation": len(validation), "rows_test": len(test), "rows_replay": replayed,
-             "content_sha256": digest, **{f"train_{k}": v for k, v in length_stats(train).items()}}
+    out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="kubetune-prepared-"))
+    with tempfile.TemporaryDirectory(prefix="kubetune-prepare-") as work:
+        examples = Path(work) / "examples.arrow"
+        with staged(cfg, endpoint_url) as records, artifacts.RecordWriter(examples, kind.record_schema()) as writer:
+            source_rows, digest = len(records), records.digest
+            usable, invalid = normalised_examples(kind, records, cfg, "data.path", writer)
+            used, n_val = split_sizes(usable, cfg)
+            order = shuffled(usable, seed)[:used]
+            validation, train = order[:n_val], order[n_val:]
+            replayed = 0
+            if cfg.replay_fraction > 0:  # appended after the examples; the train split is shuffled again with them
+                replayed = round(len(train) * cfg.replay_fraction / (1 - cfg.replay_fraction))
+                writer.write([kind.replay_record(text) for text in replay_texts(cfg, replayed, seed, endpoint_url)])
+                train.extend(range(usable, usable + replayed))
+                train = array.array("q", (train[i] for i in shuffled(len(train), seed + 1)))
+        names = ["train", "validation"]
+        lengths = artifacts.write_split(out_dir, "train", examples, train, measure=True)
+        artifacts.write_split(out_dir, "validation", examples, validation)
+        test_rows = 0
+        if cfg.test_path:
+            test_file = Path(work) / "test.arrow"
+            with staged(cfg, endpoint_url, "data.test_path", cfg.test_path) as records, \
+                    artifacts.RecordWriter(test_file, kind.record_schema()) as writer:
+                test_rows, test_invalid = normalised_examples(kind, records, cfg, "data.test_path", writer)
+                digest = hashlib.sha256((digest + records.digest).encode()).hexdigest()
+            invalid += test_invalid
+            if test_rows:
+                artifacts.write_split(out_dir, "test", test_file, array.array("q", range(test_rows)))
+                names.append("test")
+    stats = {"rows_source": source_rows, "rows_invalid": invalid, "rows_usable": usable, "rows_train": len(train),
+             "rows_validation": len(validation), "rows_test": test_rows, "rows_replay": replayed,
+             "content_sha256": digest, **{f"train_{k}": v for k, v in lengths.items()}}
+    artifacts.write_data_stats(out_dir, stats)
     log.info("data: %d train (%d replayed) / %d validation / %d test rows (sha256 %s)", len(train), replayed,
-             len(validation), len(test), digest[:12])
-    return Splits(train=train, validation=validation, test=test, stats=stats)
+             len(validation), test_rows, digest[:12])
+    return Splits(folder=out_dir, stats=stats, names=names)

@@ -32,7 +32,7 @@ from kubetune.errors import DataError, ServiceError
 from kubetune.modeling import Variants, masked_lm_model
 from kubetune.scoring import (class_predictions, compare, encoder_of, generate, label_losses, masked_lm_losses,
                               pad_id)
-from kubetune.sources import general_text_lines
+from kubetune.sources import general_text_sample
 from kubetune.tasks import TaskKind
 from kubetune.tasks.base import (IGNORE_INDEX, MASKED_LM, TOKEN_LOSS, Completion, Evaluation, Scores, causal_labels,
                                  change_pct, mean_loss, perplexity)
@@ -146,9 +146,8 @@ def evaluate(kind: TaskKind, variants: Variants, tokenizer, dataset, info: dict[
 
 def retention_texts(cfg: RunConfig) -> list[str]:
     """A seeded sample of general-text lines (evaluate.retention_path) to measure forgetting on."""
-    usable = general_text_lines(cfg.data, cfg.storage.endpoint_url, "evaluate.retention_path",
-                                cfg.evaluate.retention_path)
-    return random.Random(cfg.train.seed).sample(usable, min(cfg.evaluate.retention_samples, len(usable)))
+    return general_text_sample(cfg.data, cfg.storage.endpoint_url, "evaluate.retention_path",
+                               cfg.evaluate.retention_path, cfg.evaluate.retention_samples, random.Random(cfg.train.seed))
 
 
 def masked_inputs(tokenizer, texts: list[str], max_length: int, seed: int) -> list[dict[str, list[int]]]:

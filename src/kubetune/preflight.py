@@ -13,15 +13,17 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from kubetune import modeling, retrieval, tracking
+from kubetune import artifacts, modeling, retrieval, tracking
 from kubetune.config import RunConfig
 from kubetune.errors import ConfigError
 from kubetune.data import prepare_data
 from kubetune.evaluation import retention_texts
+from kubetune.sources import head
 from kubetune.model_source import check_snapshot, describe_source, resolve_model
 from kubetune.storage import open_store
 from kubetune.tasks import get_task
@@ -47,17 +49,20 @@ ENCODED_SAMPLE = 32
 
 
 def check_data(cfg: RunConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The data read, normalised and split as prepare_data will, and the task info tokenize will
+    """The whole data set read, checked against the data contract, normalised and split as
+    prepare_data will (into a temporary folder, a batch at a time), and the task info tokenize will
     learn from it (its checks, such as at least two classes, run here too); and the first training
     records, for check_encoding."""
-    splits = prepare_data(cfg.data, cfg.task, cfg.train.seed, cfg.storage.endpoint_url)
-    info = get_task(cfg.task).info(splits.train, cfg.data)
+    with tempfile.TemporaryDirectory(prefix="kubetune-preflight-") as folder:
+        splits = prepare_data(cfg.data, cfg.task, cfg.train.seed, cfg.storage.endpoint_url, out_dir=Path(folder))
+        info = get_task(cfg.task).info(artifacts.split_rows(splits.folder, "train"), cfg.data)
+        sample = head(artifacts.split_rows(splits.folder, "train"), ENCODED_SAMPLE)
     stats = splits.stats
     if cfg.evaluate.retention_path:
         retention_texts(cfg)
     return {"rows": stats["rows_source"], "train_rows": stats["rows_train"],
             "validation_rows": stats["rows_validation"], "sha256": stats["content_sha256"],
-            "info": info}, splits.train[:ENCODED_SAMPLE]
+            "info": info}, sample
 
 
 def check_encoding(cfg: RunConfig, model_dir: str, sample: list[dict[str, Any]], info: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ from kubetune.config import DataConfig, RagConfig
 from kubetune.errors import ConfigError, DataError, ServiceError, UserError
 from kubetune.model_source import fingerprint, resolve_model
 from kubetune.served_model import Embedder, nearest, with_context  # noqa: F401 (with_context re-exported)
-from kubetune.sources import load_records, text_of
+from kubetune.sources import field_names, staged, text_of
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +49,18 @@ def load_passages(rag: RagConfig, data: DataConfig, endpoint_url: Optional[str] 
     corpus's order. DataError when it holds none, or none of the fields named."""
     key = "evaluate.rag.corpus_path" if rag.corpus_path else "data.path"
     where = rag.corpus_path or data.path
-    loaded = load_records(data, endpoint_url, key, where)
     fields = corpus_fields(rag, data)
-    found = {name for row in loaded.rows[:100] for name in row}
-    missing = [name for name in fields if name not in found]
-    if missing and not (fields == [data.text_field] and "text" in found):
-        raise DataError("evaluate.rag.fields", fields, f"{missing[0]!r} is not a field of the corpus {where} (fields "
-                        f"found: {', '.join(sorted(found))}); name the fields that make a passage")
-    if missing:  # a plain-text corpus: its lines are in `text`
-        fields = ["text"]
-    passages = list(dict.fromkeys(p for row in loaded.rows for p in split_words(record_text(row, fields),
-                                                                                rag.passage_words)))
+    with staged(data, endpoint_url, key, where) as records:
+        found = field_names(records)
+        missing = [name for name in fields if name not in found]
+        if missing and not (fields == [data.text_field] and "text" in found):
+            raise DataError("evaluate.rag.fields", fields, f"{missing[0]!r} is not a field of the corpus {where} "
+                            f"(fields found: {', '.join(found)}); name the fields that make a passage")
+        if missing:  # a plain-text corpus: its lines are in `text`
+            fields = ["text"]
+        # The index holds every passage (exact top-k search), so the passages are held too.
+        passages = list(dict.fromkeys(p for row in records for p in split_words(record_text(row, fields),
+                                                                                 rag.passage_words)))
     if not passages:
         raise DataError(key, where, f"the corpus holds no text in {', '.join(fields)}; give a corpus with text")
     return passages

@@ -134,14 +134,13 @@ def train_accelerators(config: Config, accelerator_count: int) -> int:
 def prepare_data(config: Config, run_id: str, out_dir: str) -> dict[str, Any]:
     cfg = _start(config)
     with _logger(cfg, run_id).stage("prepare_data") as logger:
-        splits = data.prepare_data(cfg.data, cfg.task, cfg.train.seed, cfg.storage.endpoint_url)
-        artifacts.write_dataset(Path(out_dir), splits.by_name(), splits.stats)
+        splits = data.prepare_data(cfg.data, cfg.task, cfg.train.seed, cfg.storage.endpoint_url, out_dir=Path(out_dir))
         logger.metrics({f"inputs/{k}": v for k, v in splits.stats.items() if isinstance(v, (int, float))})
         logger.json(splits.stats, "data/stats.json")
-        for context, rows in splits.by_name().items():
-            if rows:
-                logger.dataset(cfg.data.test_path if context == "test" else cfg.data.path, context, rows)
-        console.summary(", ".join(f"{len(rows)} {name}" for name, rows in splits.by_name().items() if rows) + " rows"
+        for context in splits.names:
+            logger.dataset(cfg.data.test_path if context == "test" else cfg.data.path, context,
+                           artifacts.split_rows(splits.folder, context))
+        console.summary(", ".join(f"{splits.count(name)} {name}" for name in splits.names) + " rows"
                         + (f" ({splits.stats['rows_invalid']} invalid dropped)" if splits.stats.get("rows_invalid") else ""))
     return splits.stats
 

@@ -301,6 +301,47 @@ class S3Store(Store):
             return False
         return True
 
+    def object_version(self, key: str) -> Optional[str]:
+        """The ETag of the object stored under exactly this key, or None when there is none."""
+        try:
+            head = self._call(f"lookup of {self.uri(key)}",
+                              lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)), key)
+        except FileNotFoundError:
+            return None
+        return head["ETag"]
+
+    def versions(self, key_prefix: str = "") -> list[tuple[str, str]]:
+        """(key relative to key_prefix, ETag) of every object under key_prefix (a folder)."""
+        folder = _folder(self._key(key_prefix))
+
+        def list_versions() -> list[tuple[str, str]]:
+            found = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder):
+                found.extend((obj["Key"][len(folder):], obj["ETag"]) for obj in page.get("Contents", [])
+                             if not obj["Key"].endswith("/"))
+            return found
+
+        return self._call(f"listing of {self.uri(key_prefix)}", list_versions)
+
+    def open_object(self, key: str, version: str, on_changed: Callable[[str], Exception]):
+        """The object's body as a stream, only while its ETag is still `version`: a changed object
+        (412) or a missing one raises on_changed("changed" / "disappeared")."""
+        from botocore.exceptions import ClientError
+
+        def get():
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self._key(key), IfMatch=version)["Body"]
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code in ("412", "PreconditionFailed"):
+                    raise on_changed("changed") from None
+                raise
+
+        try:
+            return self._call(f"read of {self.uri(key)}", get, key)
+        except FileNotFoundError:
+            raise on_changed("disappeared") from None
+
     def read_bytes(self, key: str) -> bytes:
         return self._call(f"read of {self.uri(key)}",
                           lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read(), key)
@@ -381,6 +422,12 @@ def open_store(uri: Optional[str], endpoint_url: Optional[str] = None, *, field:
     if "://" in uri and not uri.startswith("file://"):
         raise ConfigError(field, uri, "use s3://bucket/prefix, a local path or file:///path")
     return LocalStore(_local_path(uri), field=field, value=uri)
+
+
+def open_object_store(uri: str, endpoint_url: Optional[str] = None, field: str = "uri") -> tuple[S3Store, str]:
+    """(a store at the root of the URI's bucket, the URI's key) for an s3:// URI."""
+    bucket, key = _split_s3(uri, field)
+    return S3Store(bucket, endpoint_url=endpoint_url, field=field, value=uri), key.strip("/")
 
 
 def download_uri(uri: str, dest: str | Path, endpoint_url: Optional[str] = None, *, field: str = "uri") -> Path:

@@ -11,9 +11,11 @@ import dataclasses
 import hashlib
 import json
 import logging
-import statistics
+import math
+import os
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from kubetune import __version__, artifacts
 from kubetune.config import DataConfig, locations
@@ -38,26 +40,97 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
-def token_stats(ids: list[list[int]], max_length: int) -> dict[str, Any]:
-    lengths = [len(row) for row in ids]
-    return {"tokens_total": sum(lengths), "tokens_mean": round(statistics.fmean(lengths), 1),
-            "tokens_max": max(lengths), "truncated_share": round(sum(n >= max_length for n in lengths) / len(lengths), 4)}
+#: Rows per encode call: the fast tokenizer's batch (its Rust side splits a batch over threads).
+ENCODE_BATCH = 1000
+#: Below this many rows a split is encoded in this process: starting workers costs more than it saves.
+MIN_ROWS_PER_PROCESS = 20_000
 
 
-def tokenize(data_dir: Path, model_dir: Path, cfg: DataConfig, out_dir: Path, task: str = "causal_lm") -> dict[str, Any]:
+def cpu_limit() -> int:
+    """The CPUs this process may use: the container's CPU limit (cgroup v2 cpu.max, or v1's quota)
+    where there is one, else the CPUs it may run on. os.cpu_count() would give the node's cores."""
+    quota = None
+    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
+                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", lambda t: [t.strip(), Path(
+                            "/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()])):
+        try:
+            limit, period = parse(Path(path).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit not in ("max", "-1"):
+            quota = max(1, math.ceil(int(limit) / int(period)))
+        break
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(available, quota) if quota else available
+
+
+def token_stats(dataset, max_length: int) -> dict[str, Any]:
+    """Token counts of an encoded split, from Arrow's list lengths a batch at a time."""
+    import pyarrow.compute as pc
+
+    total = longest = truncated = rows = 0
+    for batch in dataset.with_format("arrow").iter(batch_size=100_000):
+        lengths = pc.list_value_length(batch["input_ids"])
+        rows += len(lengths)
+        total += pc.sum(lengths).as_py() or 0
+        longest = max(longest, pc.max(lengths).as_py() or 0)
+        truncated += pc.sum(pc.greater_equal(lengths, max_length)).as_py() or 0
+    rows = max(rows, 1)
+    return {"tokens_total": total, "tokens_mean": round(total / rows, 1), "tokens_max": longest,
+            "truncated_share": round(truncated / rows, 4)}
+
+
+def _encode_batch(batch: dict[str, list], kind, tokenizer, cfg: DataConfig, info: dict[str, Any]) -> dict[str, list]:
+    names = list(batch)
+    records = [{name: value for name, value in zip(names, values) if value is not None}
+               for values in zip(*(batch[name] for name in names))]
+    return kind.encode(records, tokenizer, cfg, info, whole=False)
+
+
+def encode_split(dataset, kind, tokenizer, cfg: DataConfig, info: dict[str, Any], work_dir: Path, split: str,
+                 processes: int):
+    """The split's records as token columns, encoded ENCODE_BATCH rows at a time by up to
+    `processes` workers (datasets' map, which writes to work_dir, never to a shared cache)."""
+    from datasets import Dataset
+
+    sample = [row for row in (dataset.select(range(min(len(dataset), 64))).to_list())]
+    encoded_sample = kind.encode([{k: v for k, v in row.items() if v is not None} for row in sample], tokenizer,
+                                 cfg, info, whole=False)
+    features = Dataset.from_dict(encoded_sample).features if encoded_sample["input_ids"] else None
+    workers = max(1, min(processes, len(dataset) // MIN_ROWS_PER_PROCESS))
+    return dataset.map(_encode_batch, batched=True, batch_size=ENCODE_BATCH, num_proc=workers if workers > 1 else None,
+                       remove_columns=dataset.column_names, features=features, load_from_cache_file=False,
+                       cache_file_name=str(work_dir / f"{split}.arrow"), new_fingerprint=f"kubetune-{split}",
+                       fn_kwargs={"kind": kind, "tokenizer": tokenizer, "cfg": cfg, "info": info},
+                       desc=f"tokenize {split}")
+
+
+def tokenize(data_dir: Path, model_dir: Path, cfg: DataConfig, out_dir: Path, task: str = "causal_lm",
+             processes: Optional[int] = None) -> dict[str, Any]:
     """Writes the tokenized artifact (every split, the tokenizer, the task info); returns token
-    statistics."""
+    statistics. processes: encoding workers (default: the CPU limit)."""
     kind = get_task(task)
-    info = kind.info(artifacts.read_split(data_dir, "train"), cfg)
+    info = kind.info(artifacts.split_rows(data_dir, "train"), cfg)
     tokenizer = load_tokenizer(model_dir)
     kind.prepare_tokenizer(tokenizer, cfg)
-    columns_by_split: dict[str, dict[str, list]] = {}
+    processes = processes or cpu_limit()
+    out_dir = Path(out_dir)
     stats: dict[str, Any] = {}
-    for split in artifacts.split_names(data_dir):
-        columns = kind.encode(artifacts.read_split(data_dir, split), tokenizer, cfg, info)
-        columns_by_split[split] = columns
-        stats.update({f"{split}_{k}": v for k, v in token_stats(columns["input_ids"], cfg.max_length).items()})
-    artifacts.write_tokenized(out_dir, columns_by_split, tokenizer, info, stats)
+    with tempfile.TemporaryDirectory(prefix="kubetune-tokenize-") as work:
+        for split in artifacts.split_names(data_dir):
+            dataset = artifacts.read_split(data_dir, split)
+            if split != "train":
+                kind.check_split(dataset, info, cfg)
+            encoded = encode_split(dataset, kind, tokenizer, cfg, info, Path(work), split, processes)
+            if len(dataset) and not len(encoded):
+                raise kind.none_encoded(len(dataset), cfg)
+            if len(encoded) < len(dataset):
+                log.info("tokenize %s: %d of %d examples dropped (their answer does not fit data.max_length %d)",
+                         split, len(dataset) - len(encoded), len(dataset), cfg.max_length)
+            artifacts.write_tokenized_split(out_dir, split, encoded)
+            stats.update({f"{split}_{k}": v for k, v in token_stats(encoded, cfg.max_length).items()})
+            del encoded, dataset  # their memory-mapped files go with the work folder
+    artifacts.write_tokenized(out_dir, tokenizer, info, stats)
     log.info("tokenize: %s", stats)
     return stats
 

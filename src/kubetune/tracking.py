@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from kubetune import console, errors
 from kubetune.errors import ConfigError, ServiceError
@@ -305,17 +305,23 @@ class RunLogger:
     def figure(self, figure, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
 
-    def dataset(self, source: str, context: str, rows: list[Any]) -> None:
+    def dataset(self, source: str, context: str, rows: Iterable[Any]) -> None:
         """Records rows as one of the run's dataset inputs (MLflow's Datasets column and run page):
         named after the source and the context (train, validation, test, retention), with a digest
-        of the rows as used, so two runs on the same data show the same digest."""
+        of the rows as used (sha256 of their JSON list, computed a row at a time: rows may be a
+        stream), so two runs on the same data show the same digest."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        sha, count = hashlib.sha256(b"["), 0
+        for row in rows:
+            sha.update((", " if count else "").encode() + json.dumps(row, sort_keys=True, default=str).encode())
+            count += 1
+        sha.update(b"]")
+        digest = sha.hexdigest()[:16]
         name = f"{Path(source.rstrip('/')).stem or source}-{context}"
         source_type = source.split("://", 1)[0] if "://" in source else "local"
         dataset = Dataset(name=name, digest=digest, source_type=source_type, source=json.dumps({"uri": source}),
-                          profile=json.dumps({"num_rows": len(rows)}))
+                          profile=json.dumps({"num_rows": count}))
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[
             InputTag("mlflow.data.context", context)])])
 

@@ -55,11 +55,8 @@ def encode_answers(records: list[dict[str, Any]], tokenizer, max_length: int) ->
         columns["labels"].append([IGNORE_INDEX] * len(prompt) + answer + [eos])
         columns["answer"].append(row["answer"])
         columns["task"].append(str(row.get("task") or ""))
-    if records and not columns["input_ids"]:
-        raise DataError("data.max_length", max_length, f"every one of {len(records)} answers is too long to "
-                        "fit with its prompt; raise data.max_length")
-    if dropped or truncated:
-        log.info("encode: %d of %d examples dropped (answer too long for data.max_length %d), %d truncated",
+    if dropped or truncated:  # per batch: tokenize logs the split's totals
+        log.debug("encode: %d of %d examples dropped (answer too long for data.max_length %d), %d truncated",
                  dropped, len(records), limit, truncated)
     return columns
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from kubetune.config import DataConfig, EvaluateConfig, RunConfig
 from kubetune.sources import is_missing, require_fields, text_of
@@ -116,9 +116,21 @@ class TaskKind:
     headline_metrics = ("eval/base_perplexity", "eval/tuned_perplexity", "eval/perplexity_change_pct")
 
     # ---- prepare_data -----------------------------------------------------------------------
-    def expand(self, rows: list[dict[str, Any]], where: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    #: The columns of a prepared record (and of a replayed one): pyarrow type names, see record_schema.
+    record_columns: dict[str, str] = {"text": "string"}
+
+    def record_schema(self):
+        """The Arrow schema prepared records are stored in between prepare_data and tokenize; a
+        column a record does not have is null there and missing again when the record is read."""
+        import pyarrow as pa
+
+        types = {"string": pa.string(),
+                 "messages": pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))}
+        return pa.schema([(name, types[kind]) for name, kind in self.record_columns.items()])
+
+    def expand(self, located: Iterable[tuple[dict[str, Any], str]]) -> Iterator[tuple[dict[str, Any], str]]:
         """The source's records as this kind's examples (one each, by default), with their origins."""
-        return rows, where
+        return iter(located)
 
     def required_fields(self, cfg: DataConfig) -> list[tuple[str, str]]:
         """(config key, field) pairs every example must hold a value in: the data contract
@@ -130,12 +142,14 @@ class TaskKind:
         (kubetune.sources.is_missing), or a list or mapping where text belongs."""
         return is_missing(value) or isinstance(value, (list, dict))
 
-    def check_fields(self, rows: list[dict[str, Any]], cfg: DataConfig) -> None:
-        """Raise DataError when the records lack a field the config names."""
+    def check_fields(self, rows: Iterable[dict[str, Any]], cfg: DataConfig) -> None:
+        """Raise DataError when the records lack a field the config names. rows: a list, or a
+        re-iterable source (every loop a new pass over it, never held whole)."""
         require_fields(rows, cfg, [("data.text_field", cfg.text_field)])
 
-    def normalise(self, rows: list[dict[str, Any]], cfg: DataConfig) -> list[dict[str, Any]]:
-        """Records in this kind's schema; unusable rows dropped."""
+    def normalise(self, rows: list[dict[str, Any]], cfg: DataConfig, whole: bool = True) -> list[dict[str, Any]]:
+        """Records in this kind's schema; unusable rows dropped. whole: rows are all the records (not
+        one batch of many), so a kind may refuse a source none of whose records it can use."""
         out = []
         for row in rows:
             text = text_of(row.get(cfg.text_field))
@@ -148,20 +162,29 @@ class TaskKind:
         return {"text": text}
 
     # ---- tokenize ---------------------------------------------------------------------------
-    def info(self, train: list[dict[str, Any]], cfg: DataConfig) -> dict[str, Any]:
+    def info(self, train: Iterable[dict[str, Any]], cfg: DataConfig) -> dict[str, Any]:
         """What the task learns from the training split and every later stage needs (for
-        classification: the label set). Replayed general-text records may be among `train`; a kind
-        whose info depends on the rows leaves them out."""
+        classification: the label set), in one pass over it (`train` may be a stream). Replayed
+        general-text records may be among `train`; a kind whose info depends on the rows leaves them out."""
         return {}
 
     def encode(self, records: list[dict[str, Any]], tokenizer, cfg: DataConfig,
-               info: dict[str, Any]) -> dict[str, list]:
-        """Token ids per text, with EOS appended so the model learns where a text ends."""
+               info: dict[str, Any], whole: bool = True) -> dict[str, list]:
+        """Token ids per text, with EOS appended so the model learns where a text ends. whole: the
+        records are a whole split, so a kind may refuse one none of whose records fits (tokenize
+        encodes a batch at a time and asks none_encoded once the split is done)."""
         texts = [row["text"] for row in records]
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         encoded = tokenizer(texts, truncation=True, max_length=cfg.max_length - len(eos), add_special_tokens=True)
         ids = [row + eos for row in encoded["input_ids"]]
         return {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]}
+
+    def none_encoded(self, records: int, cfg: DataConfig) -> Optional[Exception]:
+        """The error for a split of `records` records none of which encode, or None when that cannot be."""
+        return None
+
+    def check_split(self, dataset, info: dict[str, Any], cfg: DataConfig) -> None:
+        """Checks of a whole prepared split (a datasets.Dataset) against the task info, before it is encoded."""
 
     def prepare_tokenizer(self, tokenizer, cfg: DataConfig) -> None:
         """Set up the base model's tokenizer before encoding; it is saved with the tokenized data, so

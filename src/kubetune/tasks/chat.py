@@ -24,12 +24,12 @@ scored like an instruction answer (accuracy on a closed answer set, exact match 
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from kubetune.config import DataConfig, EvaluateConfig
 from kubetune.errors import ConfigError, DataError
 from kubetune.served_model import ASSISTANT, ROLES, chat_ids, chat_pieces, conversation, turn_end
-from kubetune.sources import is_missing, require_fields
+from kubetune.sources import head, is_missing, require_fields
 from kubetune.tasks.base import IGNORE_INDEX, Completion, TaskKind
 from kubetune.tasks.instruction import Instruction
 from kubetune.tasks.prompts import GENERAL_TASK
@@ -82,9 +82,11 @@ class Chat(Instruction):
     name = "chat"
     retrieval = False  # the prompt is a rendered conversation: no place for passages in front of it
 
+    record_columns = {"messages": "messages", "text": "string", "task": "string"}
+
     # ---- prepare_data -------------------------------------------------------------------------
-    def expand(self, rows: list[dict[str, Any]], where: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
-        return rows, where
+    def expand(self, located: Iterable[tuple[dict[str, Any], str]]) -> Iterator[tuple[dict[str, Any], str]]:
+        return iter(located)
 
     def required_fields(self, cfg: DataConfig) -> list[tuple[str, str]]:
         return [("data.messages_field", cfg.messages_field)]
@@ -98,12 +100,13 @@ class Chat(Instruction):
         except (ValueError, TypeError):
             return True
 
-    def check_fields(self, rows: list[dict[str, Any]], cfg: DataConfig) -> None:
+    def check_fields(self, rows: Iterable[dict[str, Any]], cfg: DataConfig) -> None:
         """The field exists and every message in it has a known role (an unknown role is a mapping to
         fix, not an example to drop)."""
         check_chat_template(cfg.chat_template)
-        lists = sorted({key for row in rows[:100] for key, value in row.items() if isinstance(value, list)})
-        if lists and not any(cfg.messages_field in row for row in rows[:100]):
+        first = head(rows)
+        lists = sorted({key for row in first for key, value in row.items() if isinstance(value, list)})
+        if lists and not any(cfg.messages_field in row for row in first):
             raise DataError("data.messages_field", cfg.messages_field, f"not a field of the data; the fields holding "
                             f"lists are {', '.join(lists)}: set data.messages_field to the one holding the "
                             f"conversations (ShareGPT: conversations)")
@@ -119,7 +122,7 @@ class Chat(Instruction):
                                     f"record {number} has a message with role {role!r}; the roles read are "
                                     f"{', '.join(ROLES)}: rename or remove such messages in the data")
 
-    def normalise(self, rows: list[dict[str, Any]], cfg: DataConfig) -> list[dict[str, Any]]:
+    def normalise(self, rows: list[dict[str, Any]], cfg: DataConfig, whole: bool = True) -> list[dict[str, Any]]:
         out = [{"messages": turns(row[cfg.messages_field])} for row in rows]
         return [row for row in out if row["messages"]]
 
@@ -128,8 +131,8 @@ class Chat(Instruction):
         return {"messages": [], "text": text, "task": GENERAL_TASK}
 
     # ---- tokenize -----------------------------------------------------------------------------
-    def info(self, train: list[dict[str, Any]], cfg: DataConfig) -> dict[str, Any]:
-        return super().info([{"answer": last_answer(row), "task": row.get("task", "")} for row in train], cfg)
+    def info(self, train: Iterable[dict[str, Any]], cfg: DataConfig) -> dict[str, Any]:
+        return super().info(({"answer": last_answer(row), "task": row.get("task", "")} for row in train), cfg)
 
     def prepare_tokenizer(self, tokenizer, cfg: DataConfig) -> None:
         check_chat_template(cfg.chat_template)
@@ -141,7 +144,7 @@ class Chat(Instruction):
                               "Jinja chat template of your own")
 
     def encode(self, records: list[dict[str, Any]], tokenizer, cfg: DataConfig,
-               info: dict[str, Any]) -> dict[str, list]:
+               info: dict[str, Any], whole: bool = True) -> dict[str, list]:
         columns: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "answer": [], "task": [],
                                     "answer_start": []}
         shortened = dropped = 0
@@ -161,13 +164,16 @@ class Chat(Instruction):
             columns["answer"].append(answer)
             columns["task"].append(str(row.get("task") or ""))
             columns["answer_start"].append(start)
-        if records and not columns["input_ids"]:
-            raise DataError("data.max_length", cfg.max_length, f"in every one of {len(records)} conversations the first "
-                            "answer starts beyond it; raise data.max_length")
-        if shortened or dropped:
-            log.info("encode: of %d conversations, %d lost turns from their end to fit data.max_length %d and %d were "
+        if whole and records and not columns["input_ids"]:
+            raise self.none_encoded(len(records), cfg)
+        if shortened or dropped:  # per batch: tokenize logs the split's totals
+            log.debug("encode: of %d conversations, %d lost turns from their end to fit data.max_length %d and %d were "
                      "dropped (their first answer starts beyond it)", len(records), shortened, cfg.max_length, dropped)
         return columns
+
+    def none_encoded(self, records: int, cfg: DataConfig) -> Optional[Exception]:
+        return DataError("data.max_length", cfg.max_length, f"in every one of {records} conversations the first "
+                         "answer starts beyond it; raise data.max_length")
 
     def encode_conversation(self, messages: list[dict[str, str]], tokenizer, cfg: DataConfig,
                             number: int) -> tuple[list[int], list[int], str, int, bool]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from kubetune.config import DataConfig, EvaluateConfig
 from kubetune.errors import DataError, ModelError
@@ -76,15 +76,17 @@ class Classification(TaskKind):
                         "eval/majority_accuracy", "eval/majority_macro_f1")
 
     # ---- prepare_data -----------------------------------------------------------------------
+    record_columns = {"text": "string", "label": "string"}
+
     def required_fields(self, cfg: DataConfig) -> list[tuple[str, str]]:
         return [("data.text_field", cfg.text_field), ("data.label_field", cfg.label_field)]
 
-    def check_fields(self, rows: list[dict[str, Any]], cfg: DataConfig) -> None:
+    def check_fields(self, rows: Iterable[dict[str, Any]], cfg: DataConfig) -> None:
         require_fields(rows, cfg, [("data.text_field", cfg.text_field), ("data.label_field", cfg.label_field)])
         if all(not raw_label(row.get(cfg.label_field)) for row in rows):
             raise DataError("data.label_field", cfg.label_field, "every record has an empty value in this field")
 
-    def normalise(self, rows: list[dict[str, Any]], cfg: DataConfig) -> list[dict[str, Any]]:
+    def normalise(self, rows: list[dict[str, Any]], cfg: DataConfig, whole: bool = True) -> list[dict[str, Any]]:
         """{"text", "label"}; whitespace runs become one space (the UCI IMDb file holds U+0085
         line breaks, which a line-based reader would split records on)."""
         out = []
@@ -94,7 +96,7 @@ class Classification(TaskKind):
                 out.append({"text": text, "label": label})
         return out
 
-    def info(self, train: list[dict[str, Any]], cfg: DataConfig,
+    def info(self, train: Iterable[dict[str, Any]], cfg: DataConfig,
              heldout: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
         """The label set of the training split, its names and counts (for the majority baseline).
 
@@ -108,9 +110,10 @@ class Classification(TaskKind):
             raise DataError("data.label_field", cfg.label_field,
                             f"the training data holds only the label(s) {labels}; classification needs at "
                             "least two classes")
-        if len(labels) > max(20, len(train) // 2):
+        rows = sum(counts.values())
+        if len(labels) > max(20, rows // 2):
             raise DataError("data.label_field", cfg.label_field,
-                            f"{len(labels)} distinct labels in {len(train)} training rows: this looks like a "
+                            f"{len(labels)} distinct labels in {rows} training rows: this looks like a "
                             "free-text field; name the field that holds the class")
         if heldout:
             check_known_labels(heldout, labels, cfg)
@@ -121,8 +124,12 @@ class Classification(TaskKind):
                 "label_counts": {label: counts[label] for label in labels}}
 
     # ---- tokenize ---------------------------------------------------------------------------
+    def check_split(self, dataset, info: dict[str, Any], cfg: DataConfig) -> None:
+        """Every label of a held-out split was seen in training (Arrow's distinct values, no pass in Python)."""
+        check_known_labels([{"label": label} for label in dataset.unique("label")], info["labels"], cfg)
+
     def encode(self, records: list[dict[str, Any]], tokenizer, cfg: DataConfig,
-               info: dict[str, Any]) -> dict[str, list]:
+               info: dict[str, Any], whole: bool = True) -> dict[str, list]:
         """Token ids (truncated to data.max_length, the tokenizer's own special tokens) and the
         class id of each record as an int: the loss needs ids, never the label strings."""
         check_known_labels(records, info["labels"], cfg)

@@ -23,16 +23,16 @@ order training progressively (train.schedule: progressive): general text first, 
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from kubetune.config import DataConfig, EvaluateConfig, RunConfig
 from kubetune.errors import ConfigError, DataError
-from kubetune.sources import label_names_beside, require_fields
+from kubetune.sources import field_names, label_names_beside, require_fields
 from kubetune.tasks.answer_metrics import answer_metrics, loss_metrics, per_task_scores, task_metrics
 from kubetune.tasks.answer_tokens import AnswerCollator, answer_tokens, encode_answers, prompt_ids
 from kubetune.tasks.base import Completion, Evaluation, Scores, TaskKind
-from kubetune.tasks.prompts import (GENERAL_TASK, build_prompt, check_template, closed_answer_set, expand_instances,
-                                    field_text, is_short)
+from kubetune.tasks.prompts import (GENERAL_TASK, AnswerSet, Expanded, build_prompt, check_template, closed_answer_set,
+                                    field_text, instances, is_short)
 from kubetune.tasks.schedule import training_order
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,11 @@ class Instruction(TaskKind):
     headline_metrics = ("eval/base_perplexity", "eval/tuned_perplexity", "eval/perplexity_change_pct",
                         "eval/base_answer_accuracy", "eval/tuned_answer_accuracy")
 
+    record_columns = {"prompt": "string", "answer": "string", "task": "string"}
+
     # ---- prepare_data -------------------------------------------------------------------------
-    def expand(self, rows: list[dict[str, Any]], where: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
-        return expand_instances(rows, where)
+    def expand(self, located: Iterable[tuple[dict[str, Any], str]]) -> Iterator[tuple[dict[str, Any], str]]:
+        return instances(located)
 
     def required_fields(self, cfg: DataConfig) -> list[tuple[str, str]]:
         """The answer, and the instruction (or, under one fixed data.instruction, the text); the
@@ -61,10 +63,10 @@ class Instruction(TaskKind):
             ("data.instruction_field", cfg.instruction_field)
         return [prompt, ("data.label_field", cfg.label_field)]
 
-    def check_fields(self, rows: list[dict[str, Any]], cfg: DataConfig) -> None:
+    def check_fields(self, rows: Iterable[dict[str, Any]], cfg: DataConfig) -> None:
         check_template(cfg.template)
-        rows = expand_instances(rows)[0]
-        fields = {key for row in rows[:100] for key in row}
+        rows = Expanded(rows)
+        fields = set(field_names(rows))
         if cfg.instruction is not None:
             if not cfg.instruction.strip():
                 raise ConfigError("data.instruction", cfg.instruction, "give the instruction text, or null to read "
@@ -107,10 +109,10 @@ class Instruction(TaskKind):
             return None
         return {"prompt": build_prompt(cfg.template, instruction, input_text), "answer": answer}
 
-    def normalise(self, rows: list[dict[str, Any]], cfg: DataConfig) -> list[dict[str, Any]]:
+    def normalise(self, rows: list[dict[str, Any]], cfg: DataConfig, whole: bool = True) -> list[dict[str, Any]]:
         names = self.label_names(cfg)
-        out = [rec for rec in (self.record(row, cfg, names) for row in expand_instances(rows)[0]) if rec is not None]
-        if not out:
+        out = [rec for rec in (self.record(row, cfg, names) for row in Expanded(rows)) if rec is not None]
+        if not out and whole:
             raise DataError("data.label_field", cfg.label_field, "no record has both a prompt and an answer; check "
                             "data.label_field and the instruction/input fields")
         return out
@@ -120,14 +122,20 @@ class Instruction(TaskKind):
         return {"prompt": "", "answer": text, "task": GENERAL_TASK}
 
     # ---- tokenize -----------------------------------------------------------------------------
-    def info(self, train: list[dict[str, Any]], cfg: DataConfig) -> dict[str, Any]:
-        answers = [row["answer"] for row in train if row.get("task") != GENERAL_TASK]
-        answer_set = closed_answer_set(answers)
+    def info(self, train: Iterable[dict[str, Any]], cfg: DataConfig) -> dict[str, Any]:
+        answer_set = closed_answer_set(row["answer"] for row in train if row.get("task") != GENERAL_TASK)
         return {"answer_set": answer_set} if answer_set else {}
 
     def encode(self, records: list[dict[str, Any]], tokenizer, cfg: DataConfig,
-               info: dict[str, Any]) -> dict[str, list]:
-        return encode_answers(records, tokenizer, cfg.max_length)
+               info: dict[str, Any], whole: bool = True) -> dict[str, list]:
+        columns = encode_answers(records, tokenizer, cfg.max_length)
+        if whole and records and not columns["input_ids"]:
+            raise self.none_encoded(len(records), cfg)
+        return columns
+
+    def none_encoded(self, records: int, cfg: DataConfig) -> Optional[Exception]:
+        return DataError("data.max_length", cfg.max_length, f"every one of {records} answers is too long to fit with "
+                         "its prompt; raise data.max_length")
 
     # ---- train --------------------------------------------------------------------------------
     def collator(self, tokenizer):
@@ -191,9 +199,9 @@ class Multitask(Instruction):
     def required_fields(self, cfg: DataConfig) -> list[tuple[str, str]]:
         return [*super().required_fields(cfg), ("data.task_field", cfg.task_field)]
 
-    def check_fields(self, rows: list[dict[str, Any]], cfg: DataConfig) -> None:
+    def check_fields(self, rows: Iterable[dict[str, Any]], cfg: DataConfig) -> None:
         super().check_fields(rows, cfg)
-        expanded = expand_instances(rows)[0]
+        expanded = Expanded(rows)
         require_fields(expanded, cfg, [("data.task_field", cfg.task_field)])
         tasks = {field_text(row.get(cfg.task_field)) for row in expanded}
         unknown = sorted(set(cfg.task_weights or {}) - tasks - {GENERAL_TASK})
@@ -209,17 +217,18 @@ class Multitask(Instruction):
             return None
         return {**record, "task": task}
 
-    def info(self, train: list[dict[str, Any]], cfg: DataConfig) -> dict[str, Any]:
-        info = super().info(train, cfg)
-        by_task: dict[str, list[str]] = {}
+    def info(self, train: Iterable[dict[str, Any]], cfg: DataConfig) -> dict[str, Any]:
+        overall, by_task = AnswerSet(), {}  # one pass: train may be a stream
         for row in train:
             if row["task"] == GENERAL_TASK:  # replayed general text is no task of the data
                 continue
-            by_task.setdefault(row["task"], []).append(row["answer"])
+            overall.add(row["answer"])
+            by_task.setdefault(row["task"], AnswerSet()).add(row["answer"])
+        info = {"answer_set": overall.closed()} if overall.closed() else {}
         tasks = {}
         for task, answers in sorted(by_task.items()):
-            answer_set = closed_answer_set(answers)
-            tasks[task] = {"train_rows": len(answers), **({"answer_set": answer_set} if answer_set else {})}
+            answer_set = answers.closed()
+            tasks[task] = {"train_rows": answers.rows, **({"answer_set": answer_set} if answer_set else {})}
         weights = cfg.task_weights or {}
         info["tasks"] = tasks
         info["task_weights"] = {task: weights.get(task, 1.0) for task in tasks if weights.get(task, 1.0) != 1.0}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from kubetune import served_model
 from kubetune.config import ALPACA_TEMPLATE
@@ -79,36 +79,64 @@ def exact_match(generated: str, expected: str) -> bool:
     return _norm(first_line(generated)) == _norm(first_line(expected))
 
 
-def closed_answer_set(answers: list[str], min_rows: int = 4) -> Optional[list[str]]:
+class AnswerSet:
+    """Counts answers one at a time and keeps their distinct values only while they can still form a
+    closed answer set, so a million free-text answers cost no memory."""
+
+    def __init__(self, min_rows: int = 4):
+        self.min_rows, self.rows, self.distinct = min_rows, 0, set()
+        self.open = False  # more distinct answers than a closed set has
+
+    def add(self, answer: str) -> None:
+        self.rows += 1
+        if not self.open:
+            self.distinct.add(answer)
+            self.open = len(self.distinct) > MAX_ANSWER_SET
+
+    def closed(self) -> Optional[list[str]]:
+        """The sorted distinct answers when they form a small closed set (labels, yes/no), else None."""
+        if self.open or not self.distinct:
+            return None
+        if self.rows >= self.min_rows and self.rows >= 2 * len(self.distinct):
+            return sorted(self.distinct)
+        return None
+
+
+def closed_answer_set(answers: Iterable[str], min_rows: int = 4) -> Optional[list[str]]:
     """The sorted distinct answers when they form a small closed set (labels, yes/no), else None."""
-    distinct = sorted(set(answers))
-    if len(answers) >= min_rows and 1 <= len(distinct) <= MAX_ANSWER_SET and len(answers) >= 2 * len(distinct):
-        return distinct
-    return None
+    counted = AnswerSet(min_rows)
+    for answer in answers:
+        counted.add(answer)
+    return counted.closed()
 
 
 def is_short(answer: str) -> bool:
     return 0 < len(answer.split()) <= SHORT_ANSWER_WORDS and "\n" not in answer.strip()
 
 
-def expand_instances(rows: list[dict[str, Any]], where: Optional[list[str]] = None
-                     ) -> tuple[list[dict[str, Any]], list[str]]:
+def instances(located: Iterable[tuple[dict[str, Any], str]]) -> Iterator[tuple[dict[str, Any], str]]:
     """Self-instruct records (one task, `instances: [{input, output}, ...]`) as one record per
     instance, each carrying the task's other fields (name, instruction, ...), and where each came from."""
-    where = where if where is not None else [f"record {i + 1}" for i in range(len(rows))]
-    out, out_where = [], []
-    for row, at in zip(rows, where):
-        instances = row.get("instances")
-        if isinstance(instances, list):
+    for row, at in located:
+        found = row.get("instances")
+        if isinstance(found, list):
             common = {k: v for k, v in row.items() if k != "instances"}
-            for number, inst in enumerate(instances, start=1):
+            for number, inst in enumerate(found, start=1):
                 if isinstance(inst, dict):
-                    out.append({**common, **inst})
-                    out_where.append(f"{at} instance {number}")
+                    yield {**common, **inst}, f"{at} instance {number}"
         else:
-            out.append(row)
-            out_where.append(at)
-    return out, out_where
+            yield row, at
+
+
+class Expanded:
+    """Records with self-instruct instances expanded, read lazily: every loop is a new pass over the
+    records it wraps (a list, or a staged source read from disk)."""
+
+    def __init__(self, rows: Iterable[dict[str, Any]]):
+        self.rows = rows
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (row for row, _ in instances((row, "") for row in self.rows))
 
 
 def field_text(value: Any) -> str:
