@@ -304,24 +304,17 @@ class S3Store(Store):
     def object_version(self, key: str) -> Optional[str]:
         """The ETag of the object stored under exactly this key, or None when there is none."""
         try:
-            head = self._call(f"lookup of {self.uri(key)}",
-                              lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)), key)
+            return self._call(f"lookup of {self.uri(key)}",
+                              lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)), key)["ETag"]
         except FileNotFoundError:
             return None
-        return head["ETag"]
 
     def versions(self, key_prefix: str = "") -> list[tuple[str, str]]:
         """(key relative to key_prefix, ETag) of every object under key_prefix (a folder)."""
         folder = _folder(self._key(key_prefix))
-
-        def list_versions() -> list[tuple[str, str]]:
-            found = []
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder):
-                found.extend((obj["Key"][len(folder):], obj["ETag"]) for obj in page.get("Contents", [])
-                             if not obj["Key"].endswith("/"))
-            return found
-
-        return self._call(f"listing of {self.uri(key_prefix)}", list_versions)
+        pages = lambda: list(self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder))
+        return [(obj["Key"][len(folder):], obj["ETag"]) for page in self._call(f"listing of {self.uri(key_prefix)}", pages)
+                for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
 
     def open_object(self, key: str, version: str, on_changed: Callable[[str], Exception]):
         """The object's body as a stream, only while its ETag is still `version`: a changed object

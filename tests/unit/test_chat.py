@@ -50,8 +50,8 @@ def test_openai_and_sharegpt_conversations_read_alike(tmp_path):
     sharegpt.write_text(json.dumps(chat_rows(12, sharegpt=True)))
     read = [data.prepare_data(DataConfig(path=str(path), messages_field=field, validation_fraction=0.25), "chat", 0)
             for path, field in ((openai, "messages"), (sharegpt, "conversations"))]
-    assert read[0].train == read[1].train and read[0].validation == read[1].validation
-    first = read[0].train[0]["messages"]
+    assert read[0].rows("train") == read[1].rows("train") and read[0].rows("validation") == read[1].rows("validation")
+    first = read[0].rows("train")[0]["messages"]
     assert [m["role"] for m in first] == ["system", "user", "assistant", "user", "assistant"]
 
 
@@ -153,7 +153,7 @@ def test_conversations_without_an_answer_follow_the_data_contract(tmp_path):
     with pytest.raises(DataError, match=r"data.messages_field.*2 of 12 records"):
         data.prepare_data(DataConfig(path=str(path)), "chat", 0)
     splits = data.prepare_data(DataConfig(path=str(path), drop_invalid=True, validation_fraction=0.2), "chat", 0)
-    assert splits.stats["rows_invalid"] == 2 and len(splits.train) + len(splits.validation) == 10
+    assert splits.stats["rows_invalid"] == 2 and len(splits.rows("train")) + len(splits.rows("validation")) == 10
     with pytest.raises(ValueError, match="list of messages"):
         conversation({"role": "user"})
 

@@ -30,7 +30,7 @@ def test_every_format_reads_the_same_texts(tmp_path, suffix):
     path = write(tmp_path / f"d{suffix}")
     field = "text" if suffix == ".txt" else "content"
     splits = data.prepare_data(DataConfig(path=str(path), text_field=field), "causal_lm", seed=1)
-    texts = sorted(r["text"] for r in splits.train + splits.validation)
+    texts = sorted(r["text"] for r in splits.rows("train") + splits.rows("validation"))
     assert texts == sorted(r["content"] for r in ROWS)
     assert splits.stats["rows_validation"] == 2 and splits.stats["rows_train"] == 18
 
@@ -47,16 +47,16 @@ def test_directory_of_files_and_hash(tmp_path):
 def test_split_is_deterministic_and_disjoint(tmp_path):
     cfg = DataConfig(path=str(write(tmp_path / "d.json")), text_field="content", validation_fraction=0.25)
     one, two = (data.prepare_data(cfg, "causal_lm", seed=3) for _ in range(2))
-    assert one.train == two.train and one.validation == two.validation
-    assert not {r["text"] for r in one.train} & {r["text"] for r in one.validation}
+    assert one.rows("train") == two.rows("train") and one.rows("validation") == two.rows("validation")
+    assert not {r["text"] for r in one.rows("train")} & {r["text"] for r in one.rows("validation")}
     other = data.prepare_data(cfg, "causal_lm", seed=4)
-    assert other.validation != one.validation
+    assert other.rows("validation") != one.rows("validation")
 
 
 def test_max_rows_caps_after_shuffle(tmp_path):
     cfg = DataConfig(path=str(write(tmp_path / "d.json")), max_rows=20)
     splits = data.prepare_data(cfg, "causal_lm", seed=0)
-    assert len(splits.train) + len(splits.validation) == 20
+    assert len(splits.rows("train")) + len(splits.rows("validation")) == 20
 
 
 def test_missing_file_is_named(tmp_path):
@@ -81,14 +81,17 @@ def test_too_few_rows(tmp_path):
     with pytest.raises(DataError, match=r"data.validation_fraction = 0.1: holds out 1 of 12 usable records, fewer "
                                         r"than data.min_validation_rows \(2\)"):
         data.prepare_data(dataclasses.replace(cfg, validation_fraction=0.1), "causal_lm", seed=0)
-    assert len(data.prepare_data(dataclasses.replace(cfg, min_train_rows=7), "causal_lm", seed=0).train) == 7
+    assert len(data.prepare_data(dataclasses.replace(cfg, min_train_rows=7), "causal_lm", seed=0).rows("train")) == 7
 
 
-def test_save_and_load_round_trip(tmp_path):
-    splits = data.prepare_data(DataConfig(path=str(write(tmp_path / "d.json"))), "causal_lm", seed=0)
-    artifacts.write_dataset(tmp_path / "out", splits.by_name(), splits.stats)
-    assert artifacts.read_split(tmp_path / "out", "validation") == splits.validation
+def test_prepared_artifact_round_trip(tmp_path):
+    splits = data.prepare_data(DataConfig(path=str(write(tmp_path / "d.json"))), "causal_lm", seed=0,
+                               out_dir=tmp_path / "out")
+    assert artifacts.read_split(tmp_path / "out", "validation").to_list() == splits.rows("validation")
+    assert artifacts.split_names(tmp_path / "out") == ["train", "validation"]
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["rows_train"] == 18
+    artifacts.write_dataset(tmp_path / "small", {name: splits.rows(name) for name in splits.names}, splits.stats)
+    assert list(artifacts.split_rows(tmp_path / "small", "train")) == splits.rows("train")
 
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -111,13 +114,13 @@ def test_every_line_of_the_shared_data_is_one_record(name, header_lines):
     """The UCI IMDb file has sentences that open a quote and never close it; a CSV reader merged
     lines under them and read 748 of its 1,000 rows. Each line must be one record."""
     path = SHARED / name
-    assert len(sources.read_records(path).rows) == physical_lines(path) - header_lines
+    assert len(sources.read_records(path)) == physical_lines(path) - header_lines
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the checkout")
 def test_the_uci_files_hold_1000_labelled_sentences_each():
     for name in ("amazon_cells", "imdb", "yelp"):
-        records = sources.read_records(SHARED / "sentiment" / "binary" / f"{name}_labelled.tsv").rows
+        records = sources.read_records(SHARED / "sentiment" / "binary" / f"{name}_labelled.tsv")
         assert len(records) == 1000 and {r["sentiment"] for r in records} == {"0", "1"}
         assert max(len(r["reviews"]) for r in records) < 1000  # no merged lines
 
@@ -126,7 +129,7 @@ def test_csv_quoting_spans_lines_only_when_well_formed(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text('text,label\n"Hello, world",1\n" opens and never closes,0\nplain,1\n"two\nlines",0\n'
                     '"He said ""hi""",1\n')
-    assert sources.read_records(path).rows == [
+    assert sources.read_records(path) == [
         {"text": "Hello, world", "label": "1"}, {"text": '" opens and never closes', "label": "0"},
         {"text": "plain", "label": "1"}, {"text": "two\nlines", "label": "0"}, {"text": 'He said "hi"', "label": "1"}]
 
@@ -135,9 +138,9 @@ def test_gzip_and_byte_order_mark_are_read(tmp_path):
     import gzip
 
     (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(b'{"content": "a"}\n{"content": "b"}\n'))
-    assert [r["content"] for r in sources.read_records(tmp_path / "d.jsonl.gz").rows] == ["a", "b"]
+    assert [r["content"] for r in sources.read_records(tmp_path / "d.jsonl.gz")] == ["a", "b"]
     (tmp_path / "bom.tsv").write_bytes("\ufefftext\tlabel\nx\t1\n".encode())
-    assert sources.read_records(tmp_path / "bom.tsv").rows == [{"text": "x", "label": "1"}]
+    assert sources.read_records(tmp_path / "bom.tsv") == [{"text": "x", "label": "1"}]
 
 
 def test_missing_values_are_recognised():
@@ -153,6 +156,6 @@ def test_drop_invalid_drops_and_counts(tmp_path):
     cfg = DataConfig(path=str(write(tmp_path / "d.json", rows)), drop_invalid=True)
     splits = data.prepare_data(cfg, "causal_lm", seed=0)
     assert splits.stats["rows_invalid"] == 3 and splits.stats["rows_source"] == 23
-    assert len(splits.train) + len(splits.validation) == 20
+    assert len(splits.rows("train")) + len(splits.rows("validation")) == 20
     with pytest.raises(DataError, match=r"data.text_field = 'content': 3 of 23 records"):
         data.prepare_data(dataclasses.replace(cfg, drop_invalid=False), "causal_lm", seed=0)

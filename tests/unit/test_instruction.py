@@ -107,15 +107,15 @@ def test_guides_form_on_uci_sentiment():
     """No instruction field: one fixed instruction, the review as input, the label word as answer."""
     cfg = data_cfg(YELP, max_rows=200, **{**GUIDE, "template": "alpaca"})
     splits = data.prepare_data(cfg, "instruction", seed=0)
-    assert Instruction().info(splits.train, cfg) == {"answer_set": ["negative", "positive"]}
-    assert {r["answer"] for r in splits.train} == {"negative", "positive"}
-    raw = {row["reviews"].strip(): row["sentiment"] for row in sources.read_records(YELP).rows}
-    record = splits.train[0]
+    assert Instruction().info(splits.rows("train"), cfg) == {"answer_set": ["negative", "positive"]}
+    assert {r["answer"] for r in splits.rows("train")} == {"negative", "positive"}
+    raw = {row["reviews"].strip(): row["sentiment"] for row in sources.read_records(YELP)}
+    record = splits.rows("train")[0]
     review = record["prompt"].split("### Input:\n")[1].split("\n\n### Response:")[0]
     assert record["answer"] == {"0": "negative", "1": "positive"}[raw[review]]
     assert "### Instruction:\nPositive or negative?\n\n" in record["prompt"]
     with pytest.raises(DataError, match=r"data.label_names.*label '1'"):
-        Instruction().normalise(sources.read_records(YELP).rows[:5], data_cfg(YELP, **{**GUIDE, "label_names": {"0": "neg"}}))
+        Instruction().normalise(sources.read_records(YELP)[:5], data_cfg(YELP, **{**GUIDE, "label_names": {"0": "neg"}}))
 
 
 def test_answer_set_only_for_a_small_repeated_set():
@@ -284,15 +284,15 @@ def test_per_task_metrics_and_answer_accuracy(tiny_model_dir, tokenizer, tmp_pat
     cfg = run_cfg(path=str(path), template=SHORT_TEMPLATE, validation_fraction=0.3, max_length=48)
     cfg.evaluate.num_generations = 2
     splits = data.prepare_data(cfg.data, "multitask", seed=0)
-    info = Multitask().info(splits.train, cfg.data)
+    info = Multitask().info(splits.rows("train"), cfg.data)
     assert info["tasks"]["sentiment"]["answer_set"] == ["negative", "positive"]
     assert "answer_set" not in info["tasks"]["double"] and "answer_set" not in info
-    dataset = Dataset.from_dict(Multitask().encode(splits.validation, tokenizer, cfg.data, info))
+    dataset = Dataset.from_dict(Multitask().encode(splits.rows("validation"), tokenizer, cfg.data, info))
     model = load_base_model(tiny_model_dir, "none")
     variants = Variants(base=lambda: contextlib.nullcontext(model), tuned=lambda: contextlib.nullcontext(model))
     result = evaluate(Multitask(), variants, tokenizer, dataset, info, cfg)
     metrics = result.metrics
-    held_out = Counter(row["task"] for row in splits.validation)
+    held_out = Counter(row["task"] for row in splits.rows("validation"))
     assert metrics["eval/tasks"] == len(held_out) == 3
     for task, count in held_out.items():
         assert metrics[f"eval/task.{task}.samples"] == count
