@@ -66,7 +66,8 @@ def _check(args: argparse.Namespace) -> int:
     from kubetune.launch.local import pin_locations
 
     report = preflight(pin_locations(load_config(args.config, args.set)))
-    print(f"kubetune: preflight passed: {report.data['rows']} rows, {report.model['architecture']} "
+    print(f"kubetune: preflight passed: all {report.data['rows']} records checked ({report.data['train_rows']} train / "
+          f"{report.data['validation_rows']} validation), {report.model['architecture']} "
           f"({report.model['blocks']} blocks), MLflow {report.tracking_uri}, storage {report.storage_uri}")
     return 0
 

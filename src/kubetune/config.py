@@ -110,7 +110,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = _help(
-        "Training data: a .json/.jsonl/.csv/.tsv/.txt file or a directory of them, local or s3://.",
+        "Training data: a .json/.jsonl/.csv/.tsv/.txt/.parquet file (each may be .gz), or a folder or s3:// prefix "
+        "of such shards, read as one data set.",
         "../shared/data/quotes/quotable_sample_quotes.json", location=INPUT,
     )
     text_field: str = _help("Field that holds the text to learn (for .txt files: text).", "content")

@@ -138,8 +138,9 @@ def preflight(cfg: RunConfig, train_gpus: Optional[bool] = None) -> PreflightRep
     tracking_uri, storage_uri = check_services(cfg)
     model_facts = check_model(cfg, data_facts["info"])
     check_encoding(cfg, model_facts["path"], sample, data_facts["info"])
-    log.info("preflight passed: %d rows, %s with %d blocks", data_facts["rows"], model_facts["architecture"],
-             model_facts["blocks"])
+    log.info("preflight passed: the data contract held on all %d records (%d train / %d validation rows), %s with "
+             "%d blocks", data_facts["rows"], data_facts["train_rows"], data_facts["validation_rows"],
+             model_facts["architecture"], model_facts["blocks"])
     return PreflightReport(tracking_uri=tracking_uri, data=data_facts, model=model_facts, storage_uri=storage_uri)
 
 

@@ -147,6 +147,8 @@ class Instruction(TaskKind):
 
     def train_order(self, dataset, cfg: RunConfig) -> Optional[list[int]]:
         """Task weights and the progressive schedule (kubetune.tasks.schedule); read in order."""
+        if cfg.train.schedule != "progressive" and all(w == 1.0 for w in (cfg.data.task_weights or {}).values()):
+            return None  # plain shuffling: no need to read a task name per row
         tasks = list(dataset["task"]) if "task" in dataset.column_names else [""] * len(dataset)
         return training_order(tasks, self.row_weights(tasks, cfg), cfg)
 
