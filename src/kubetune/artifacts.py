@@ -110,6 +110,8 @@ def write_split(out_dir: Path, name: str, examples: Path, order, measure: bool =
 
     folder = Path(out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in _shards(folder):  # an earlier attempt's, which may have had more shards
+        stale.unlink()
     positions = np.frombuffer(order, dtype=np.int64) if isinstance(order, (bytes, bytearray, memoryview)) or \
         hasattr(order, "typecode") else np.asarray(order, dtype=np.int64)
     total, low, high = 0, None, None

@@ -159,3 +159,13 @@ def test_drop_invalid_drops_and_counts(tmp_path):
     assert len(splits.rows("train")) + len(splits.rows("validation")) == 20
     with pytest.raises(DataError, match=r"data.text_field = 'content': 3 of 23 records"):
         data.prepare_data(dataclasses.replace(cfg, drop_invalid=False), "causal_lm", seed=0)
+
+
+def test_the_prepared_artifact_is_the_same_bytes_on_every_run(tmp_path):
+    """tokenize's cache is keyed by the prepared artifact's bytes: equal inputs must give equal bytes."""
+    cfg = DataConfig(path=str(write(tmp_path / "d.jsonl")), text_field="content")
+    for name in ("one", "two"):
+        data.prepare_data(cfg, "causal_lm", seed=5, out_dir=tmp_path / name)
+    assert artifacts.digest(tmp_path / "one") == artifacts.digest(tmp_path / "two")
+    data.prepare_data(cfg, "causal_lm", seed=6, out_dir=tmp_path / "two")
+    assert artifacts.digest(tmp_path / "one") != artifacts.digest(tmp_path / "two")
