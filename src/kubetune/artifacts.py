@@ -169,7 +169,7 @@ def split_rows(dataset_dir: Path, name: str, columns: Optional[list[str]] = None
     import pyarrow as pa
 
     for path in _shards(Path(dataset_dir) / name):
-        with pa.memory_map(str(path)) as source:
+        with pa.OSFile(str(path)) as source:  # one sequential pass: read, not mapped
             for batch in pa.ipc.open_stream(source):
                 if columns is not None:
                     batch = batch.select([c for c in columns if c in batch.schema.names])

@@ -173,13 +173,13 @@ def prepare_data(cfg: DataConfig, task: str, seed: int, endpoint_url: Optional[s
             source_rows, digest = len(records), records.digest
             usable, invalid = normalised_examples(kind, records, cfg, "data.path", writer)
             used, n_val = split_sizes(usable, cfg)
-            order = shuffled(usable, seed)[:used]
-            validation, train = order[:n_val], order[n_val:]
+            order = memoryview(shuffled(usable, seed))  # slices of it are views, not copies
+            validation, train = order[:n_val], order[n_val:used]
             replayed = 0
             if cfg.replay_fraction > 0:  # appended after the examples; the train split is shuffled again with them
                 replayed = round(len(train) * cfg.replay_fraction / (1 - cfg.replay_fraction))
                 writer.write([kind.replay_record(text) for text in replay_texts(cfg, replayed, seed, endpoint_url)])
-                train.extend(range(usable, usable + replayed))
+                train = array.array("q", train) + array.array("q", range(usable, usable + replayed))
                 train = array.array("q", (train[i] for i in shuffled(len(train), seed + 1)))
         names = ["train", "validation"]
         lengths = artifacts.write_split(out_dir, "train", examples, train, measure=True)

@@ -333,7 +333,9 @@ class Staged:
     def _batches(self) -> Iterator[tuple[list[str], list[str]]]:
         import pyarrow as pa
 
-        with pa.memory_map(str(self.path)) as source:
+        # Read, not memory-mapped: a pass reads each page once, and mapped pages would stay in the
+        # process's RSS until the pass ends.
+        with pa.OSFile(str(self.path)) as source:
             for batch in pa.ipc.open_stream(source):
                 yield batch.column(0).to_pylist(), batch.column(1).to_pylist()
 
