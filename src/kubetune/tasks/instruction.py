@@ -142,15 +142,16 @@ class Instruction(TaskKind):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return AnswerCollator(pad)
 
-    def row_weights(self, tasks: list[str], cfg: RunConfig) -> list[float]:
-        return [1.0] * len(tasks)
+    def task_weights(self, cfg: RunConfig) -> dict[str, float]:
+        """Sampling weight by task name (1.0 for a task not named)."""
+        return {}
 
     def train_order(self, dataset, cfg: RunConfig) -> Optional[list[int]]:
         """Task weights and the progressive schedule (kubetune.tasks.schedule); read in order."""
-        if cfg.train.schedule != "progressive" and all(w == 1.0 for w in (cfg.data.task_weights or {}).values()):
+        if cfg.train.schedule != "progressive" and all(w == 1.0 for w in self.task_weights(cfg).values()):
             return None  # plain shuffling: no need to read a task name per row
-        tasks = list(dataset["task"]) if "task" in dataset.column_names else [""] * len(dataset)
-        return training_order(tasks, self.row_weights(tasks, cfg), cfg)
+        names, codes = task_codes(dataset)
+        return training_order(names, codes, self.task_weights(cfg), cfg)
 
     # ---- evaluate -----------------------------------------------------------------------------
     def heldout_rows(self, dataset, tokenizer, cfg: EvaluateConfig) -> list[dict[str, Any]]:
@@ -236,9 +237,8 @@ class Multitask(Instruction):
         info["task_weights"] = {task: weights.get(task, 1.0) for task in tasks if weights.get(task, 1.0) != 1.0}
         return info
 
-    def row_weights(self, tasks: list[str], cfg: RunConfig) -> list[float]:
-        weights = cfg.data.task_weights or {}
-        return [float(weights.get(task, 1.0)) for task in tasks]
+    def task_weights(self, cfg: RunConfig) -> dict[str, float]:
+        return {task: float(weight) for task, weight in (cfg.data.task_weights or {}).items()}
 
     def scored_answer_set(self, row: dict[str, Any], info: dict[str, Any]) -> Optional[list[str]]:
         return info.get("answer_set") or info.get("tasks", {}).get(row["task"], {}).get("answer_set")
@@ -249,3 +249,20 @@ class Multitask(Instruction):
         metrics, tables = super().answer_report(rows, info, scores)
         per_task = per_task_scores(rows, scores, lambda row: self.scored_answer_set(row, info))
         return {**metrics, **task_metrics(per_task)}, {**tables, "per_task": per_task}
+
+
+def task_codes(dataset) -> tuple[list[str], "np.ndarray"]:
+    """(task names, one code per row into them) of a tokenized split, from Arrow's dictionary
+    encoding of its task column, a batch at a time (a split without one: every row task "")."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    if "task" not in dataset.column_names:
+        return [""], np.zeros(len(dataset), dtype=np.int64)
+    names: dict[str, int] = {}
+    parts = []
+    for batch in dataset.select_columns(["task"]).with_format("arrow").iter(batch_size=100_000):
+        encoded = pc.dictionary_encode(pc.fill_null(batch["task"], "")).combine_chunks()
+        local = [names.setdefault(name if name is not None else "", len(names)) for name in encoded.dictionary.to_pylist()]
+        parts.append(np.asarray(local, dtype=np.int64)[encoded.indices.to_numpy(zero_copy_only=False)])
+    return list(names), np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
