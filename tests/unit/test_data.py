@@ -169,3 +169,18 @@ def test_the_prepared_artifact_is_the_same_bytes_on_every_run(tmp_path):
     assert artifacts.digest(tmp_path / "one") == artifacts.digest(tmp_path / "two")
     data.prepare_data(cfg, "causal_lm", seed=6, out_dir=tmp_path / "two")
     assert artifacts.digest(tmp_path / "one") != artifacts.digest(tmp_path / "two")
+
+
+def test_splits_written_in_many_buckets_and_shards_hold_the_same_rows(tmp_path, monkeypatch):
+    """write_split's on-disk shuffle: small buckets and shards must give the rows one bucket gives."""
+    rows = [{"content": f"row {i} " + "x" * (i % 7), "author": "a"} for i in range(500)]
+    cfg = DataConfig(path=str(write(tmp_path / "d.jsonl", rows)), text_field="content", validation_fraction=0.3)
+    whole = data.prepare_data(cfg, "causal_lm", seed=2, out_dir=tmp_path / "whole")
+    monkeypatch.setattr(artifacts, "BUCKET_ROWS", 17)
+    monkeypatch.setattr(artifacts, "SHARD_ROWS", 40)
+    cut = data.prepare_data(cfg, "causal_lm", seed=2, out_dir=tmp_path / "cut")
+    assert len(list((tmp_path / "cut" / "train").glob("data-*.arrow"))) == 9  # 350 rows, 40 a shard
+    for name in ("train", "validation"):
+        assert cut.rows(name) == whole.rows(name)
+        assert artifacts.read_split(tmp_path / "cut", name).to_list() == whole.rows(name)
+    assert cut.stats == whole.stats
