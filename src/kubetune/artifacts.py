@@ -6,7 +6,7 @@ reader can see in one page what flows along each edge of the DAG:
     preflight      -> lineage         lineage.json: what the run is made of (data hash, base model
                                       fingerprint, version, technique), handed to register
     prepare_data   -> dataset         train/ validation/ [test/] (Arrow shards), stats.json
-    tokenize       -> tokenized       <split>/ (datasets folders), tokenizer/, task_info.json, stats.json
+    tokenize       -> tokenized       <split>/ (Arrow files of token columns), tokenizer/, task_info.json, stats.json
     prepare_model  -> prepared_model  plan.json, adapter_init/ (LoRA: the adapter training starts from)
     train          -> tuned_model     the adapter (or the full weights), the tokenizer, training_summary.json
     evaluate       -> evaluation      evaluation.json
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
@@ -285,8 +286,32 @@ def split_names(dataset_dir: Path) -> list[str]:
 # ---- tokenized (tokenize) ------------------------------------------------------------------------
 
 
-def write_tokenized_split(out_dir: Path, split: str, dataset) -> None:
-    dataset.save_to_disk(str(Path(out_dir) / split))
+def new_tokenized_split(out_dir: Path, split: str) -> Path:
+    """The empty folder a split's token columns are written into (an earlier attempt's files removed)."""
+    folder = Path(out_dir) / split
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def tokenized_shard_name(folder: Path) -> Path:
+    """The Arrow file datasets' map writes a split to; with N workers it writes data_0000k_of_0000N.arrow."""
+    return Path(folder) / "data.arrow"
+
+
+def _tokenized_shards(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("data*.arrow"))
+
+
+def tokenized_batches(tokenized_dir: Path, split: str, column: str) -> Iterator[Any]:
+    """One column of a tokenized split, a pyarrow array per record batch, read (not mapped) from its files."""
+    import pyarrow as pa
+
+    for path in _tokenized_shards(Path(tokenized_dir) / split):
+        with pa.OSFile(str(path)) as source:
+            for batch in pa.ipc.open_stream(source):
+                yield batch.column(column)
 
 
 def write_tokenized(out_dir: Path, tokenizer, info: dict[str, Any], stats: dict[str, Any]) -> None:
@@ -303,9 +328,15 @@ def read_token_stats(tokenized_dir: Path) -> dict[str, Any]:
 
 
 def read_tokenized(tokenized_dir: Path, split: str):
-    from datasets import load_from_disk
+    """A tokenized split as a datasets.Dataset, memory-mapped from its files (a folder written by
+    save_to_disk, as small tests write one, loads as such)."""
+    from datasets import Dataset, concatenate_datasets, load_from_disk
 
-    return load_from_disk(str(Path(tokenized_dir) / split))
+    folder = Path(tokenized_dir) / split
+    if (folder / "state.json").exists():
+        return load_from_disk(str(folder))
+    parts = [Dataset.from_file(str(path)) for path in _tokenized_shards(folder)]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
 def heldout_split(tokenized_dir: Path) -> str:

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -64,13 +63,13 @@ def cpu_limit() -> int:
     return min(available, quota) if quota else available
 
 
-def token_stats(dataset, max_length: int) -> dict[str, Any]:
-    """Token counts of an encoded split, from Arrow's list lengths a batch at a time."""
+def token_stats(batches, max_length: int) -> dict[str, Any]:
+    """Token counts of an encoded split, from Arrow's list lengths of its input_ids a batch at a time."""
     import pyarrow.compute as pc
 
     total = longest = truncated = rows = 0
-    for batch in dataset.with_format("arrow").iter(batch_size=100_000):
-        lengths = pc.list_value_length(batch["input_ids"])
+    for input_ids in batches:
+        lengths = pc.list_value_length(input_ids)
         rows += len(lengths)
         total += pc.sum(lengths).as_py() or 0
         longest = max(longest, pc.max(lengths).as_py() or 0)
@@ -87,22 +86,22 @@ def _encode_batch(batch: dict[str, list], kind, tokenizer, cfg: DataConfig, info
     return kind.encode(records, tokenizer, cfg, info, whole=False)
 
 
-def encode_split(dataset, kind, tokenizer, cfg: DataConfig, info: dict[str, Any], work_dir: Path, split: str,
-                 processes: int):
+def encode_split(dataset, kind, tokenizer, cfg: DataConfig, info: dict[str, Any], folder: Path, processes: int):
     """The split's records as token columns, encoded ENCODE_BATCH rows at a time by up to
-    `processes` workers (datasets' map, which writes to work_dir, never to a shared cache)."""
+    `processes` workers (datasets' map). Its output files are the tokenized artifact's split
+    (kubetune.artifacts.tokenized_shards): written once, not copied again by save_to_disk."""
     from datasets import Dataset
 
-    sample = [row for row in (dataset.select(range(min(len(dataset), 64))).to_list())]
+    sample = dataset.select(range(min(len(dataset), 64))).to_list()
     encoded_sample = kind.encode([{k: v for k, v in row.items() if v is not None} for row in sample], tokenizer,
                                  cfg, info, whole=False)
     features = Dataset.from_dict(encoded_sample).features if encoded_sample["input_ids"] else None
     workers = max(1, min(processes, len(dataset) // MIN_ROWS_PER_PROCESS))
     return dataset.map(_encode_batch, batched=True, batch_size=ENCODE_BATCH, num_proc=workers if workers > 1 else None,
                        remove_columns=dataset.column_names, features=features, load_from_cache_file=False,
-                       cache_file_name=str(work_dir / f"{split}.arrow"), new_fingerprint=f"kubetune-{split}",
+                       cache_file_name=str(artifacts.tokenized_shard_name(folder)), new_fingerprint=f"kubetune-{folder.name}",
                        fn_kwargs={"kind": kind, "tokenizer": tokenizer, "cfg": cfg, "info": info},
-                       desc=f"tokenize {split}")
+                       desc=f"tokenize {folder.name}")
 
 
 def tokenize(data_dir: Path, model_dir: Path, cfg: DataConfig, out_dir: Path, task: str = "causal_lm",
@@ -116,20 +115,20 @@ def tokenize(data_dir: Path, model_dir: Path, cfg: DataConfig, out_dir: Path, ta
     processes = processes or cpu_limit()
     out_dir = Path(out_dir)
     stats: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="kubetune-tokenize-") as work:
-        for split in artifacts.split_names(data_dir):
-            dataset = artifacts.read_split(data_dir, split)
-            if split != "train":
-                kind.check_split(dataset, info, cfg)
-            encoded = encode_split(dataset, kind, tokenizer, cfg, info, Path(work), split, processes)
-            if len(dataset) and not len(encoded):
-                raise kind.none_encoded(len(dataset), cfg)
-            if len(encoded) < len(dataset):
-                log.info("tokenize %s: %d of %d examples dropped (their answer does not fit data.max_length %d)",
-                         split, len(dataset) - len(encoded), len(dataset), cfg.max_length)
-            artifacts.write_tokenized_split(out_dir, split, encoded)
-            stats.update({f"{split}_{k}": v for k, v in token_stats(encoded, cfg.max_length).items()})
-            del encoded, dataset  # their memory-mapped files go with the work folder
+    for split in artifacts.split_names(data_dir):
+        dataset = artifacts.read_split(data_dir, split)
+        if split != "train":
+            kind.check_split(dataset, info, cfg)
+        folder = artifacts.new_tokenized_split(out_dir, split)
+        encoded = encode_split(dataset, kind, tokenizer, cfg, info, folder, processes)
+        if len(dataset) and not len(encoded):
+            raise kind.none_encoded(len(dataset), cfg)
+        if len(encoded) < len(dataset):
+            log.info("tokenize %s: %d of %d examples dropped (their answer does not fit data.max_length %d)",
+                     split, len(dataset) - len(encoded), len(dataset), cfg.max_length)
+        del encoded, dataset
+        lengths = artifacts.tokenized_batches(out_dir, split, "input_ids")
+        stats.update({f"{split}_{k}": v for k, v in token_stats(lengths, cfg.max_length).items()})
     artifacts.write_tokenized(out_dir, tokenizer, info, stats)
     log.info("tokenize: %s", stats)
     return stats
