@@ -61,8 +61,9 @@ def _read_json(path: Path) -> Any:
 # memory-maps: datasets.Dataset.from_file, pyarrow.ipc.open_stream. Rows are in the kind's record
 # schema (Task.record_schema); a column a record lacks is null and is left out when a row is read.
 
-#: Rows per shard of a prepared split, and rows gathered per batch while writing one.
-SHARD_ROWS = 1_000_000
+#: A prepared split's shards hold about this many bytes each (tokenize maps one shard at a time);
+#: rows are measured this many at a time.
+SHARD_BYTES = 256 * 2**20
 GATHER_ROWS = 50_000
 
 
@@ -186,10 +187,10 @@ def _route(examples: Path, output_of, bucket_rows: int, scratch: Path):
 
 
 class _ShardWriter:
-    """Rows appended to <folder>/data-00000.arrow, a new shard every SHARD_ROWS rows."""
+    """Tables appended to <folder>/data-00000.arrow, a new shard once one holds SHARD_BYTES."""
 
     def __init__(self, folder: Path, schema):
-        self.folder, self.schema, self.rows, self.shard = folder, schema, 0, -1
+        self.folder, self.schema, self.shard = folder, schema, -1
         self._open()
 
     def _open(self) -> None:
@@ -198,17 +199,14 @@ class _ShardWriter:
         self.shard += 1
         self.sink = pa.OSFile(str(self.folder / f"data-{self.shard:05d}.arrow"), "wb")
         self.writer = pa.ipc.new_stream(self.sink, self.schema)
-        self.in_shard = 0
+        self.written = 0
 
     def write(self, table) -> None:
-        while table.num_rows:
-            if self.in_shard == SHARD_ROWS:
-                self.close()
-                self._open()
-            part = table.slice(0, SHARD_ROWS - self.in_shard)
-            self.writer.write_table(part)
-            self.in_shard += part.num_rows
-            table = table.slice(part.num_rows)
+        if self.written >= SHARD_BYTES:
+            self.close()
+            self._open()
+        self.writer.write_table(table)
+        self.written += table.nbytes
 
     def close(self) -> None:
         self.writer.close()
@@ -259,10 +257,22 @@ def write_dataset(out_dir: Path, splits: dict[str, list[dict[str, Any]]], stats:
 
 def read_split(dataset_dir: Path, name: str):
     """A prepared split as a datasets.Dataset, memory-mapped from its shards."""
-    from datasets import Dataset, concatenate_datasets
+    from datasets import concatenate_datasets
 
-    parts = [Dataset.from_file(str(path)) for path in _shards(Path(dataset_dir) / name)]
+    parts = [read_shard(path) for path in split_shards(dataset_dir, name)]
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def split_shards(dataset_dir: Path, name: str) -> list[Path]:
+    """The shard files of a prepared split, in row order."""
+    return _shards(Path(dataset_dir) / name)
+
+
+def read_shard(path: Path):
+    """One shard of a prepared split as a datasets.Dataset, memory-mapped."""
+    from datasets import Dataset
+
+    return Dataset.from_file(str(path))
 
 
 def split_rows(dataset_dir: Path, name: str, columns: Optional[list[str]] = None) -> Iterator[dict[str, Any]]:
@@ -295,13 +305,14 @@ def new_tokenized_split(out_dir: Path, split: str) -> Path:
     return folder
 
 
-def tokenized_shard_name(folder: Path) -> Path:
-    """The Arrow file datasets' map writes a split to; with N workers it writes data_0000k_of_0000N.arrow."""
-    return Path(folder) / "data.arrow"
+def tokenized_shard_name(folder: Path, number: int) -> Path:
+    """The Arrow file datasets' map writes the tokens of prepared shard `number` to (with N workers
+    it writes data-0000s_0000k_of_0000N.arrow): in name order, the split's rows in order."""
+    return Path(folder) / f"data-{number:05d}.arrow"
 
 
 def _tokenized_shards(folder: Path) -> list[Path]:
-    return sorted(Path(folder).glob("data*.arrow"))
+    return sorted(Path(folder).glob("data-*.arrow"))
 
 
 def tokenized_batches(tokenized_dir: Path, split: str, column: str) -> Iterator[Any]:

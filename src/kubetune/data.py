@@ -46,10 +46,6 @@ class Splits:
     stats: dict[str, Any]
     names: list[str] = field(default_factory=list)
 
-    def dataset(self, name: str):
-        """A split as a memory-mapped datasets.Dataset (an empty list when the run has no such split)."""
-        return artifacts.read_split(self.folder, name) if name in self.names else []
-
     def rows(self, name: str) -> list[dict[str, Any]]:
         """A split's records in memory: for small data (tests, samples)."""
         return list(artifacts.split_rows(self.folder, name)) if name in self.names else []

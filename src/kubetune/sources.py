@@ -39,7 +39,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional
 
 from kubetune.config import DataConfig
 from kubetune.errors import DataError
-from kubetune.shards import SUFFIXES, Shard, ShardChanged, list_shards, new_digest, sibling
+from kubetune.shards import Shard, ShardChanged, list_shards, new_digest, sibling
 
 TEXT_FILE_FIELD = "text"
 LABEL_FILE_FIELD = "label"
@@ -160,14 +160,6 @@ def _unquote_tsv(field: str) -> str:
     if len(field) >= 2 and field[0] == field[-1] == '"' and '"' not in inner.replace('""', ""):
         return inner.replace('""', '"')
     return field
-
-
-def _record(path: Path, number: int, header: list[str], fields: list[str], separator: str, fix: str) -> dict[str, str]:
-    """One delimited line as a record under the header, or a DataError at path:number."""
-    if len(fields) != len(header):
-        raise DataError("data.path", f"{path}:{number}", f"{len(fields)} {separator}-separated fields where the header "
-                        f"has {len(header)}; {fix}")
-    return dict(zip(header, fields))
 
 
 def _record(where: str, header: list[str], fields: list[str], separator: str, fix: str) -> dict[str, str]:

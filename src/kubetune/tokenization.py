@@ -86,7 +86,8 @@ def _encode_batch(batch: dict[str, list], kind, tokenizer, cfg: DataConfig, info
     return kind.encode(records, tokenizer, cfg, info, whole=False)
 
 
-def encode_split(dataset, kind, tokenizer, cfg: DataConfig, info: dict[str, Any], folder: Path, processes: int):
+def encode_split(dataset, kind, tokenizer, cfg: DataConfig, info: dict[str, Any], folder: Path, number: int,
+                 processes: int):
     """The split's records as token columns, encoded ENCODE_BATCH rows at a time by up to
     `processes` workers (datasets' map). Its output files are the tokenized artifact's split
     (kubetune.artifacts.tokenized_shards): written once, not copied again by save_to_disk."""
@@ -99,7 +100,8 @@ def encode_split(dataset, kind, tokenizer, cfg: DataConfig, info: dict[str, Any]
     workers = max(1, min(processes, len(dataset) // MIN_ROWS_PER_PROCESS))
     return dataset.map(_encode_batch, batched=True, batch_size=ENCODE_BATCH, num_proc=workers if workers > 1 else None,
                        remove_columns=dataset.column_names, features=features, load_from_cache_file=False,
-                       cache_file_name=str(artifacts.tokenized_shard_name(folder)), new_fingerprint=f"kubetune-{folder.name}",
+                       cache_file_name=str(artifacts.tokenized_shard_name(folder, number)),
+                       new_fingerprint=f"kubetune-{folder.name}-{number}",
                        fn_kwargs={"kind": kind, "tokenizer": tokenizer, "cfg": cfg, "info": info},
                        desc=f"tokenize {folder.name}")
 
@@ -116,17 +118,22 @@ def tokenize(data_dir: Path, model_dir: Path, cfg: DataConfig, out_dir: Path, ta
     out_dir = Path(out_dir)
     stats: dict[str, Any] = {}
     for split in artifacts.split_names(data_dir):
-        dataset = artifacts.read_split(data_dir, split)
         if split != "train":
-            kind.check_split(dataset, info, cfg)
+            kind.check_split(artifacts.read_split(data_dir, split), info, cfg)
         folder = artifacts.new_tokenized_split(out_dir, split)
-        encoded = encode_split(dataset, kind, tokenizer, cfg, info, folder, processes)
-        if len(dataset) and not len(encoded):
-            raise kind.none_encoded(len(dataset), cfg)
-        if len(encoded) < len(dataset):
+        rows = kept = 0
+        # A shard at a time: a memory-mapped file's pages stay in the process's RSS while it is
+        # open, so one shard open at once keeps RSS at a shard's size, not the split's.
+        for number, shard in enumerate(artifacts.split_shards(data_dir, split)):
+            dataset = artifacts.read_shard(shard)
+            encoded = encode_split(dataset, kind, tokenizer, cfg, info, folder, number, processes)
+            rows, kept = rows + len(dataset), kept + len(encoded)
+            del encoded, dataset
+        if rows and not kept:
+            raise kind.none_encoded(rows, cfg)
+        if kept < rows:
             log.info("tokenize %s: %d of %d examples dropped (their answer does not fit data.max_length %d)",
-                     split, len(dataset) - len(encoded), len(dataset), cfg.max_length)
-        del encoded, dataset
+                     split, rows - kept, rows, cfg.max_length)
         lengths = artifacts.tokenized_batches(out_dir, split, "input_ids")
         stats.update({f"{split}_{k}": v for k, v in token_stats(lengths, cfg.max_length).items()})
     artifacts.write_tokenized(out_dir, tokenizer, info, stats)

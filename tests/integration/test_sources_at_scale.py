@@ -124,16 +124,20 @@ def test_the_permutation_is_the_one_random_shuffle_gives(count):
     assert list(data.shuffled(count, 11)) == items
 
 
-def test_tokenize_with_two_workers_writes_what_one_writes(tmp_path, monkeypatch):
+def test_tokenize_in_two_workers_over_shards_writes_what_one_process_writes(tmp_path, monkeypatch):
     texts = training_texts()
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"content": f"{t} ({i})"}) + "\n"
                                               for i, t in enumerate(texts * 4)))
     cfg = DataConfig(path=str(tmp_path / "d.jsonl"), max_length=16)
     data.prepare_data(cfg, "causal_lm", seed=0, out_dir=tmp_path / "prepared")
+    monkeypatch.setattr(artifacts, "BUCKET_ROWS", 700)  # the same rows, in shards of 700
+    monkeypatch.setattr(artifacts, "SHARD_BYTES", 1)
+    data.prepare_data(cfg, "causal_lm", seed=0, out_dir=tmp_path / "sharded")
+    assert len(artifacts.split_shards(tmp_path / "sharded", "train")) == 3
     build_tokenizer(texts).save_pretrained(tmp_path / "tok")
     monkeypatch.setattr(tokenization, "MIN_ROWS_PER_PROCESS", 100)
     one = tokenization.tokenize(tmp_path / "prepared", tmp_path / "tok", cfg, tmp_path / "one", processes=1)
-    two = tokenization.tokenize(tmp_path / "prepared", tmp_path / "tok", cfg, tmp_path / "two", processes=2)
+    two = tokenization.tokenize(tmp_path / "sharded", tmp_path / "tok", cfg, tmp_path / "two", processes=2)
     assert one == two and one["train_tokens_total"] > 0
     for split in ("train", "validation"):
         assert artifacts.read_tokenized(tmp_path / "one", split)[:] == artifacts.read_tokenized(tmp_path / "two", split)[:]

@@ -177,9 +177,9 @@ def test_splits_written_in_many_buckets_and_shards_hold_the_same_rows(tmp_path, 
     cfg = DataConfig(path=str(write(tmp_path / "d.jsonl", rows)), text_field="content", validation_fraction=0.3)
     whole = data.prepare_data(cfg, "causal_lm", seed=2, out_dir=tmp_path / "whole")
     monkeypatch.setattr(artifacts, "BUCKET_ROWS", 17)
-    monkeypatch.setattr(artifacts, "SHARD_ROWS", 40)
+    monkeypatch.setattr(artifacts, "SHARD_BYTES", 1)  # a shard a bucket
     cut = data.prepare_data(cfg, "causal_lm", seed=2, out_dir=tmp_path / "cut")
-    assert len(list((tmp_path / "cut" / "train").glob("data-*.arrow"))) == 9  # 350 rows, 40 a shard
+    assert len(artifacts.split_shards(tmp_path / "cut", "train")) == 21  # 350 rows, 17 a bucket
     for name in ("train", "validation"):
         assert cut.rows(name) == whole.rows(name)
         assert artifacts.read_split(tmp_path / "cut", name).to_list() == whole.rows(name)

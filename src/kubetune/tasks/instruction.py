@@ -251,7 +251,7 @@ class Multitask(Instruction):
         return {**metrics, **task_metrics(per_task)}, {**tables, "per_task": per_task}
 
 
-def task_codes(dataset) -> tuple[list[str], "np.ndarray"]:
+def task_codes(dataset) -> tuple[list[str], Any]:
     """(task names, one code per row into them) of a tokenized split, from Arrow's dictionary
     encoding of its task column, a batch at a time (a split without one: every row task "")."""
     import numpy as np
