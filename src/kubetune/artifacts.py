@@ -21,9 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
+
+from kubetune import disk_shuffle
 
 SPLIT_NAMES = ("train", "validation", "test")
 DATA_STATS = "stats.json"
@@ -61,10 +62,8 @@ def _read_json(path: Path) -> Any:
 # memory-maps: datasets.Dataset.from_file, pyarrow.ipc.open_stream. Rows are in the kind's record
 # schema (Task.record_schema); a column a record lacks is null and is left out when a row is read.
 
-#: A prepared split's shards hold about this many bytes each (tokenize maps one shard at a time);
-#: rows are measured this many at a time.
+#: A prepared split's shards hold about this many bytes each (tokenize maps one shard at a time).
 SHARD_BYTES = 256 * 2**20
-GATHER_ROWS = 50_000
 
 
 class RecordWriter:
@@ -106,131 +105,16 @@ def _row_chars(row: dict[str, Any]) -> int:
 
 def write_split(out_dir: Path, name: str, examples: Path, order, measure: bool = False) -> dict[str, float]:
     """The split `name`: the rows of the Arrow file `examples` at the positions in `order` (a
-    sequence of ints: output row k is examples row order[k]). measure: returns the length statistics
-    of the rows in characters (chars_mean, chars_min, chars_max).
-
-    A shuffle on disk in two sequential passes, so that memory holds a bucket of rows, never the
-    file: the first reads `examples` a batch at a time and routes each wanted row, tagged with its
-    output position, to the bucket of BUCKET_ROWS output rows it falls in; the second sorts each
-    bucket by position and appends it to the split's shards. (Gathering rows at random from the
-    memory-mapped file instead made every page of it resident, and Arrow's take over a many-chunk
-    table copies the whole column first: 0.44 GB at 3M rows, twice that of 1M.)"""
-    import numpy as np
-    import pyarrow as pa
-
+    sequence of ints: output row k is examples row order[k]), in shards data-00000.arrow, ... of
+    about SHARD_BYTES (kubetune.disk_shuffle). measure: returns the length statistics of the rows in
+    characters (chars_mean, chars_min, chars_max)."""
     folder = Path(out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
     for stale in _shards(folder):  # an earlier attempt's, which may have had more shards
         stale.unlink()
-    positions = np.frombuffer(order, dtype=np.int64) if isinstance(order, memoryview) or hasattr(order, "typecode") \
-        else np.asarray(order, dtype=np.int64)
-    wanted = len(positions)
-    bucket_rows = max(BUCKET_ROWS, -(-wanted // MAX_BUCKETS))
-    output_of = np.full(int(positions.max()) + 1 if wanted else 0, -1, dtype=np.int64)  # source row -> output row
-    output_of[positions] = np.arange(wanted, dtype=np.int64)
-    lengths = _Lengths()
-    with tempfile.TemporaryDirectory(prefix="kubetune-split-", dir=folder) as scratch:
-        schema = _route(Path(examples), output_of, bucket_rows, Path(scratch))
-        writer = _ShardWriter(folder, schema)
-        for bucket in range(-(-wanted // bucket_rows)):
-            with pa.OSFile(str(Path(scratch) / f"{bucket}.arrow")) as source:
-                table = pa.ipc.open_stream(source).read_all()
-            table = table.take(np.argsort(table.column(POSITION).to_numpy(), kind="stable")).drop_columns([POSITION])
-            writer.write(table)
-            if measure:
-                lengths.add(table)
-        writer.close()
-    return lengths.stats() if measure else {}
-
-
-#: Output rows per bucket of write_split's shuffle, and at most this many buckets open at once.
-BUCKET_ROWS = 100_000
-MAX_BUCKETS = 512
-POSITION = "__position"
-
-
-def _route(examples: Path, output_of, bucket_rows: int, scratch: Path):
-    """write_split's first pass: each wanted row of examples, with its output position, appended to
-    scratch/<bucket>.arrow; returns the examples' schema."""
-    import numpy as np
-    import pyarrow as pa
-
-    sinks: dict[int, Any] = {}
-    try:
-        with pa.OSFile(str(examples)) as source:
-            reader = pa.ipc.open_stream(source)
-            first = 0
-            for batch in reader:
-                out = output_of[first: first + batch.num_rows]
-                first += batch.num_rows
-                rows = np.flatnonzero(out >= 0)
-                if not len(rows):
-                    continue
-                buckets = out[rows] // bucket_rows
-                grouped = np.argsort(buckets, kind="stable")
-                rows, buckets = rows[grouped], buckets[grouped]
-                starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
-                for begin, end in zip(starts, np.r_[starts[1:], len(rows)]):
-                    part = batch.take(pa.array(rows[begin:end]))
-                    part = part.append_column(POSITION, pa.array(out[rows[begin:end]]))
-                    bucket = int(buckets[begin])
-                    if bucket not in sinks:
-                        sink = pa.OSFile(str(scratch / f"{bucket}.arrow"), "wb")
-                        sinks[bucket] = (sink, pa.ipc.new_stream(sink, part.schema))
-                    sinks[bucket][1].write_batch(part)
-            schema = reader.schema
-    finally:
-        for sink, writer in sinks.values():
-            writer.close()
-            sink.close()
-    return schema
-
-
-class _ShardWriter:
-    """Tables appended to <folder>/data-00000.arrow, a new shard once one holds SHARD_BYTES."""
-
-    def __init__(self, folder: Path, schema):
-        self.folder, self.schema, self.shard = folder, schema, -1
-        self._open()
-
-    def _open(self) -> None:
-        import pyarrow as pa
-
-        self.shard += 1
-        self.sink = pa.OSFile(str(self.folder / f"data-{self.shard:05d}.arrow"), "wb")
-        self.writer = pa.ipc.new_stream(self.sink, self.schema)
-        self.written = 0
-
-    def write(self, table) -> None:
-        if self.written >= SHARD_BYTES:
-            self.close()
-            self._open()
-        self.writer.write_table(table)
-        self.written += table.nbytes
-
-    def close(self) -> None:
-        self.writer.close()
-        self.sink.close()
-
-
-class _Lengths:
-    """Length statistics of rows in characters, a table at a time."""
-
-    def __init__(self):
-        self.total, self.count, self.low, self.high = 0, 0, None, None
-
-    def add(self, table) -> None:
-        for batch in table.to_batches(max_chunksize=GATHER_ROWS):
-            lengths = [_row_chars(_present(row)) for row in batch.to_pylist()]
-            if lengths:
-                self.total, self.count = self.total + sum(lengths), self.count + len(lengths)
-                self.low = min(lengths) if self.low is None else min(self.low, min(lengths))
-                self.high = max(lengths) if self.high is None else max(self.high, max(lengths))
-
-    def stats(self) -> dict[str, float]:
-        if not self.count:
-            return {}
-        return {"chars_mean": round(self.total / self.count, 1), "chars_min": self.low, "chars_max": self.high}
+    lengths = disk_shuffle.Lengths(lambda row: _row_chars(_present(row))) if measure else None
+    disk_shuffle.gather(Path(examples), order, folder, SHARD_BYTES, lengths)
+    return lengths.stats() if lengths is not None else {}
 
 
 def write_data_stats(out_dir: Path, stats: dict[str, Any]) -> None:

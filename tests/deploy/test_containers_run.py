@@ -200,3 +200,33 @@ def test_packaged_model_and_examples_config_run_unchanged(cpu_image, tmp_path):
     result = run_pipeline(cfg, progress=False, runner="container")
     assert result["registered"] == "sentiment-minilm-lora/1"
     assert {"eval/base_accuracy", "eval/tuned_accuracy", "eval/tuned_macro_f1"} <= set(result["eval"])
+
+
+def test_a_stage_gets_its_pipeline_memory_limit_and_is_named_when_killed(cpu_image, podman, tmp_path, monkeypatch):
+    """Each container gets the memory limit the compiled pipeline gives the stage's pod, so a stage that
+    would be OOM-killed on a cluster is killed here too, and the failure says so."""
+    import docker
+    from kfp import dsl, local
+
+    from kubetune.launch import container_runner
+    from kubetune.pipelines.pipeline import Stage
+
+    monkeypatch.setitem(container_runner.STAGES, "hungry", Stage(cpu=("1", "1"), memory=("64Mi", "64Mi"),
+                                                                 timeout_minutes=5, cache=False))
+
+    @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+    def hungry(megabytes: int) -> int:
+        held = bytearray(megabytes * 2**20)
+        return len(held)
+
+    runner = TaskRunner({})
+    (tmp_path / "root").mkdir()
+    containers.grant([(tmp_path / "root", True)], containers.IMAGE_USER_UID, write=True)
+    with docker_api(podman), replaced_docker_run(runner):
+        ulimits = [docker.types.Ulimit(name=name, soft=limit, hard=limit) for name, limit in containers.ULIMITS.items()]
+        local.init(runner=local.DockerRunner(network_mode="host", ulimits=ulimits), pipeline_root=str(tmp_path / "root"),
+                   raise_on_error=True)
+        with pytest.raises(RuntimeError):
+            hungry(megabytes=400)
+    (failure,) = runner.failures
+    assert failure.exit_code == 137 and "killed for memory: the stage's limit is 64Mi" in str(failure)

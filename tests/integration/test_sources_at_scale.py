@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kubetune import artifacts, data, sources, tokenization
+from kubetune import artifacts, data, disk_shuffle, sources, tokenization
 from kubetune.config import DataConfig
 from kubetune.errors import DataError
 from kubetune.shards import ShardChanged, list_shards
@@ -130,7 +130,7 @@ def test_tokenize_in_two_workers_over_shards_writes_what_one_process_writes(tmp_
                                               for i, t in enumerate(texts * 4)))
     cfg = DataConfig(path=str(tmp_path / "d.jsonl"), max_length=16)
     data.prepare_data(cfg, "causal_lm", seed=0, out_dir=tmp_path / "prepared")
-    monkeypatch.setattr(artifacts, "BUCKET_ROWS", 700)  # the same rows, in shards of 700
+    monkeypatch.setattr(disk_shuffle, "BUCKET_ROWS", 700)  # the same rows, in shards of 700
     monkeypatch.setattr(artifacts, "SHARD_BYTES", 1)
     data.prepare_data(cfg, "causal_lm", seed=0, out_dir=tmp_path / "sharded")
     assert len(artifacts.split_shards(tmp_path / "sharded", "train")) == 3

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune import artifacts, data, sources
+from kubetune import artifacts, data, disk_shuffle, sources
 from kubetune.config import DataConfig
 from kubetune.errors import DataError
 
@@ -176,7 +176,7 @@ def test_splits_written_in_many_buckets_and_shards_hold_the_same_rows(tmp_path, 
     rows = [{"content": f"row {i} " + "x" * (i % 7), "author": "a"} for i in range(500)]
     cfg = DataConfig(path=str(write(tmp_path / "d.jsonl", rows)), text_field="content", validation_fraction=0.3)
     whole = data.prepare_data(cfg, "causal_lm", seed=2, out_dir=tmp_path / "whole")
-    monkeypatch.setattr(artifacts, "BUCKET_ROWS", 17)
+    monkeypatch.setattr(disk_shuffle, "BUCKET_ROWS", 17)
     monkeypatch.setattr(artifacts, "SHARD_BYTES", 1)  # a shard a bucket
     cut = data.prepare_data(cfg, "causal_lm", seed=2, out_dir=tmp_path / "cut")
     assert len(artifacts.split_shards(tmp_path / "cut", "train")) == 21  # 350 rows, 17 a bucket

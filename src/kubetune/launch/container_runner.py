@@ -42,7 +42,7 @@ from kubetune.errors import StageFailed, UserError
 from kubetune.images import CPU_IMAGE, CUDA_IMAGE
 from kubetune.model_source import PACKAGE_PREFIX, PACKAGED_MODELS, source_kind
 from kubetune.paths import STATE_ENV
-from kubetune.pipelines.pipeline import kubetune_pipeline
+from kubetune.pipelines.pipeline import STAGES, kubetune_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,19 @@ def task_name(command: list[str]) -> str:
     return "task"
 
 
+QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def memory_limit(task: str) -> Optional[tuple[int, str]]:
+    """(bytes, as written) of the memory limit the compiled pipeline gives the task's pod
+    (pipelines.pipeline.STAGES), or None: its container here gets the same limit, so a stage that a
+    cluster would OOM-kill is killed here too."""
+    stage = STAGES.get(task)
+    match = QUANTITY.match(stage.memory[1]) if stage else None
+    return (int(float(match.group(1)) * UNITS[match.group(2)]), stage.memory[1]) if match else None
+
+
 class TaskRunner:
     """Stands in for kfp.local's run_docker_container for one pipeline run."""
 
@@ -260,6 +273,9 @@ class TaskRunner:
         started = time.monotonic()
         if self.lines is not None:
             self.lines.started(task)
+        limit = memory_limit(task)
+        if limit is not None:  # no swap beyond it, as a pod has none
+            run_args = {**run_args, "mem_limit": limit[0], "memswap_limit": limit[0]}
         container = client.containers.run(image=actual, command=command, detach=True, volumes=volumes, **run_args)
         tail: collections.deque[str] = collections.deque(maxlen=80)
         partial = ""
@@ -273,6 +289,11 @@ class TaskRunner:
                     self._keep(task, line + "\n")
                 tail.extend(complete)
             exit_code = container.wait()["StatusCode"]
+            with contextlib.suppress(Exception):
+                container.reload()
+                if container.attrs["State"].get("OOMKilled"):
+                    tail.append(f"killed for memory: the stage's limit is {limit[1] if limit else '?'} "
+                                "(pipelines/pipeline.py STAGES)")
         finally:
             with contextlib.suppress(Exception):
                 container.remove(force=True)
