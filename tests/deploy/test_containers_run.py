@@ -131,17 +131,11 @@ def test_local_places_in_private_folders(cpu_image, tiny_model_dir, quotes_file,
     (storage / "runs" / result["run_id"] / "host-can-write").write_text("yes")
 
 
-def test_failed_stage_fails_the_run_with_its_own_error(cpu_image, podman, tmp_path):
-    """A component that raises in its container; kfp.local alone would report a container that is
-    gone before its exit code is read as a success."""
+def failures_of(podman, tmp_path, call) -> list[StageFailed]:
+    """What TaskRunner recorded when call() ran one component in its container under kfp.local's
+    DockerRunner and failed."""
     import docker
-    from kfp import dsl, local
-
-    @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-    def broken(path: str) -> str:
-        from kubetune.errors import DataError
-
-        raise DataError("data.path", path, "no such file; give a .jsonl file")
+    from kfp import local
 
     runner = TaskRunner({})
     (tmp_path / "root").mkdir()
@@ -151,8 +145,22 @@ def test_failed_stage_fails_the_run_with_its_own_error(cpu_image, podman, tmp_pa
         local.init(runner=local.DockerRunner(network_mode="host", ulimits=ulimits), pipeline_root=str(tmp_path / "root"),
                    raise_on_error=True)
         with pytest.raises(RuntimeError):
-            broken(path="/nowhere.jsonl")
-    (failure,) = runner.failures
+            call()
+    return runner.failures
+
+
+def test_failed_stage_fails_the_run_with_its_own_error(cpu_image, podman, tmp_path):
+    """A component that raises in its container; kfp.local alone would report a container that is
+    gone before its exit code is read as a success."""
+    from kfp import dsl
+
+    @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+    def broken(path: str) -> str:
+        from kubetune.errors import DataError
+
+        raise DataError("data.path", path, "no such file; give a .jsonl file")
+
+    (failure,) = failures_of(podman, tmp_path, lambda: broken(path="/nowhere.jsonl"))
     assert isinstance(failure, StageFailed) and failure.exit_code == 2
     assert str(failure) == "data.path = '/nowhere.jsonl': no such file; give a .jsonl file (in stage broken)"
 
@@ -205,8 +213,7 @@ def test_packaged_model_and_examples_config_run_unchanged(cpu_image, tmp_path):
 def test_a_stage_gets_its_pipeline_memory_limit_and_is_named_when_killed(cpu_image, podman, tmp_path, monkeypatch):
     """Each container gets the memory limit the compiled pipeline gives the stage's pod, so a stage that
     would be OOM-killed on a cluster is killed here too, and the failure says so."""
-    import docker
-    from kfp import dsl, local
+    from kfp import dsl
 
     from kubetune.launch import container_runner
     from kubetune.pipelines.pipeline import Stage
@@ -219,14 +226,5 @@ def test_a_stage_gets_its_pipeline_memory_limit_and_is_named_when_killed(cpu_ima
         held = bytearray(megabytes * 2**20)
         return len(held)
 
-    runner = TaskRunner({})
-    (tmp_path / "root").mkdir()
-    containers.grant([(tmp_path / "root", True)], containers.IMAGE_USER_UID, write=True)
-    with docker_api(podman), replaced_docker_run(runner):
-        ulimits = [docker.types.Ulimit(name=name, soft=limit, hard=limit) for name, limit in containers.ULIMITS.items()]
-        local.init(runner=local.DockerRunner(network_mode="host", ulimits=ulimits), pipeline_root=str(tmp_path / "root"),
-                   raise_on_error=True)
-        with pytest.raises(RuntimeError):
-            hungry(megabytes=400)
-    (failure,) = runner.failures
-    assert failure.exit_code == 137 and "killed for memory: the stage's limit is 64Mi" in str(failure)
+    (failure,) = failures_of(podman, tmp_path, lambda: hungry(megabytes=400))
+    assert "(exit 137): killed (SIGKILL), most likely for memory: the stage's limit is 64Mi" in str(failure)

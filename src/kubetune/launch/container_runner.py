@@ -289,11 +289,9 @@ class TaskRunner:
                     self._keep(task, line + "\n")
                 tail.extend(complete)
             exit_code = container.wait()["StatusCode"]
-            with contextlib.suppress(Exception):
-                container.reload()
-                if container.attrs["State"].get("OOMKilled"):
-                    tail.append(f"killed for memory: the stage's limit is {limit[1] if limit else '?'} "
-                                "(pipelines/pipeline.py STAGES)")
+            if exit_code == 137 and limit is not None:  # SIGKILL; podman on cgroup v1 does not report OOMKilled
+                tail.append(f"killed (SIGKILL), most likely for memory: the stage's limit is {limit[1]} "
+                            "(pipelines/pipeline.py STAGES), as on the cluster")
         finally:
             with contextlib.suppress(Exception):
                 container.remove(force=True)
