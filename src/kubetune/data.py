@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, Optional
 from kubetune import artifacts
 from kubetune.config import DataConfig
 from kubetune.errors import DataError
-from kubetune.sources import BATCH_ROWS, Staged, general_text_sample, staged
+from kubetune.sources import Staged, chunks, general_text_sample, staged
 from kubetune.tasks import get_task
 from kubetune.tasks.base import TaskKind
 
@@ -92,14 +92,6 @@ class Contract:
         return dropped
 
 
-def _batches(items: Iterator[Any], size: int = BATCH_ROWS) -> Iterator[list[Any]]:
-    while True:
-        batch = [item for _, item in zip(range(size), items)]
-        if not batch:
-            return
-        yield batch
-
-
 def normalised_examples(kind: TaskKind, records: Staged, cfg: DataConfig, source_key: str,
                         writer: artifacts.RecordWriter) -> tuple[int, int]:
     """The staged source's usable examples, in the kind's schema, appended to writer; returns
@@ -107,7 +99,7 @@ def normalised_examples(kind: TaskKind, records: Staged, cfg: DataConfig, source
     kind.check_fields(records, cfg)
     contract = Contract(kind, cfg, source_key)
     written = 0
-    for batch in _batches(contract.keep(kind.expand(records.located()))):
+    for batch in chunks(contract.keep(kind.expand(records.located()))):
         rows = kind.normalise(batch, cfg, whole=False)
         writer.write(rows)
         written += len(rows)

@@ -360,7 +360,7 @@ def staged(cfg: DataConfig, endpoint_url: Optional[str] = None, field: str = "da
         try:
             shards = list_shards(source, endpoint_url, field)
             with pa.OSFile(str(file), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-                for chunk in _chunks(itertools.chain.from_iterable(read_shard(s, shards, digest) for s in shards)):
+                for chunk in chunks(itertools.chain.from_iterable(read_shard(s, shards, digest) for s in shards)):
                     writer.write_batch(pa.record_batch([[_json_text(row) for row, _ in chunk],
                                                         [where for _, where in chunk]], schema=schema))
                     count += len(chunk)
@@ -373,7 +373,8 @@ def staged(cfg: DataConfig, endpoint_url: Optional[str] = None, field: str = "da
         yield Staged(file, count, digest.hexdigest(), source)
 
 
-def _chunks(items: Iterator[Any], size: int = BATCH_ROWS) -> Iterator[list[Any]]:
+def chunks(items: Iterator[Any], size: int = BATCH_ROWS) -> Iterator[list[Any]]:
+    """Lists of up to `size` consecutive items."""
     while chunk := list(itertools.islice(items, size)):
         yield chunk
 

@@ -276,6 +276,7 @@ class TaskRunner:
         limit = memory_limit(task)
         if limit is not None:  # no swap beyond it, as a pod has none
             run_args = {**run_args, "mem_limit": limit[0], "memswap_limit": limit[0]}
+            log.info("%s: memory limit %s, the pipeline's for this stage", task, limit[1])
         container = client.containers.run(image=actual, command=command, detach=True, volumes=volumes, **run_args)
         tail: collections.deque[str] = collections.deque(maxlen=80)
         partial = ""
