@@ -34,6 +34,7 @@ from kubetune.errors import DataError
 from kubetune.sources import Staged, chunks, general_text_sample, staged
 from kubetune.tasks import get_task
 from kubetune.tasks.base import TaskKind
+from kubetune.tasks.schedule import shuffled_positions
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +110,10 @@ def normalised_examples(kind: TaskKind, records: Staged, cfg: DataConfig, source
     return written, invalid
 
 
-def shuffled(count: int, seed: int) -> array.array:
-    """range(count) in the order random.Random(seed).shuffle leaves a list of `count` items (its
-    Fisher-Yates steps, with randrange(n) drawing as shuffle's randbelow(n) does), as 8-byte ints."""
-    order = array.array("q", range(count))
-    draw = random.Random(seed).randrange
-    for i in range(count - 1, 0, -1):
-        j = draw(i + 1)
-        order[i], order[j] = order[j], order[i]
-    return order
+def shuffled(count: int, seed: int):
+    """range(count) in the order random.Random(seed).shuffle leaves a list of `count` items, as
+    8-byte ints (kubetune.tasks.schedule.shuffled_positions)."""
+    return shuffled_positions(count, random.Random(seed))
 
 
 def split_sizes(rows: int, cfg: DataConfig) -> tuple[int, int]:
