@@ -34,9 +34,10 @@ def write_splits(work: Path) -> None:
     from kubetune.config import DataConfig
     from kubetune.data import prepare_data
 
-    splits = prepare_data(DataConfig(path=str(QUOTES), text_field="content"), "causal_lm", seed=42)
+    splits = prepare_data(DataConfig(path=str(QUOTES), text_field="content"), "causal_lm", seed=42,
+                          out_dir=work / "prepared")
     for name in ("train", "validation"):
-        (work / f"{name}.json").write_text(json.dumps([{"text": row["text"]} for row in getattr(splits, name)]))
+        (work / f"{name}.json").write_text(json.dumps([{"text": row["text"]} for row in splits.rows(name)]))
 
 
 class SideFailed(SystemExit):
