@@ -45,16 +45,16 @@ ENCODE_BATCH = 1000
 MIN_ROWS_PER_PROCESS = 20_000
 
 
-def cpu_limit() -> int:
-    """The CPUs this process may use: the container's CPU limit (cgroup v2 cpu.max, or v1's quota)
-    where there is one, else the CPUs it may run on. os.cpu_count() would give the node's cores."""
+def cpu_limit(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: the container's CPU limit (cgroup v2 cpu.max, or v1's cfs
+    quota) where there is one, else the CPUs it may run on. os.cpu_count() would give the node's cores."""
     quota = None
-    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
-                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", lambda t: [t.strip(), Path(
-                            "/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()])):
+    for limit_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
         try:
-            limit, period = parse(Path(path).read_text())
-        except (OSError, ValueError):
+            text = (cgroup / limit_file).read_text().split()
+            limit, period = (text[0], text[1]) if period_file is None else \
+                (text[0], (cgroup / period_file).read_text().strip())
+        except (OSError, IndexError):
             continue
         if limit not in ("max", "-1"):
             quota = max(1, math.ceil(int(limit) / int(period)))

@@ -143,5 +143,16 @@ def test_tokenize_in_two_workers_over_shards_writes_what_one_process_writes(tmp_
         assert artifacts.read_tokenized(tmp_path / "one", split)[:] == artifacts.read_tokenized(tmp_path / "two", split)[:]
 
 
-def test_cpu_limit_is_a_positive_count():
-    assert 1 <= tokenization.cpu_limit() <= 4096
+def test_tokenize_workers_follow_the_containers_cpu_limit_not_the_nodes_cores(tmp_path):
+    """A pod's CPU limit is a cgroup quota; os.cpu_count() would be the node's cores."""
+    here = tokenization.cpu_limit(tmp_path / "no-cgroup")
+    assert here >= 1
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "cpu.max").write_text("150000 100000\n")  # limits.cpu: 1500m
+    assert tokenization.cpu_limit(tmp_path / "v2") == min(2, here)
+    (tmp_path / "v2" / "cpu.max").write_text("max 100000\n")
+    assert tokenization.cpu_limit(tmp_path / "v2") == here
+    (tmp_path / "v1" / "cpu").mkdir(parents=True)
+    (tmp_path / "v1" / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (tmp_path / "v1" / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert tokenization.cpu_limit(tmp_path / "v1") == 1

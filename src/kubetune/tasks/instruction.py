@@ -1,9 +1,9 @@
 """instruction and multitask: prompt -> answer tuning, with the loss on the answer tokens only.
 
 Records are {"prompt": str, "answer": str} (+ "task" for multitask). prepare_data builds the
-prompt from data.template, so train.jsonl shows exactly what the model reads; tokenize appends the
-answer and EOS and masks every prompt token (labels IGNORE_INDEX), so the model learns to answer,
-not to repeat the prompt (kubetune.tasks.answer_tokens).
+prompt from data.template, so the prepared train split shows exactly what the model reads;
+tokenize appends the answer and EOS and masks every prompt token (labels IGNORE_INDEX), so the
+model learns to answer, not to repeat the prompt (kubetune.tasks.answer_tokens).
 
 Two record forms are read:
 - Alpaca-style: the instruction in data.instruction_field, an optional input in data.input_field,
@@ -263,6 +263,6 @@ def task_codes(dataset) -> tuple[list[str], Any]:
     parts = []
     for batch in dataset.select_columns(["task"]).with_format("arrow").iter(batch_size=100_000):
         encoded = pc.dictionary_encode(pc.fill_null(batch["task"], "")).combine_chunks()
-        local = [names.setdefault(name if name is not None else "", len(names)) for name in encoded.dictionary.to_pylist()]
+        local = [names.setdefault(name, len(names)) for name in encoded.dictionary.to_pylist()]
         parts.append(np.asarray(local, dtype=np.int64)[encoded.indices.to_numpy(zero_copy_only=False)])
     return list(names), np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
