@@ -218,6 +218,7 @@ def test_a_stage_gets_its_pipeline_memory_limit_and_is_named_when_killed(cpu_ima
     from kubetune.launch import container_runner
     from kubetune.pipelines.pipeline import Stage
 
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(container_runner.STAGES, "hungry", Stage(cpu=("1", "1"), memory=("64Mi", "64Mi"),
                                                                  timeout_minutes=5, cache=False))
 
@@ -227,4 +228,5 @@ def test_a_stage_gets_its_pipeline_memory_limit_and_is_named_when_killed(cpu_ima
         return len(held)
 
     (failure,) = failures_of(podman, tmp_path, lambda: hungry(megabytes=400))
+    assert not (tmp_path / "oom").exists(), "podman's service, run in a folder of its own, leaves nothing here"
     assert "(exit 137): killed (SIGKILL), most likely for memory: the stage's limit is 64Mi" in str(failure)

@@ -335,8 +335,9 @@ def docker_api(podman: containers.Podman, timeout: float = 60.0) -> Iterator[str
     folder = Path(tempfile.mkdtemp(prefix="kubetune-podman-"))  # short: a socket path has ~100 bytes
     socket = f"unix://{folder / 'podman.sock'}"
     log_file = open(folder / "service.log", "w")
+    # Its own folder as working folder: after an OOM kill it leaves a file `oom` there.
     service = subprocess.Popen(podman.argv("system", "service", "--time=0", socket),
-                               stdout=log_file, stderr=subprocess.STDOUT)
+                               stdout=log_file, stderr=subprocess.STDOUT, cwd=folder)
     previous = os.environ.get("DOCKER_HOST")
     try:
         deadline = time.monotonic() + timeout
