@@ -58,8 +58,8 @@ def _read_json(path: Path) -> Any:
 
 
 # ---- dataset (prepare_data) ----------------------------------------------------------------------
-# Each split is a folder of Arrow IPC stream shards (<split>/data-00000.arrow, ...) that any reader
-# memory-maps: datasets.Dataset.from_file, pyarrow.ipc.open_stream. Rows are in the kind's record
+# Each split is a folder of Arrow IPC stream shards (<split>/data-00000.arrow, ...) that
+# datasets.Dataset.from_file memory-maps and pyarrow.ipc.open_stream reads. Rows are in the kind's record
 # schema (Task.record_schema); a column a record lacks is null and is left out when a row is read.
 
 #: A prepared split's shards hold about this many bytes each (tokenize maps one shard at a time).
@@ -95,8 +95,19 @@ def _shards(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("data-*.arrow"))
 
 
-def _present(row: dict[str, Any]) -> dict[str, Any]:
+def present(row: dict[str, Any]) -> dict[str, Any]:
+    """A row read from Arrow as the record it was written from: the null columns it did not have left out."""
     return {key: value for key, value in row.items() if value is not None}
+
+
+def _batches(folder: Path) -> Iterator[Any]:
+    """The record batches of a folder's shards in order, read (not memory-mapped: one sequential
+    pass, whose pages must not stay in the process's RSS)."""
+    import pyarrow as pa
+
+    for path in _shards(folder):
+        with pa.OSFile(str(path)) as source:
+            yield from pa.ipc.open_stream(source)
 
 
 def _row_chars(row: dict[str, Any]) -> int:
@@ -112,7 +123,7 @@ def write_split(out_dir: Path, name: str, examples: Path, order, measure: bool =
     folder.mkdir(parents=True, exist_ok=True)
     for stale in _shards(folder):  # an earlier attempt's, which may have had more shards
         stale.unlink()
-    lengths = disk_shuffle.Lengths(lambda row: _row_chars(_present(row))) if measure else None
+    lengths = disk_shuffle.Lengths(lambda row: _row_chars(present(row))) if measure else None
     disk_shuffle.gather(Path(examples), order, folder, SHARD_BYTES, lengths)
     return lengths.stats() if lengths is not None else {}
 
@@ -159,17 +170,10 @@ def read_shard(path: Path):
     return Dataset.from_file(str(path))
 
 
-def split_rows(dataset_dir: Path, name: str, columns: Optional[list[str]] = None) -> Iterator[dict[str, Any]]:
-    """The records of a prepared split, a batch at a time from the memory-mapped shards (only the
-    named columns, when given)."""
-    import pyarrow as pa
-
-    for path in _shards(Path(dataset_dir) / name):
-        with pa.OSFile(str(path)) as source:  # one sequential pass: read, not mapped
-            for batch in pa.ipc.open_stream(source):
-                if columns is not None:
-                    batch = batch.select([c for c in columns if c in batch.schema.names])
-                yield from (_present(row) for row in batch.to_pylist())
+def split_rows(dataset_dir: Path, name: str) -> Iterator[dict[str, Any]]:
+    """The records of a prepared split, read a batch at a time from its shards."""
+    for batch in _batches(Path(dataset_dir) / name):
+        yield from map(present, batch.to_pylist())
 
 
 def split_names(dataset_dir: Path) -> list[str]:
@@ -195,18 +199,10 @@ def tokenized_shard_name(folder: Path, number: int) -> Path:
     return Path(folder) / f"data-{number:05d}.arrow"
 
 
-def _tokenized_shards(folder: Path) -> list[Path]:
-    return sorted(Path(folder).glob("data-*.arrow"))
-
-
 def tokenized_batches(tokenized_dir: Path, split: str, column: str) -> Iterator[Any]:
-    """One column of a tokenized split, a pyarrow array per record batch, read (not mapped) from its files."""
-    import pyarrow as pa
-
-    for path in _tokenized_shards(Path(tokenized_dir) / split):
-        with pa.OSFile(str(path)) as source:
-            for batch in pa.ipc.open_stream(source):
-                yield batch.column(column)
+    """One column of a tokenized split, a pyarrow array per record batch."""
+    for batch in _batches(Path(tokenized_dir) / split):
+        yield batch.column(column)
 
 
 def write_tokenized(out_dir: Path, tokenizer, info: dict[str, Any], stats: dict[str, Any]) -> None:
@@ -230,7 +226,7 @@ def read_tokenized(tokenized_dir: Path, split: str):
     folder = Path(tokenized_dir) / split
     if (folder / "state.json").exists():
         return load_from_disk(str(folder))
-    parts = [Dataset.from_file(str(path)) for path in _tokenized_shards(folder)]
+    parts = [Dataset.from_file(str(path)) for path in _shards(folder)]
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 

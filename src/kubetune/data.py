@@ -19,14 +19,13 @@ tokenize reads (kubetune.artifacts).
 
 from __future__ import annotations
 
-import array
 import hashlib
 import logging
 import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 from kubetune import artifacts
 from kubetune.config import DataConfig
@@ -35,6 +34,9 @@ from kubetune.sources import Staged, chunks, general_text_sample, staged
 from kubetune.tasks import get_task
 from kubetune.tasks.base import TaskKind
 from kubetune.tasks.schedule import shuffled_positions
+
+if TYPE_CHECKING:  # numpy is imported where it is used: importing kubetune stays fast
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ def normalised_examples(kind: TaskKind, records: Staged, cfg: DataConfig, source
     return written, invalid
 
 
-def shuffled(count: int, seed: int):
+def shuffled(count: int, seed: int) -> np.ndarray:
     """range(count) in the order random.Random(seed).shuffle leaves a list of `count` items, as
     8-byte ints (kubetune.tasks.schedule.shuffled_positions)."""
     return shuffled_positions(count, random.Random(seed))
@@ -149,6 +151,8 @@ def prepare_data(cfg: DataConfig, task: str, seed: int, endpoint_url: Optional[s
                  out_dir: Optional[Path] = None) -> Splits:
     """Writes the prepared dataset artifact to out_dir (a new temporary folder when None) and
     returns its splits and statistics."""
+    import numpy as np
+
     kind = get_task(task)
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="kubetune-prepared-"))
     with tempfile.TemporaryDirectory(prefix="kubetune-prepare-") as work:
@@ -157,14 +161,14 @@ def prepare_data(cfg: DataConfig, task: str, seed: int, endpoint_url: Optional[s
             source_rows, digest = len(records), records.digest
             usable, invalid = normalised_examples(kind, records, cfg, "data.path", writer)
             used, n_val = split_sizes(usable, cfg)
-            order = memoryview(shuffled(usable, seed))  # slices of it are views, not copies
+            order = shuffled(usable, seed)  # numpy: the slices below are views, not copies
             validation, train = order[:n_val], order[n_val:used]
             replayed = 0
             if cfg.replay_fraction > 0:  # appended after the examples; the train split is shuffled again with them
                 replayed = round(len(train) * cfg.replay_fraction / (1 - cfg.replay_fraction))
                 writer.write([kind.replay_record(text) for text in replay_texts(cfg, replayed, seed, endpoint_url)])
-                train = array.array("q", train) + array.array("q", range(usable, usable + replayed))
-                train = array.array("q", (train[i] for i in shuffled(len(train), seed + 1)))
+                train = np.concatenate([train, np.arange(usable, usable + replayed)])
+                train = train[shuffled(len(train), seed + 1)]
         names = ["train", "validation"]
         lengths = artifacts.write_split(out_dir, "train", examples, train, measure=True)
         artifacts.write_split(out_dir, "validation", examples, validation)
@@ -177,7 +181,7 @@ def prepare_data(cfg: DataConfig, task: str, seed: int, endpoint_url: Optional[s
                 digest = hashlib.sha256((digest + records.digest).encode()).hexdigest()
             invalid += test_invalid
             if test_rows:
-                artifacts.write_split(out_dir, "test", test_file, array.array("q", range(test_rows)))
+                artifacts.write_split(out_dir, "test", test_file, np.arange(test_rows))
                 names.append("test")
     stats = {"rows_source": source_rows, "rows_invalid": invalid, "rows_usable": usable, "rows_train": len(train),
              "rows_validation": len(validation), "rows_test": test_rows, "rows_replay": replayed,

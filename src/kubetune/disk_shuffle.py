@@ -24,13 +24,12 @@ MEASURE_ROWS = 50_000
 
 def gather(examples: Path, order, folder: Path, shard_bytes: int, lengths: Optional["Lengths"] = None) -> None:
     """folder/data-00000.arrow, ...: the rows of `examples` at the positions in `order` (output row k
-    is examples row order[k]; an array('q'), a memoryview of one, or any int sequence), a new shard
+    is examples row order[k]; a numpy array or any int sequence), a new shard
     once one holds shard_bytes; lengths, when given, sees every output table."""
     import numpy as np
     import pyarrow as pa
 
-    positions = np.frombuffer(order, dtype=np.int64) if isinstance(order, memoryview) or hasattr(order, "typecode") \
-        else np.asarray(order, dtype=np.int64)
+    positions = np.asarray(order, dtype=np.int64)
     wanted = len(positions)
     bucket_rows = max(BUCKET_ROWS, -(-wanted // MAX_BUCKETS))
     output_of = np.full(int(positions.max()) + 1 if wanted else 0, -1, dtype=np.int64)  # source row -> output row

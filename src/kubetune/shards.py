@@ -192,7 +192,3 @@ def sibling(shards: list[Shard], shard: Shard, name: str) -> Optional[Shard]:
         return Shard(str(path), name, _local_version(path), local=path) if path.is_file() else None
     folder = shard.key.rsplit("/", 1)[0] + "/" if "/" in shard.key else ""
     return next((s for s in shards if s.key == folder + name), None)
-
-
-def new_digest():
-    return hashlib.sha256()

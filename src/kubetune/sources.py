@@ -1,5 +1,5 @@
 """Reading data sources: files, folders and s3:// URIs (kubetune.shards) as streams of records (dicts),
-staged once into a memory-mapped Arrow file, with their content hash.
+staged once into an Arrow file on local disk, with their content hash.
 
 Formats: .json (an array of records, or an object holding one), .jsonl, .csv, .tsv, .txt (one record
 per non-empty line, field `text`; TweetEval's X_text.txt + X_labels.txt pairs as text + label) and
@@ -11,8 +11,8 @@ task kind's business (kubetune.tasks); this module only reads.
 Why staging: the data contract reads a source more than once (field checks, then the examples), and a
 record may hold anything JSON does (a label 1 in one row and "1" in the next, lists of messages), which
 no one Arrow schema types. So each record is staged as its JSON text beside where it came from, in an
-Arrow file on local disk that later passes read memory-mapped, a batch at a time: memory stays a batch
-whatever the row count, and an S3 source is fetched once. Line formats stream; a .json file is parsed
+Arrow file on local disk that later passes read a batch at a time: memory stays a batch whatever the
+row count, and an S3 source is fetched once. Line formats stream; a .json file is parsed
 whole (use .jsonl or .parquet shards for data sets that do not fit in memory).
 
 Lines are split on line feeds only: the UCI sentiment files hold U+0085 inside sentences, and their
@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
+import hashlib
 import io
 import itertools
 import json
@@ -39,7 +40,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional
 
 from kubetune.config import DataConfig
 from kubetune.errors import DataError
-from kubetune.shards import Shard, ShardChanged, list_shards, new_digest, sibling
+from kubetune.shards import Shard, ShardChanged, list_shards, sibling
 
 TEXT_FILE_FIELD = "text"
 LABEL_FILE_FIELD = "label"
@@ -86,14 +87,8 @@ def _damaged(shard: Shard, exc: Exception) -> DataError:
 @contextlib.contextmanager
 def _decoded(shard: Shard, digest) -> Iterator[BinaryIO]:
     """The shard's bytes, gunzipped when they are gzip whatever the file's name."""
-    with shard.open(digest) as raw:
-        if raw.peek(2)[:2] != GZIP_MAGIC:
-            yield raw
-            return
-        try:
-            yield gzip.GzipFile(fileobj=raw, mode="rb")
-        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-            raise _damaged(shard, exc) from None
+    with shard.open(digest) as raw:  # a damaged gzip stream fails where it is read: _lines, _read_json
+        yield gzip.GzipFile(fileobj=raw, mode="rb") if raw.peek(2)[:2] == GZIP_MAGIC else raw
 
 
 def _not_utf8(shown: str, line: int, offset: int, byte: int) -> DataError:
@@ -313,11 +308,11 @@ def label_names_beside(path_or_uri: str) -> dict[str, str]:
 
 class Staged:
     """A source's records, staged as JSON text with where each came from, in an Arrow file that each
-    pass reads memory-mapped a batch at a time. Iterating gives the records (re-iterable: every
-    loop is a new pass); located() gives (record, where) pairs."""
+    pass reads a batch at a time. Iterating gives the records (re-iterable: every loop is a new
+    pass); located() gives (record, where) pairs."""
 
-    def __init__(self, path: Path, count: int, digest: str, source: str):
-        self.path, self.count, self.digest, self.source = path, count, digest, source
+    def __init__(self, path: Path, count: int, digest: str):
+        self.path, self.count, self.digest = path, count, digest
 
     def __len__(self) -> int:
         return self.count
@@ -356,7 +351,7 @@ def staged(cfg: DataConfig, endpoint_url: Optional[str] = None, field: str = "da
     schema = pa.schema([("record", pa.large_string()), ("where", pa.string())])
     with tempfile.TemporaryDirectory(prefix="kubetune-staged-") as folder:
         file = Path(folder) / "records.arrow"
-        digest, count = new_digest(), 0
+        digest, count = hashlib.sha256(), 0
         try:
             shards = list_shards(source, endpoint_url, field)
             with pa.OSFile(str(file), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
@@ -370,7 +365,7 @@ def staged(cfg: DataConfig, endpoint_url: Optional[str] = None, field: str = "da
             raise DataError(field, exc.value, exc.fix) from None
         if not count:
             raise DataError(field, source, "the source holds no records")
-        yield Staged(file, count, digest.hexdigest(), source)
+        yield Staged(file, count, digest.hexdigest())
 
 
 def chunks(items: Iterator[Any], size: int = BATCH_ROWS) -> Iterator[list[Any]]:
@@ -394,30 +389,30 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return [row for row, _ in read_shard(shards[0], shards)]
 
 
-def _usable_lines(cfg: DataConfig, endpoint_url: Optional[str], key: str, path: str) -> Iterator[str]:
+def _usable_lines(records: Staged) -> Iterator[str]:
     """The lines of a general-text file (replay, retention) long enough to be prose: 8 words or more,
     not a heading."""
-    with staged(cfg, endpoint_url, key, path) as records:
-        for row in records:
-            line = text_of(row.get(TEXT_FILE_FIELD))
-            if len(line.split()) >= 8 and not line.startswith("="):
-                yield line
+    for row in records:
+        line = text_of(row.get(TEXT_FILE_FIELD))
+        if len(line.split()) >= 8 and not line.startswith("="):
+            yield line
 
 
 def general_text_sample(cfg: DataConfig, endpoint_url: Optional[str], key: str, path: str, count: int,
                         rng: random.Random, repeat: bool = False) -> list[str]:
     """`count` usable lines of general text drawn with rng, as random.sample (or, with repeat and more
-    lines wanted than there are, random.choice per line) would draw from the whole list; the file is
-    read twice instead of held: once to count the lines, once to pick them."""
-    usable = sum(1 for _ in _usable_lines(cfg, endpoint_url, key, path))
-    if not usable:
-        raise DataError(key, path, "holds no lines of 8 words or more (general text is read a line at a time)")
-    if repeat and count > usable:
-        picks = [rng.randrange(usable) for _ in range(count)]  # what rng.choice draws
-    else:
-        picks = rng.sample(range(usable), min(count, usable))
-    wanted = set(picks)
-    chosen = {i: line for i, line in enumerate(_usable_lines(cfg, endpoint_url, key, path)) if i in wanted}
+    lines wanted than there are, random.choice per line) would draw from the whole list; the staged
+    file is read twice instead of held: once to count the lines, once to pick them."""
+    with staged(cfg, endpoint_url, key, path) as records:
+        usable = sum(1 for _ in _usable_lines(records))
+        if not usable:
+            raise DataError(key, path, "holds no lines of 8 words or more (general text is read a line at a time)")
+        if repeat and count > usable:
+            picks = [rng.randrange(usable) for _ in range(count)]  # what rng.choice draws
+        else:
+            picks = rng.sample(range(usable), min(count, usable))
+        wanted = set(picks)
+        chosen = {i: line for i, line in enumerate(_usable_lines(records)) if i in wanted}
     return [chosen[i] for i in picks]
 
 

@@ -81,8 +81,7 @@ def token_stats(batches, max_length: int) -> dict[str, Any]:
 
 def _encode_batch(batch: dict[str, list], kind, tokenizer, cfg: DataConfig, info: dict[str, Any]) -> dict[str, list]:
     names = list(batch)
-    records = [{name: value for name, value in zip(names, values) if value is not None}
-               for values in zip(*(batch[name] for name in names))]
+    records = [artifacts.present(dict(zip(names, values))) for values in zip(*(batch[name] for name in names))]
     return kind.encode(records, tokenizer, cfg, info, whole=False)
 
 
@@ -90,12 +89,11 @@ def encode_split(dataset, kind, tokenizer, cfg: DataConfig, info: dict[str, Any]
                  processes: int):
     """The split's records as token columns, encoded ENCODE_BATCH rows at a time by up to
     `processes` workers (datasets' map). Its output files are the tokenized artifact's split
-    (kubetune.artifacts.tokenized_shards): written once, not copied again by save_to_disk."""
+    (kubetune.artifacts.tokenized_shard_name): written once, not copied again by save_to_disk."""
     from datasets import Dataset
 
     sample = dataset.select(range(min(len(dataset), 64))).to_list()
-    encoded_sample = kind.encode([{k: v for k, v in row.items() if v is not None} for row in sample], tokenizer,
-                                 cfg, info, whole=False)
+    encoded_sample = kind.encode([artifacts.present(row) for row in sample], tokenizer, cfg, info, whole=False)
     features = Dataset.from_dict(encoded_sample).features if encoded_sample["input_ids"] else None
     workers = max(1, min(processes, len(dataset) // MIN_ROWS_PER_PROCESS))
     return dataset.map(_encode_batch, batched=True, batch_size=ENCODE_BATCH, num_proc=workers if workers > 1 else None,

@@ -11,13 +11,14 @@ from __future__ import annotations
 import array
 import logging
 import random
-from typing import Iterator, Optional
-
-import numpy as np
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from kubetune.config import RunConfig
 from kubetune.errors import DataError
 from kubetune.tasks.prompts import GENERAL_TASK
+
+if TYPE_CHECKING:  # numpy is imported where it is used: importing kubetune stays fast
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ def shuffled_positions(count: int, rng: random.Random) -> np.ndarray:
     """range(count) in the order rng.shuffle leaves a list of `count` items (its Fisher-Yates steps,
     randrange(n) drawing as shuffle's randbelow(n) does): x[shuffled_positions(len(x), rng)] is
     rng.shuffle(x), at 8 bytes an item whatever x holds."""
+    import numpy as np
+
     order = array.array("q", range(count))
     draw = rng.randrange
     for i in range(count - 1, 0, -1):
@@ -41,6 +44,8 @@ def weighted_pass(indices: np.ndarray, weights: np.ndarray, rng: random.Random, 
     """About `length` indices, each row repeated in proportion to its weight (stochastic rounding
     of the expected count, so the mixture is close to exact), shuffled. One draw per row, in row
     order, as a loop over the rows would draw them."""
+    import numpy as np
+
     total = sum(weights[i] for i in indices)  # summed in order, as the rounding below expects
     expected = weights[indices] * length / total
     whole = np.floor(expected)
@@ -60,6 +65,8 @@ def progressive_order(general: np.ndarray, own: np.ndarray, weights: np.ndarray,
     """The guide's progressive schedule over a run of `length` examples: general text only at
     first; its share falls linearly to final_general_share (data.replay_fraction) by
     PROGRESSIVE_RAMP of the run and stays there."""
+    import numpy as np
+
     general_rows, own_rows = _cycle(general, weights, rng), _cycle(own, weights, rng)
     order = array.array("q")
     for position in range(length):
@@ -70,6 +77,8 @@ def progressive_order(general: np.ndarray, own: np.ndarray, weights: np.ndarray,
 
 
 def _counts(names: list[str], codes: np.ndarray, order: np.ndarray, limit: int) -> str:
+    import numpy as np
+
     counted = np.bincount(codes[order], minlength=len(names))
     top = sorted(((names[i] or "-", int(n)) for i, n in enumerate(counted) if n), key=lambda kv: -kv[1])
     return ", ".join(f"{k}={v}" for k, v in top[:limit]) + (f", ... ({len(top)} tasks)" if len(top) > limit else "")
@@ -83,6 +92,8 @@ def training_order(names: list[str], codes: np.ndarray, task_weights: dict[str, 
     name (1.0 when absent).
 
     Enough rows for the whole run: its steps x batch x accumulation x train.processes."""
+    import numpy as np
+
     progressive = cfg.train.schedule == "progressive"
     by_code = np.array([float(task_weights.get(name, 1.0)) for name in names], dtype=np.float64)
     weights = by_code[codes] if len(names) else np.zeros(0)
