@@ -229,6 +229,9 @@ CASES = [
     Case("tracking server not answering", "tracking.mlflow_uri", ["tracking.mlflow_uri=http://127.0.0.1:9"]),
     Case("storage folder under a file", "storage.uri",
          prepare=lambda c: c.config["storage"].update(uri=f"{c.data_file('plain2', 'x')}/storage")),
+    # ---- secrets, size and the config file (issue 23) ----------------------------------------------
+    # ---- data that looked fine (issue 23) ----------------------------------------------------------
+    # ---- the model and the machine (issue 23) ------------------------------------------------------
 ]
 
 
