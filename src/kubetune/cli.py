@@ -14,7 +14,7 @@ import yaml
 from kubetune import __version__, console, services
 from kubetune.config import load_config
 from kubetune.config_reference import describe, reference_markdown
-from kubetune.errors import StageFailed, UserError
+from kubetune.errors import Interrupted, StageFailed, UserError
 from kubetune.export import export
 from kubetune.preflight import preflight
 from kubetune.tasks import get_task
@@ -228,6 +228,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return args.func(args)
     except (UserError, StageFailed) as exc:
         print(f"kubetune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Interrupted as exc:
+        print(f"kubetune: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("kubetune: interrupted", file=sys.stderr)

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from kubetune.errors import ConfigError
-from kubetune.overrides import apply_overrides, merge
+from kubetune.errors import ConfigError, redacted
+from kubetune.overrides import apply_overrides, merge, read_file
 from kubetune.strict import build
 
 TASKS = ("causal_lm", "classification", "instruction", "multitask", "chat")
@@ -26,6 +25,7 @@ ALPACA_TEMPLATE = (
 QUANTIZATIONS = ("none", "8bit", "4bit")
 LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+SEED_MAX = 2**32 - 1
 
 
 INPUT, OUTPUT = "input", "output"  # what a run does with a place a config value names
@@ -44,6 +44,12 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
 def _require(ok: bool, name: str, value: Any, fix: str) -> None:
     if not ok:
         raise ConfigError(name, value, fix)
+
+
+def _no_credentials(name: str, uri: Optional[str], variables: str, secret: str) -> None:
+    """A URI with user:password@ in it would be shown in messages and kept in the run's record."""
+    _require(not uri or redacted(uri) == uri, name, uri, f"put the credentials in {variables} (on a cluster, "
+             f"the {secret} Secret) and give the URI without them")
 
 
 @dataclass
@@ -147,6 +153,14 @@ class DataConfig:
     drop_invalid: bool = _help(
         "Drop records whose required fields (text, label, answer, ...) are missing, null, NaN or empty, "
         "counting them in the log and in MLflow; false stops the run on the first such record instead.", False)
+    missing_labels: Optional[list[str]] = _help(
+        "Strings in label_field that mean no label (any case; an empty cell, null and NaN always do). null = nan, "
+        "null, none, n/a, #n/a, <na>, but one of them in 2 or more records stops the run, as it may be a class; "
+        "[] = none of them (a label none is a class); or list the ones you mean.", None)
+    drop_duplicates: bool = _help(
+        "Keep each record once as prepared (the same text and label, prompt and answer, or conversation), before "
+        "the split, so none is both trained on and validated; records identical to a test_path one are dropped "
+        "too (the test set is kept). Either way held-out rows identical to a training row are counted.", False)
     min_train_rows: int = _help("Fewest training rows a run accepts (after splitting, before replay).", 8)
     min_validation_rows: int = _help("Fewest held-out validation rows a run accepts.", 2)
 
@@ -245,6 +259,8 @@ class TrainConfig:
                  f"use one of {', '.join(PRECISIONS)}")
         _require(self.schedule in ("mixed", "progressive"), "train.schedule", self.schedule,
                  "use mixed or progressive")
+        _require(0 <= self.seed <= SEED_MAX, "train.seed", self.seed, f"must be 0 to {SEED_MAX} (2**32 - 1, what "
+                 "numpy's generator takes), e.g. 42")
 
     def total_steps(self, train_rows: int) -> int:
         """Optimizer steps of the run: max_steps, or epochs over train_rows (every process takes
@@ -337,12 +353,16 @@ class TrackingConfig:
     def validate(self) -> None:
         _require(self.experiment is None or bool(self.experiment.strip()), "tracking.experiment", self.experiment,
                  "name the experiment, or null for the registered model's name")
+        name, uri = ("tracking.mlflow_uri", self.mlflow_uri) if self.mlflow_uri else \
+            ("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI"))
+        if uri and uri.startswith(("http://", "https://")):  # a database URI holds its own login
+            _no_credentials(name, uri, "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD", "kubetune-mlflow")
 
 
 @dataclass
 class StorageConfig:
     uri: Optional[str] = _help(
-        "Where checkpoints and adapters are copied: s3://bucket/prefix or a local directory; "
+        "Where checkpoints and adapters are copied: s3://bucket/prefix or a local directory (not /); "
         "null = .kubetune/storage.",
         None, location=OUTPUT,
     )
@@ -356,6 +376,8 @@ class StorageConfig:
 
     def validate(self) -> None:
         _require(self.retry_seconds >= 0, "storage.retry_seconds", self.retry_seconds, "must be 0 or more, e.g. 120")
+        _no_credentials("storage.endpoint_url", self.endpoint_url, "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+                        "kubetune-s3")
         if self.uri is not None:
             _require(bool(self.uri.strip()) and self.uri != "s3://", "storage.uri", self.uri,
                      "give s3://bucket/prefix, a local directory, or null")
@@ -429,16 +451,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         path = Path(path)
         if not path.is_file():
             raise ConfigError("--config", str(path), "no such file; give the path of a YAML config")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as exc:
-            raise ConfigError("--config", str(path), f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
-                              f"{exc.start}); save the file as UTF-8") from None
-        except yaml.YAMLError as exc:
-            problem = " ".join(str(exc).split())
-            raise ConfigError("--config", str(path), f"not valid YAML: {problem}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError("--config", str(path), "the file must hold a mapping of sections")
+        loaded = read_file(path)  # strictly: no key twice, no alias expanding to millions of values
         build(RunConfig, loaded, "")  # unknown keys are reported against the user's own file
         data = merge(data, loaded)
     data = apply_overrides(data, overrides or [])

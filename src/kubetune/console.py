@@ -16,6 +16,8 @@ import time
 import warnings
 from pathlib import Path
 
+from kubetune.errors import redacted
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Set by `kubetune run`: 1 shows progress bars, 0 plain log lines (pods, --no-progress).
 PROGRESS_ENV = "KUBETUNE_PROGRESS"
@@ -40,9 +42,31 @@ def quiet_bitsandbytes() -> None:
     warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
 
 
+def _masked(make_record):
+    """A log record factory whose records have the credentials of any URI masked (errors.redacted),
+    in the message and in the traceback, before any handler formats them."""
+    def make(*args, **kwargs) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format call: logging reports it when a handler formats the record
+            return record
+        if redacted(message) != message:
+            record.msg, record.args = redacted(message), ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redacted(logging.Formatter().formatException(record.exc_info))
+        return record
+    make.masks = True
+    return make
+
+
 def setup() -> None:
-    """Log lines with time and source (the command line)."""
+    """Log lines with time and source (the command line). Every log record of the process has URI
+    credentials masked: a record factory, not a handler's filter, because `kubetune run` adds and
+    swaps handlers (the run log, kfp's task lines) and a record reaches each of them."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    if not getattr(logging.getLogRecordFactory(), "masks", False):
+        logging.setLogRecordFactory(_masked(logging.getLogRecordFactory()))
 
 
 #: Starts each stage's closing line, whatever log format the process has (kfp's executor sets its

@@ -157,6 +157,20 @@ def check_image(podman: Podman, tag: str, field: str = "image", source: Optional
     return report
 
 
+def unreadable(place: Path, uid: int) -> Optional[Path]:
+    """The first file or folder at or below `place` that `uid` may not read (a folder: not list and
+    enter) by its permission bits, as owner or as others; None when it may read them all. For where
+    an ACL could not be set: the group's members are not known here, and no ACL is read."""
+    for path in [place, *sorted(place.rglob("*"))] if place.is_dir() else [place]:
+        info = path.lstat()
+        if path.is_symlink():
+            continue  # its target is checked where it lies
+        need = 0o5 if path.is_dir() else 0o4
+        if (info.st_mode & need) != need and not (info.st_uid == uid and (info.st_mode >> 6) & need == need):
+            return path
+    return None
+
+
 def grant(places: Sequence[tuple[Path, bool]], uid: int, write: bool) -> list[str]:
     """Let `uid` (the image's user as the host sees it) read, or also write, each place (and, where
     asked, everything below it and made in it later) without changing any file's owner or the

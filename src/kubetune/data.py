@@ -20,6 +20,7 @@ tokenize reads (kubetune.artifacts).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 import tempfile
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 from kubetune import artifacts
 from kubetune.config import DataConfig
 from kubetune.errors import DataError
-from kubetune.sources import Staged, chunks, general_text_sample, staged
+from kubetune.sources import MISSING_MARKERS, Staged, chunks, general_text_sample, staged
 from kubetune.tasks import get_task
 from kubetune.tasks.base import TaskKind
 from kubetune.tasks.schedule import shuffled_positions
@@ -39,6 +40,10 @@ if TYPE_CHECKING:  # numpy is imported where it is used: importing kubetune stay
     import numpy as np
 
 log = logging.getLogger(__name__)
+
+#: A missing marker (kubetune.sources.MISSING_MARKERS) written as the label of this many records or
+#: more looks like a class ("none" of 3 intents), not like a few empty cells: the run asks which it is.
+MARKER_CLASS_ROWS = 2
 
 
 @dataclass
@@ -67,11 +72,21 @@ class Contract:
         self.required = kind.required_fields(cfg)
         self.invalid: dict[str, tuple[int, str, Any]] = {}  # config key -> (count, where and value of the first)
         self.seen = self.kept = 0
+        # Under the default missing markers, how often each (a few strings) is a label or answer as written.
+        self.label_field = dict(self.required).get("data.label_field") if cfg.missing_labels is None else None
+        self.markers: dict[str, tuple[int, str]] = {}
+
+    def count_marker(self, value: Any) -> None:
+        if isinstance(value, str) and (folded := value.strip().lower()) in MISSING_MARKERS and folded:
+            count, written = self.markers.get(folded, (0, value.strip()))
+            self.markers[folded] = (count + 1, written)
 
     def keep(self, located: Iterable[tuple[dict[str, Any], str]]) -> Iterator[dict[str, Any]]:
         for row, at in located:
             self.seen += 1
-            bad = [(key, name) for key, name in self.required if self.kind.unusable(key, row.get(name))]
+            if self.label_field is not None:
+                self.count_marker(row.get(self.label_field))
+            bad = [(key, name) for key, name in self.required if self.kind.unusable(key, row.get(name), self.cfg)]
             for key, name in bad:
                 count, first_at, first_value = self.invalid.get(key, (0, at, row.get(name, "<missing>")))
                 self.invalid[key] = (count + 1, first_at, first_value)
@@ -80,6 +95,7 @@ class Contract:
                 yield row
 
     def finish(self) -> int:
+        self.refuse_marker_class()
         if not self.invalid:
             return 0
         names = dict(self.required)
@@ -94,22 +110,72 @@ class Contract:
                     self.source_key, described)
         return dropped
 
+    def refuse_marker_class(self) -> None:
+        """DataError when a missing marker written as text (none, null, n/a, ...) labels MARKER_CLASS_ROWS
+        records or more: it may be a class, which must never be dropped, or refused as missing, unasked."""
+        count, written = max(((count, written) for count, written in self.markers.values()
+                              if count >= MARKER_CLASS_ROWS), default=(0, ""))
+        if count:
+            raise DataError("data.label_field", self.label_field,
+                            f"{count} of {self.seen} records in {self.source_key} have the value {written!r}, "
+                            f"which is read as missing by default, so a class {written!r} would be lost. If it is "
+                            f"a class, set data.missing_labels: [] (no string means missing; or list those that "
+                            f"do); if those records have no label, set data.missing_labels: "
+                            f"[{json.dumps(written.lower())}]")
+
 
 def normalised_examples(kind: TaskKind, records: Staged, cfg: DataConfig, source_key: str,
-                        writer: artifacts.RecordWriter) -> tuple[int, int]:
+                        writer: artifacts.RecordWriter) -> tuple[int, int, np.ndarray]:
     """The staged source's usable examples, in the kind's schema, appended to writer; returns
-    (examples written, examples invalid). The field checks and the contract run first."""
+    (examples written, examples invalid, the digest of each example written: record_digests). The
+    field checks and the contract run first."""
+    import numpy as np
+
     kind.check_fields(records, cfg)
     contract = Contract(kind, cfg, source_key)
-    written = 0
+    written, digests = 0, [np.zeros(0, dtype=np.uint64)]
     for batch in chunks(contract.keep(kind.expand(records.located()))):
         rows = kind.normalise(batch, cfg, whole=False)
         writer.write(rows)
+        digests.append(record_digests(rows))
         written += len(rows)
     invalid = contract.finish()
     if not written:
         kind.normalise([], cfg)  # a kind that refuses a source without one usable record says why
-    return written, invalid
+    return written, invalid, np.concatenate(digests)
+
+
+def record_digests(rows: list[dict[str, Any]]) -> np.ndarray:
+    """An 8-byte blake2b digest of each prepared record (its JSON, keys sorted), as uint64: equal
+    records have equal digests; two of n different records share one with odds of about n²/2⁶⁵
+    (3 in a million at 10 million records), 8 bytes a record where the records would be gigabytes."""
+    import numpy as np
+
+    return np.frombuffer(b"".join(hashlib.blake2b(json.dumps(row, sort_keys=True, ensure_ascii=False).encode(),
+                                                  digest_size=8).digest() for row in rows), dtype=np.uint64)
+
+
+def first_copies(digests: np.ndarray, leave_out: np.ndarray) -> np.ndarray:
+    """data.drop_duplicates: the positions of the first copy of each distinct record, in order,
+    without the records whose digest is in leave_out (the test set's)."""
+    import numpy as np
+
+    _, first = np.unique(digests, return_index=True)  # a stable sort: the first copy's position
+    first.sort()
+    return first[~np.isin(digests[first], leave_out)] if len(leave_out) else first
+
+
+def count_shared(held_out: np.ndarray, trained: np.ndarray, name: str) -> int:
+    """How many records of a held-out split (their digests) are identical to a training record (the
+    training records' digests), with a warning when any is."""
+    import numpy as np
+
+    shared = int(np.isin(held_out, trained).sum()) if len(held_out) else 0
+    if shared:
+        log.warning("data: %d of %d %s rows are identical to a training row (the same prepared record), so the "
+                    "%s scores overstate what the model learned; set data.drop_duplicates: true to keep each "
+                    "record once", shared, len(held_out), name, name)
+    return shared
 
 
 def shuffled(count: int, seed: int) -> np.ndarray:
@@ -156,36 +222,50 @@ def prepare_data(cfg: DataConfig, task: str, seed: int, endpoint_url: Optional[s
     kind = get_task(task)
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="kubetune-prepared-"))
     with tempfile.TemporaryDirectory(prefix="kubetune-prepare-") as work:
-        examples = Path(work) / "examples.arrow"
+        examples, test_file = Path(work) / "examples.arrow", Path(work) / "test.arrow"
         with staged(cfg, endpoint_url) as records, artifacts.RecordWriter(examples, kind.record_schema()) as writer:
             source_rows, digest = len(records), records.digest
-            usable, invalid = normalised_examples(kind, records, cfg, "data.path", writer)
-            used, n_val = split_sizes(usable, cfg)
-            order = shuffled(usable, seed)  # numpy: the slices below are views, not copies
+            usable, invalid, digests = normalised_examples(kind, records, cfg, "data.path", writer)
+            test_rows, test_digests = 0, digests[:0]
+            if cfg.test_path:  # read before the split: data.drop_duplicates keeps the test records out of it
+                with staged(cfg, endpoint_url, "data.test_path", cfg.test_path) as test, \
+                        artifacts.RecordWriter(test_file, kind.record_schema()) as test_writer:
+                    test_rows, test_invalid, test_digests = normalised_examples(kind, test, cfg, "data.test_path",
+                                                                                test_writer)
+                    digest = hashlib.sha256((digest + test.digest).encode()).hexdigest()
+                invalid += test_invalid
+            kept = first_copies(digests, test_digests) if cfg.drop_duplicates else None
+            dropped = usable - len(kept) if kept is not None else 0
+            if dropped:
+                log.info("data: dropped %d of %d examples identical to an earlier one or to a test record "
+                         "(data.drop_duplicates)", dropped, usable)
+            used, n_val = split_sizes(usable - dropped, cfg)
+            order = shuffled(usable - dropped, seed)  # numpy: the slices below are views, not copies
+            if kept is not None:
+                order = kept[order]
             validation, train = order[:n_val], order[n_val:used]
+            examples_trained = train  # without the replayed text
+            trained = digests[train]
+            in_validation = count_shared(digests[validation], trained, "validation")
+            in_test = count_shared(test_digests, trained, "test")
+            del digests, trained, test_digests
             replayed = 0
             if cfg.replay_fraction > 0:  # appended after the examples; the train split is shuffled again with them
                 replayed = round(len(train) * cfg.replay_fraction / (1 - cfg.replay_fraction))
                 writer.write([kind.replay_record(text) for text in replay_texts(cfg, replayed, seed, endpoint_url)])
                 train = np.concatenate([train, np.arange(usable, usable + replayed)])
                 train = train[shuffled(len(train), seed + 1)]
+        kind.check_splits(examples, examples_trained, validation, cfg)
         names = ["train", "validation"]
         lengths = artifacts.write_split(out_dir, "train", examples, train, measure=True)
         artifacts.write_split(out_dir, "validation", examples, validation)
-        test_rows = 0
-        if cfg.test_path:
-            test_file = Path(work) / "test.arrow"
-            with staged(cfg, endpoint_url, "data.test_path", cfg.test_path) as records, \
-                    artifacts.RecordWriter(test_file, kind.record_schema()) as writer:
-                test_rows, test_invalid = normalised_examples(kind, records, cfg, "data.test_path", writer)
-                digest = hashlib.sha256((digest + records.digest).encode()).hexdigest()
-            invalid += test_invalid
-            if test_rows:
-                artifacts.write_split(out_dir, "test", test_file, np.arange(test_rows))
-                names.append("test")
+        if test_rows:
+            artifacts.write_split(out_dir, "test", test_file, np.arange(test_rows))
+            names.append("test")
     stats = {"rows_source": source_rows, "rows_invalid": invalid, "rows_usable": usable, "rows_train": len(train),
              "rows_validation": len(validation), "rows_test": test_rows, "rows_replay": replayed,
-             "content_sha256": digest, **{f"train_{k}": v for k, v in lengths.items()}}
+             "rows_duplicates_dropped": dropped, "rows_duplicated_across_splits": in_validation,
+             "rows_test_in_train": in_test, "content_sha256": digest, **{f"train_{k}": v for k, v in lengths.items()}}
     artifacts.write_data_stats(out_dir, stats)
     log.info("data: %d train (%d replayed) / %d validation / %d test rows (sha256 %s)", len(train), replayed,
              len(validation), test_rows, digest[:12])

@@ -26,9 +26,11 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -343,10 +345,36 @@ def check_snapshot(value: str, path: Path) -> None:
         if missing:
             raise ModelError(FIELD, value, f"{index.name} names shards that are not in {path}: "
                                            f"{', '.join(missing[:3])}; copy the whole snapshot")
+    if not any(f.name.endswith(".safetensors") for f in weights):
+        _check_pickled_weights(value, path)
     if not any(f.is_file() for pattern in _TOKENIZER_PATTERNS for f in path.glob(pattern)):
         raise ModelError(FIELD, value, f"{path} holds no tokenizer files (tokenizer.json, tokenizer_config.json, "
                                        "vocab or sentencepiece model); save the tokenizer beside the model "
                                        "(tokenizer.save_pretrained)")
+
+
+def _check_pickled_weights(value: str, path: Path) -> None:
+    """Weights only in pickles (pytorch_model.bin and its shards): transformers loads them with
+    torch.load(weights_only=True), which takes tensors and plain containers and refuses a pickle that
+    holds anything else (a whole model, training arguments). Unpickled here onto the meta device, so
+    no tensor data is read."""
+    import torch
+
+    index = path / "pytorch_model.bin.index.json"
+    names = (set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()) if index.is_file()
+             else {"pytorch_model.bin"})
+    for file in sorted(path / name for name in names if (path / name).is_file()):
+        try:
+            torch.load(file, map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(file))
+        except Exception as exc:  # UnpicklingError, or a file that is not a torch pickle at all
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            reason = f"it holds {found.group(1)}" if found else f"{type(exc).__name__}: {str(exc)[:120]}"
+            raise ModelError(FIELD, value, f"{file} cannot be loaded as weights only ({reason}): only a pickle of "
+                             "tensors loads safely, and kubetune does not unpickle code; if you trust its "
+                             "source, convert it to safetensors: `sd = torch.load('pytorch_model.bin', weights_only="
+                             "False)` (a whole model: `.state_dict()`), then `safetensors.torch.save_file({k: "
+                             "v.contiguous().clone() for k, v in sd.items()}, 'model.safetensors')` in the model "
+                             "folder") from None
 
 
 def source_kind(name_or_path: str) -> str:

@@ -99,6 +99,66 @@ def meta_model(model_dir: Path, task=None, info: Optional[dict[str, Any]] = None
         return kind.auto_model_class().from_config(config)
 
 
+def check_model_type(value: str, model_dir: Path) -> None:
+    """config.json's model_type is one this transformers knows. A model that brings its own code
+    (auto_map, modeling_*.py) would otherwise end in a 40-line traceback asking for trust_remote_code
+    (or a prompt on a terminal): kubetune never runs a model's own code."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return
+    code = sorted(p.name for p in Path(model_dir).glob("*.py"))
+    if code or config.get("auto_map"):
+        where = ", ".join(code[:3]) + (" ..." if len(code) > 3 else "") if code else "auto_map in config.json"
+        raise ModelError("model.name_or_path", value, f"model_type {model_type!r} needs the model's own code "
+                         f"({where}: trust_remote_code), which kubetune does not run; use a model whose "
+                         f"model_type transformers {transformers.__version__} knows (llama, gemma3, gpt2 ...), or "
+                         "convert this one to such a type")
+    raise ModelError("model.name_or_path", value, f"transformers {transformers.__version__} does not know model_type "
+                     f"{model_type!r}; use a model of a type it knows (llama, gemma3, gpt2 ...), or a transformers "
+                     "release that has this type (in the images too)")
+
+
+#: config.json keys that hold how many positions a model has, as architectures name it.
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+@dataclass(frozen=True)
+class Positions:
+    limit: int  # positions the model has (absolute) or was trained for (rotary and others)
+    key: str  # the config key that says so
+    absolute: bool  # learned absolute position embeddings: no position beyond `limit` exists
+
+    def describe(self) -> str:
+        kind = "learned absolute positions" if self.absolute else "positions it was trained for"
+        return f"the model has {self.limit} {kind} ({self.key} in its config.json)"
+
+
+def positions(model) -> Optional[Positions]:
+    """How long a sequence the model takes (None where its config names no limit). Absolute when
+    it has a learned position embedding (GPT-2's wpe, OPT's embed_positions, BERT's
+    position_embeddings): a position beyond them is an index error, or a huge allocation first."""
+    import torch
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    values = config.to_dict()  # the keys as config.json spells them (GPT-2: n_positions)
+    found = next(((key, values[key]) for key in POSITION_KEYS
+                  if isinstance(values.get(key), int) and not isinstance(values[key], bool) and values[key] > 0), None)
+    if found is None:
+        return None
+    embeddings = [module for name, module in model.named_modules() if isinstance(module, torch.nn.Embedding)
+                  and ("pos" in name.rsplit(".", 1)[-1] or name.endswith("wpe"))]
+    if not embeddings:
+        return Positions(limit=found[1], key=found[0], absolute=False)
+    # RoBERTa-style embeddings count positions from padding_idx + 1 (514 rows, 512 positions).
+    table = embeddings[0]
+    usable = table.num_embeddings - (table.padding_idx + 1 if table.padding_idx is not None else 0)
+    return Positions(limit=min(found[1], usable), key=found[0], absolute=True)
+
+
 def linear_module_names(model) -> list[str]:
     """Distinct last name components of the linear layers (the valid LoRA target_modules)."""
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()

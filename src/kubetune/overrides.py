@@ -1,16 +1,84 @@
-"""`--set section.key=value` overrides, the layering of config data (defaults, file, overrides), and
-one dotted key changed in a built config; kept apart so config.py holds the schema alone.
+"""The config file read strictly, `--set section.key=value` overrides, the layering of config data
+(defaults, file, overrides), and one dotted key changed in a built config; kept apart so config.py
+holds the schema alone.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from kubetune.errors import ConfigError
+
+#: More values than a run config holds: YAML aliases (`*name`) nested a few lines deep expand to
+#: millions, so a document that expands past this is refused before it is built.
+MAX_VALUES = 100_000
+
+
+def read_yaml(text: str, field: str, value: str, prefix: str = "") -> Any:
+    """yaml.safe_load of text, stricter: a key given twice in one mapping is refused (PyYAML keeps
+    the last one silently), and so is a document whose aliases expand past MAX_VALUES values.
+    field and value name the text in a refusal (--config and the file); prefix is where its keys sit."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        count = _checked(node, prefix, field, value, {})
+        if count > MAX_VALUES:
+            raise ConfigError(field, value, f"its YAML aliases (*name) expand to {count:,} values, more than the "
+                              f"{MAX_VALUES:,} a run config may hold; write the values out instead")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(field, value, "nested too deeply to read; a run config is a few levels deep") from None
+    finally:
+        loader.dispose()
+
+
+def _checked(node: yaml.Node, path: str, field: str, value: str, counted: dict[int, int]) -> int:
+    """How many values node expands to (an alias counts as often as it is used; each node is
+    walked once, so that costs no more than the file's length), refusing a key given twice."""
+    if id(node) in counted:  # an alias of a node walked already, or one inside itself (0 for now)
+        return counted[id(node)]
+    counted[id(node)] = 0
+    count = 1
+    if isinstance(node, yaml.SequenceNode):
+        count += sum(_checked(item, f"{path}[{i}]", field, value, counted) for i, item in enumerate(node.value))
+    elif isinstance(node, yaml.MappingNode):
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, item in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                name = f"{path}.{key_node.value}" if path else key_node.value
+                first = seen.setdefault((key_node.tag, key_node.value), key_node)
+                if first is not key_node:
+                    where = (f"on lines {first.start_mark.line + 1} and {key_node.start_mark.line + 1} of this file"
+                             if field == "--config" else "in this value")
+                    raise ConfigError(name, value if field == "--config" else f"{field}={value}", f"the key is "
+                                      f"given twice, {where}, and YAML would keep the last silently; keep one")
+            else:
+                name = path
+            count += _checked(item, name, field, value, counted)
+    counted[id(node)] = count
+    return count
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """The mapping a config file holds, read with read_yaml; ConfigError naming --config otherwise."""
+    try:
+        loaded = read_yaml(path.read_text(encoding="utf-8"), "--config", str(path)) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError("--config", str(path), f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}); save the file as UTF-8") from None
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(exc).split())
+        raise ConfigError("--config", str(path), f"not valid YAML: {problem}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError("--config", str(path), "the file must hold a mapping of sections")
+    return loaded
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -18,7 +86,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError("--set", item, "write section.key=value, e.g. --set train.max_steps=20")
     try:
-        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+        return key.strip().split("."), read_yaml(raw, f"--set {key.strip()}", raw, key.strip()) if raw.strip() else None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"--set {key.strip()}", raw, f"not a valid YAML value ({problem}); quote text that "

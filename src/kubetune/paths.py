@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from kubetune.errors import ConfigError
+
 STATE_ENV = "KUBETUNE_HOME"
 
 
@@ -26,4 +28,14 @@ def checkout_root() -> Optional[Path]:
 def cache_dir() -> Path:
     path = state_dir() / "cache"
     path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def below_root(path: Path, field: str, value: str) -> Path:
+    """path, unless it is the filesystem root (`/`, `file:///`): a store there would write its runs and
+    caches among the system's own folders. ConfigError naming `field` (as `value`)."""
+    resolved = Path(path).expanduser().resolve()
+    if resolved == Path(resolved.anchor):
+        raise ConfigError(field, value, "this is the filesystem root: runs would be written among the system's own "
+                          "folders; give a folder of its own, e.g. /srv/kubetune or ~/kubetune-storage")
     return path

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from kubetune import __version__, served_model, tracking
 from kubetune.config import ALPACA_TEMPLATE
+from kubetune.errors import ConfigError
 from kubetune.model_source import resolve_model
 from kubetune.served_model import DEFAULT_MAX_NEW_TOKENS, LABELS, TEXT
 from kubetune.tasks import TaskKind
@@ -45,6 +46,20 @@ EXAMPLE_TEXT = "The battery lasts all day and the screen is lovely."
 EXAMPLE_PROMPT = "The best way to learn is"
 EXAMPLE_INSTRUCTION = "Is this review positive or negative?"
 EXAMPLE_QUESTION = "What makes a good cup of tea?"
+
+
+def check_model_name(name: str) -> None:
+    """register.model_name by MLflow's own rules for a registered model's name, those of its file
+    store (the strictest: it adds no path separators and no '%' to the rules every store applies), so
+    a name MLflow would refuse fails in preflight, not in register after training."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.model_registry.file_store import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as exc:
+        raise ConfigError("register.model_name", name, f"MLflow refuses it ({exc.message}); use letters, digits, "
+                          "'-', '_' and '.', e.g. quotes-lora") from None
 
 
 def pins(names: list[str]) -> list[str]:

@@ -155,6 +155,8 @@ def message(item: Any) -> dict[str, str]:
     if role not in ROLES:
         raise ValueError(f"message role {role!r} is none of {', '.join(ROLES)}")
     content = item.get("content", item.get("value"))
+    if isinstance(content, dict):
+        raise ValueError("a message's content must be text (or a list of text parts), not a mapping")
     if isinstance(content, list):
         content = "".join(part.get("text") or "" if isinstance(part, dict) else str(part) for part in content)
     return {"role": ROLES[role], "content": _text(content).strip()}
@@ -430,9 +432,12 @@ def _column(model_input, name: str) -> list:
 
 
 def _text(value: Any) -> str:
-    """A cell as text; a missing cell (None, NaN from JSON null) is empty."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A cell as text; a missing cell (None, NaN from JSON null) is empty; a number or boolean is the
+    text JSON writes for it (42, 0.5, true), as training read it (kubetune.sources.text_of)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return ""
+    if isinstance(value, (bool, float)):
+        return json.dumps(value)
     return str(value)
 
 

@@ -21,6 +21,7 @@ import io
 import os
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -138,6 +139,26 @@ def _local_version(path: Path) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
+#: What a path that is neither a regular file nor a folder is, by its stat mode.
+SPECIAL_FILES = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                 (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _refuse_special(path: Path, field: str) -> None:
+    """DataError for a path that is not a regular file (checked before it is opened: opening a named
+    pipe waits for a writer, so the run would hang with no output). A dangling link is left to the
+    caller's "no such file"."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    what = next((name for test, name in SPECIAL_FILES if test(mode)), "not a regular file")
+    raise DataError(field, str(path), f"this is {what}, not a file or folder: data is read from regular files "
+                    "only (reading a pipe would wait for a writer); write the data to a file and give its path")
+
+
 def _sort_key(relative: str) -> tuple[str, ...]:
     return PurePosixPath(relative).parts  # as sorting Paths does: part by part
 
@@ -149,14 +170,17 @@ def list_shards(path_or_uri: str, endpoint_url: Optional[str] = None, field: str
         return _s3_shards(path_or_uri, endpoint_url, field)
     path = Path(path_or_uri).expanduser()
     if path.is_dir():
-        files = sorted((p for p in path.rglob("*") if p.is_file() and format_suffix(p.name) in SUFFIXES),
-                       key=lambda p: p.relative_to(path).parts)
+        named = [p for p in path.rglob("*") if format_suffix(p.name) in SUFFIXES]
+        for p in named:
+            _refuse_special(p, field)
+        files = sorted((p for p in named if p.is_file()), key=lambda p: p.relative_to(path).parts)
         if not files:
             raise DataError(field, str(path), f"the directory holds no {'/'.join(SUFFIXES)} files")
         return [Shard(str(p), p.name, _local_version(p), local=p) for p in files]
     if not path.exists():
         raise DataError(field, str(path), "no such file or directory; check the path (relative paths "
                         "are read from the directory you run kubetune in)")
+    _refuse_special(path, field)
     if format_suffix(path.name) not in SUFFIXES:
         raise DataError(field, str(path), f"unsupported file type; use one of {', '.join(SUFFIXES)} "
                         "(each may end in .gz)")

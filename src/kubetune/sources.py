@@ -60,22 +60,25 @@ MAX_QUOTED_LINES = 1000
 MISSING_MARKERS = frozenset({"", "nan", "null", "none", "n/a", "#n/a", "<na>"})
 
 
-def is_missing(value: Any) -> bool:
+def is_missing(value: Any, markers: frozenset[str] = MISSING_MARKERS) -> bool:
     """True for a value that holds no data: absent, null, NaN or infinite, or a missing marker."""
     if value is None:
         return True
     if isinstance(value, float):
         return not math.isfinite(value)
     if isinstance(value, str):
-        return value.strip().lower() in MISSING_MARKERS
+        return value.strip().lower() in markers
     return False
 
 
-def text_of(value: Any) -> str:
-    """A field as stripped text; a missing value (is_missing) is empty, never "nan" or "None"."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # 1.0 from JSON is the label "1"
-    return "" if is_missing(value) else str(value).strip()
+def text_of(value: Any, markers: frozenset[str] = MISSING_MARKERS) -> str:
+    """A field as stripped text; a missing value (is_missing) is empty, never "nan" or "None". A number
+    or boolean is the text JSON writes for it (42, 0.5, true), the text a CSV cell of it holds."""
+    if is_missing(value, markers):
+        return ""
+    if isinstance(value, (bool, float)):
+        return json.dumps(value)
+    return str(value).strip()
 
 
 
@@ -300,7 +303,7 @@ def label_names_beside(path_or_uri: str) -> dict[str, str]:
     """Label names from a mapping.txt beside a local data file (TweetEval: `0<TAB>negative`)."""
     path = Path(path_or_uri).expanduser()
     mapping = (path if path.is_dir() else path.parent) / "mapping.txt"
-    if path_or_uri.startswith("s3://") or not mapping.exists():
+    if path_or_uri.startswith("s3://") or not mapping.is_file():
         return {}
     pairs = (line.split("\t", 1) for line in mapping.read_text(encoding="utf-8").splitlines() if "\t" in line)
     return {key.strip(): name.strip() for key, name in pairs}

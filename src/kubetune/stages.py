@@ -9,17 +9,19 @@ pipeline run's MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-from kubetune import __version__, artifacts, console, data, distributed, evaluation, modeling, registry, tracking
+from kubetune import __version__, artifacts, console, data, distributed, evaluation, faults, modeling, registry, tracking
 from kubetune import preflight as checks
 from kubetune import report, run_form, tokenization, training
 from kubetune.config import RunConfig
-from kubetune.errors import ConfigError
+from kubetune.errors import ConfigError, DataError
 from kubetune.model_source import describe_source, fingerprint, resolve_model
 from kubetune.storage import open_store, reuse_or_build
 from kubetune.tasks import get_task
@@ -36,6 +38,15 @@ def _start(config: Config) -> RunConfig:
 
 def _logger(cfg: RunConfig, run_id: str) -> tracking.RunLogger:
     return tracking.RunLogger(tracking.resolve_uri(cfg.tracking.mlflow_uri), run_id)
+
+
+@contextlib.contextmanager
+def _stage(cfg: RunConfig, run_id: str, name: str, work_dir: str) -> Iterator[tracking.RunLogger]:
+    """A stage's body: timed and logged into the run (RunLogger.stage), a fault of the machine (a full
+    disk, a read-only store) ending it as one line and not retried (kubetune.faults)."""
+    logger = _logger(cfg, run_id)
+    with logger.stage(name), faults.as_resource_errors(work_dir, logger.uri, run_id):
+        yield logger
 
 
 def _store(cfg: RunConfig):
@@ -81,12 +92,16 @@ def preflight(config: Config, lineage_path: str, accelerator_count: Optional[int
     lineage = {"kubetune.task": cfg.task, "kubetune.base_model": cfg.model.name_or_path,
                "kubetune.data_sha256": report.data["sha256"], "kubetune.version": __version__,
                "kubetune.storage": report.storage_uri, "kubetune.technique": cfg.model.technique()}
+    launch = os.environ.get(tracking.LAUNCH_ENV)  # set by `kubetune run`, which finds its run by it
     if resume_run_id:
         run_id = tracking.reopen_run(report.tracking_uri, cfg.tracking.experiment, resume_run_id, cfg.to_dict())
     else:
         run_name = f"{cfg.register.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_id = tracking.start_run(report.tracking_uri, cfg.tracking.experiment, run_name, cfg.to_dict(), lineage)
+        run_id = tracking.start_run(report.tracking_uri, cfg.tracking.experiment, run_name, cfg.to_dict(),
+                                    {**lineage, **({tracking.LAUNCH_TAG: launch} if launch else {})})
     logger = tracking.RunLogger(report.tracking_uri, run_id)
+    if launch and resume_run_id:
+        logger.tags({tracking.LAUNCH_TAG: launch})
     if pipeline_run:
         logger.tags({tracking.PIPELINE_RUN_TAG: pipeline_run,
                      "kubetune.accelerators": f"{accelerator_count} x {accelerator_type}" if accelerator_count
@@ -133,8 +148,16 @@ def train_accelerators(config: Config, accelerator_count: int) -> int:
 
 def prepare_data(config: Config, run_id: str, out_dir: str) -> dict[str, Any]:
     cfg = _start(config)
-    with _logger(cfg, run_id).stage("prepare_data") as logger:
+    with _stage(cfg, run_id, "prepare_data", out_dir) as logger:
         splits = data.prepare_data(cfg.data, cfg.task, cfg.train.seed, cfg.storage.endpoint_url, out_dir=Path(out_dir))
+        checked = logger.run_tags().get("kubetune.data_sha256")
+        if checked and checked != splits.stats["content_sha256"]:
+            # The run and the model version it registers name the data preflight checked (its hash);
+            # training on other rows would make that record false.
+            raise DataError("data.path", cfg.data.path, f"the data changed since preflight checked it (sha256 "
+                            f"{checked[:12]}... then, {splits.stats['content_sha256'][:12]}... now); nothing was trained "
+                            "on it. Start a new run to check and train on the data as it is now (or keep the data "
+                            "still while a run reads it)")
         logger.metrics({f"inputs/{k}": v for k, v in splits.stats.items() if isinstance(v, (int, float))})
         logger.json(splits.stats, "data/stats.json")
         for context in splits.names:
@@ -147,7 +170,7 @@ def prepare_data(config: Config, run_id: str, out_dir: str) -> dict[str, Any]:
 
 def tokenize(config: Config, run_id: str, data_dir: str, out_dir: str) -> dict[str, Any]:
     cfg = _start(config)
-    with _logger(cfg, run_id).stage("tokenize") as logger:
+    with _stage(cfg, run_id, "tokenize", out_dir) as logger:
         model_dir = _model_dir(cfg)
         key = tokenization.cache_key(Path(data_dir), fingerprint(model_dir), cfg.data, cfg.task)
         reused = reuse_or_build(_store(cfg), "tokenized", key, Path(out_dir), lambda folder: tokenization.tokenize(
@@ -162,7 +185,7 @@ def tokenize(config: Config, run_id: str, data_dir: str, out_dir: str) -> dict[s
 
 def prepare_model(config: Config, run_id: str, tokenized_dir: str, out_dir: str) -> dict[str, Any]:
     cfg = _start(config)
-    with _logger(cfg, run_id).stage("prepare_model") as logger:
+    with _stage(cfg, run_id, "prepare_model", out_dir) as logger:
         source = describe_source(cfg.model.name_or_path, endpoint_url=cfg.storage.endpoint_url)
         plan = modeling.prepare_model(_model_dir(cfg), cfg.model, Path(out_dir), cfg.train.seed, source, cfg.task,
                                       artifacts.read_task_info(Path(tokenized_dir)))
@@ -181,7 +204,7 @@ def train(config: Config, run_id: str, tokenized_dir: str, prepared_dir: str, ou
     """Trains in this process, or with train.processes > 1 in that many data-parallel worker
     processes (kubetune.distributed, each running train_worker)."""
     cfg = _start(config)
-    with _logger(cfg, run_id).stage("train") as logger, logger.system_metrics():
+    with _stage(cfg, run_id, "train", out_dir) as logger, logger.system_metrics():
         if cfg.train.processes > 1:
             arguments = {"config": config if isinstance(config, str) else json.dumps(config), "run_id": run_id,
                          "tokenized_dir": tokenized_dir, "prepared_dir": prepared_dir, "out_dir": out_dir}
@@ -223,7 +246,7 @@ def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, ou
 
     cfg = _start(config)
     kind = get_task(cfg.task)
-    with _logger(cfg, run_id).stage("evaluate") as logger, logger.system_metrics():
+    with _stage(cfg, run_id, "evaluate", out_dir) as logger, logger.system_metrics():
         model_dir = _model_dir(cfg)
         info = artifacts.read_task_info(Path(tokenized_dir))
         tokenizer = tokenization.load_tokenizer(artifacts.tokenizer_dir(Path(tokenized_dir)))
@@ -282,8 +305,7 @@ def register(config: Config, run_id: str, lineage_path: str, tokenized_dir: str,
              tuned_dir: str, eval_dir: str) -> dict:
     cfg = _start(config)
     kind = get_task(cfg.task)
-    logger = _logger(cfg, run_id)
-    with logger.stage("register"):
+    with _stage(cfg, run_id, "register", tuned_dir) as logger:
         plan = artifacts.read_plan(Path(prepared_dir))
         lineage = {**artifacts.read_lineage(Path(lineage_path)), "kubetune.trainable_line": plan["trainable_line"]}
         settings = registry.model_config(plan, kind, artifacts.read_task_info(Path(tokenized_dir)),

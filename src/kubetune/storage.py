@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -134,10 +135,21 @@ class LocalStore(Store):
                                f"the folder {self.root} is not writable ({exc.strerror or exc}); "
                                "fix its permissions or point it at another folder or an s3:// URI") from None
 
-    def upload_file(self, path: str | Path, key: str) -> None:
+    def _written(self, key: str, write: Callable[[Path], None]) -> None:
+        """Writes a key as S3 does, whole or not at all: to a temporary name beside it, then renamed.
+        A full disk or a kill leaves no half-written file under the key (a checkpoint's marker that
+        exists is complete), and a run reading a cached key never sees another run's write half done."""
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest)
+        partial = dest.with_name(f".{dest.name}.{os.getpid()}-{os.urandom(3).hex()}.partial")
+        try:
+            write(partial)
+            os.replace(partial, dest)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def upload_file(self, path: str | Path, key: str) -> None:
+        self._written(key, lambda partial: shutil.copyfile(path, partial))
 
     def download_file(self, key: str, path: str | Path) -> Path:
         path = Path(path)
@@ -149,7 +161,8 @@ class LocalStore(Store):
         base = self._path(key_prefix)
         if not base.is_dir():
             return []
-        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
+                      if p.is_file() and not p.name.endswith(".partial"))
 
     def exists(self, key: str) -> bool:
         return bool(key.strip("/")) and self._path(key).is_file()
@@ -158,9 +171,7 @@ class LocalStore(Store):
         return self._path(key).read_bytes()
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(data)
+        self._written(key, lambda partial: partial.write_bytes(data))
 
     def delete_prefix(self, key_prefix: str) -> int:
         keys = self.list(key_prefix)
@@ -414,7 +425,7 @@ def open_store(uri: Optional[str], endpoint_url: Optional[str] = None, *, field:
         return S3Store(bucket, prefix, endpoint_url=endpoint_url, field=field, value=uri, retry_seconds=retry_seconds)
     if "://" in uri and not uri.startswith("file://"):
         raise ConfigError(field, uri, "use s3://bucket/prefix, a local path or file:///path")
-    return LocalStore(_local_path(uri), field=field, value=uri)
+    return LocalStore(paths.below_root(_local_path(uri), field, uri), field=field, value=uri)
 
 
 def open_object_store(uri: str, endpoint_url: Optional[str] = None, field: str = "uri") -> tuple[S3Store, str]:

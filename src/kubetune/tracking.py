@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 #: Tag on the MLflow run with the id of the KFP pipeline run it belongs to.
 PIPELINE_RUN_TAG = "kubetune.pipeline_run"
 
+#: Set by `kubetune run` for its stages: an id of its own (time, pid, random), which preflight tags
+#: the MLflow run with (LAUNCH_TAG), so the launcher finds its own run among any number started at once.
+LAUNCH_ENV = "KUBETUNE_LAUNCH"
+LAUNCH_TAG = "kubetune.launch"
+
 #: Seconds between system-metric samples during train and evaluate: about 15 points on the demo's
 #: 75 s of training, one extra MLflow request per sample.
 SYSTEM_METRICS_SECONDS = 5.0
@@ -156,8 +161,9 @@ def experiment_id(uri: str, name: str) -> str:
 
 def param_value(value: Any) -> str:
     """A param as the config file would spell it: null, true/false and lists as JSON (so they read
-    back exactly and null is never also written None), other values as they print."""
-    return json.dumps(value) if isinstance(value, (list, dict, bool, type(None))) else str(value)
+    back exactly and null is never also written None), other values as they print; the credentials
+    of a URI in it masked (errors.redacted), so no run records a secret."""
+    return errors.redacted(json.dumps(value) if isinstance(value, (list, dict, bool, type(None))) else str(value))
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -176,6 +182,7 @@ def start_run(uri: str, experiment: str, run_name: str, config: dict[str, Any], 
     from mlflow.entities import Param, RunTag
 
     mlflow_client = client(uri)
+    tags = {key: errors.redacted(str(value)) for key, value in tags.items()}
     run = mlflow_client.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
     params = [Param(k, v) for k, v in flatten(config).items()]
     for start in range(0, len(params), 100):  # the REST API takes at most 100 params per batch
@@ -223,25 +230,24 @@ def reopen_run(uri: str, experiment: str, run_id: str, config: dict[str, Any]) -
     return run_id
 
 
-def runs_since(uri: str, experiment: str, started_ms: int, resumed_run: str = "") -> list:
-    """The runs of the experiment that started after started_ms, newest first, or resumed_run: the
-    run a `kubetune run` made (KFP gives a pipeline no outputs from inside its exit handler)."""
+def run_of_launch(uri: str, experiment: str, launch: str, resumed_run: str = ""):
+    """The MLflow run a `kubetune run` made (tagged with its launch id by preflight), or resumed_run;
+    None when there is none (preflight stopped before opening it). KFP gives a pipeline no outputs
+    from inside its exit handler, so the launcher asks MLflow."""
     mlflow_client = client(uri)
     if resumed_run:
-        return [mlflow_client.get_run(resumed_run)]
+        return mlflow_client.get_run(resumed_run)
     found = mlflow_client.get_experiment_by_name(experiment)
-    return mlflow_client.search_runs([found.experiment_id], f"attributes.start_time >= {started_ms}",
-                                     order_by=["attributes.start_time DESC"]) if found else []
+    runs = mlflow_client.search_runs([found.experiment_id], f"tags.`{LAUNCH_TAG}` = '{launch}'") if found else []
+    return runs[0] if runs else None
 
 
-def registered_since(uri: str, experiment: str, started_ms: int, resumed_run: str = "") -> str:
-    """"name/version" registered by the run a `kubetune run` made (runs_since)."""
-    for run in runs_since(uri, experiment, started_ms, resumed_run):
-        tags = run.data.tags
-        if "kubetune.registered_version" in tags:
-            return f"{tags['kubetune.registered_model']}/{tags['kubetune.registered_version']}"
-    raise ServiceError("tracking.mlflow_uri", uri, f"no run of experiment {experiment!r} registered a model since "
-                       "this run started; the run's log says why")
+def registered_by(uri: str, run) -> str:
+    """"name/version" the run registered."""
+    tags = run.data.tags if run is not None else {}
+    if "kubetune.registered_version" not in tags:
+        raise ServiceError("tracking.mlflow_uri", uri, "this run registered no model; the run's log says why")
+    return f"{tags['kubetune.registered_model']}/{tags['kubetune.registered_version']}"
 
 
 def fail_unfinished(uri: str, pipeline_run: str, why: str) -> list[str]:
@@ -262,6 +268,22 @@ def fail_unfinished(uri: str, pipeline_run: str, why: str) -> list[str]:
         logger.finish("FAILED")
         marked.append(run.info.run_id)
     return marked
+
+
+def mark_interrupted(uri: str, run_id: str) -> str:
+    """Marks an interrupted `kubetune run`'s MLflow run KILLED (unless it already ended), with the
+    stage it was in; returns that stage."""
+    mlflow_client = client(uri)
+    run = mlflow_client.get_run(run_id)
+    stage = run.data.tags.get("kubetune.failed_stage") or run.data.tags.get("kubetune.stage", "preflight")
+    if run.info.status in ("RUNNING", "SCHEDULED") or run.data.tags.get("kubetune.error") == INTERRUPTED:
+        RunLogger(uri, run_id).tags({"kubetune.failed_stage": stage, "kubetune.error": INTERRUPTED})
+        mlflow_client.set_terminated(run_id, status="KILLED")
+    return stage
+
+
+#: kubetune.error of a run stopped by Ctrl-C or SIGTERM.
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM); continue it with kubetune run --resume"
 
 
 class RunLogger:
@@ -287,7 +309,7 @@ class RunLogger:
     def tags(self, values: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, errors.redacted(str(v))) for k, v in values.items()])
 
     def artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         path = Path(path)
@@ -346,6 +368,9 @@ class RunLogger:
             except Exception as exc:  # a lost sample must not fail the stage
                 log.warning("system metrics: the last sample was not logged (%s)", exc)
 
+    def run_tags(self) -> dict[str, str]:
+        return self.client.get_run(self.run_id).data.tags
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
@@ -381,12 +406,17 @@ class RunLogger:
         except BaseException as exc:
             seconds = round(time.monotonic() - started, 2)
             self.metrics({f"timing/{name}_attempt_seconds": seconds}, step=len(earlier) + 1)
-            failure = {"kubetune.failed_stage": name, "kubetune.error": str(exc)[:500]}
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            failure = {"kubetune.failed_stage": name, "kubetune.error": INTERRUPTED if interrupted else str(exc)[:500]}
             if isinstance(exc, errors.UserError) and not isinstance(exc, errors.ServiceError):
                 failure["kubetune.user_error"] = json.dumps([type(exc).__name__, exc.field, exc.value, exc.fix],
                                                             default=str)[:5000]
-            self.tags(failure)
-            self.finish("FAILED")
+            try:
+                self.tags(failure)
+                self.finish("KILLED" if interrupted else "FAILED")
+            except Exception as recording:  # the store may be what failed: its error is not the stage's
+                log.error("%s failed and the failure could not be recorded in MLflow (%s: %s)", name,
+                          type(recording).__name__, str(recording).splitlines()[0][:200] if str(recording) else "")
             raise
         seconds = round(time.monotonic() - started, 2)
         self.metrics({f"timing/{name}_seconds": round(sum(earlier) + seconds, 2),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 
 from kubetune import tracking
 from kubetune.cli import main
+from kubetune.paths import state_dir
 from tiny import tiny_run_config
 
 
@@ -100,6 +102,24 @@ def config_file(text: str | bytes):
     def prepare(ctx: Context) -> None:
         ctx.config["__file__"] = text
     return prepare
+
+
+#: A password that must never be shown or recorded (the secrets cases look for it).
+PASSWORD = "hunter2-s3cr3t"
+
+
+def config_file_and(tail: str, without: str = ""):
+    """The case's config written out, less the section `without`, with tail (YAML text) after it."""
+    def prepare(ctx: Context) -> None:
+        ctx.config.pop(without, None)
+        ctx.config["__file__"] = yaml.safe_dump(ctx.config) + tail
+    return prepare
+
+
+def aliases(levels: int) -> list[str]:
+    """YAML anchors each nine aliases of the one before: 9**levels values from a few lines."""
+    return ["    - &a0 [x, x, x, x, x, x, x, x, x]"] + [
+        f"    - &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
 
 
 CASES = [
@@ -230,7 +250,28 @@ CASES = [
     Case("storage folder under a file", "storage.uri",
          prepare=lambda c: c.config["storage"].update(uri=f"{c.data_file('plain2', 'x')}/storage")),
     # ---- secrets, size and the config file (issue 23) ----------------------------------------------
+    Case("tracking URI with user:password", "tracking.mlflow_uri",
+         [f"tracking.mlflow_uri=http://alice:{PASSWORD}@127.0.0.1:9"]),
+    Case("tracking URI with a token", "tracking.mlflow_uri", [f"tracking.mlflow_uri=https://{PASSWORD}@127.0.0.1:9"]),
+    Case("storage endpoint with keys", "storage.endpoint_url",
+         [f"storage.endpoint_url=http://KEY:{PASSWORD}@127.0.0.1:9"]),
+    Case("config key given twice", "train.max_steps",
+         prepare=lambda c: config_file_and(yaml.safe_dump({"train": c.config["train"]}) + "  max_steps: 50\n",
+                                           without="train")(c)),
+    Case("config section given twice", "train", prepare=config_file_and("train:\n  seed: 1\n")),
+    Case("YAML alias bomb", "--config",
+         prepare=config_file_and("bomb:\n" + "\n".join(aliases(7)) + "\n")),
+    Case("large aliased value where a number belongs", "train.max_steps",
+         prepare=config_file_and("train:\n  max_steps:\n" + "\n".join(aliases(5)) + "\n", without="train")),
+    Case("config nested too deeply", "--config",
+         prepare=config_file_and("bomb: " + "[" * 5000 + "]" * 5000 + "\n")),
+    Case("a value 100,000 characters long", "train.precision", ["train.precision=" + "x" * 100_000]),
     # ---- data that looked fine (issue 23) ----------------------------------------------------------
+    Case("a named pipe as the data file", "data.path",
+         prepare=lambda c: (os.mkfifo(c.tmp / "pipe.jsonl"), c.config["data"].update(path=str(c.tmp / "pipe.jsonl")))),
+    Case("a label none that is a class, dropped as missing", "data.label_field", ["data.drop_invalid=true"],
+         prepare=lambda c: c.classification("none.jsonl", jsonl(rows(45, label=lambda i: ["pos", "neg", "none"][i % 3])))),
+    Case("storage at the filesystem root", "storage.uri", ["storage.uri=file:///"]),
     # ---- the model and the machine (issue 23) ------------------------------------------------------
 ]
 
@@ -268,6 +309,7 @@ def test_bad_input_stops_before_any_task(case, context, capsys, tmp_path):
     assert code == 2, err[-3000:]
     assert len(errors) == 1, err[-3000:]
     assert errors[0].startswith(f"kubetune: error: {case.field} "), errors[0]
+    assert len(errors[0]) < 2000, errors[0][:3000]
     with capsys.disabled():
         print(f"\n  {case.name}: {errors[0]}", end="")  # shown with pytest -s: the catalogue's messages
     assert "Traceback" not in err
@@ -277,6 +319,24 @@ def test_bad_input_stops_before_any_task(case, context, capsys, tmp_path):
         client = tracking.client(f"sqlite:///{store}")
         assert client.search_registered_models() == []
         assert all(not client.search_runs([e.experiment_id]) for e in client.search_experiments())
+
+
+@pytest.mark.parametrize("sets, field", [
+    ([f"tracking.mlflow_uri=http://alice:{PASSWORD}@127.0.0.1:9"], "tracking.mlflow_uri"),  # refused as config
+    ([f"data.path=https://reader:{PASSWORD}@127.0.0.1:9/quotes.json"], "data.path"),  # refused by preflight
+])
+def test_a_password_in_a_uri_is_never_shown_or_logged(sets, field, context, capsys, tmp_path):
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(context.config))
+    logs = state_dir() / "logs"
+    before = set(logs.glob("*")) if logs.exists() else set()
+    args = ["run", "--no-progress", "--config", str(tmp_path / "run.yaml")]
+    assert main([*args, *(item for override in sets for item in ("--set", override))]) == 2
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("kubetune: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"kubetune: error: {field} ") and ":***@127.0.0.1:9" in errors[0]
+    written = [path.read_text(errors="replace") for path in set(logs.glob("*")) - before if path.is_file()]
+    assert PASSWORD not in out + err and not [text for text in written if PASSWORD in text]
+    assert written or field == "tracking.mlflow_uri", "preflight ran without a run log"
 
 
 def test_a_missing_s3_data_bucket_names_data_path(context, s3_server, capsys, tmp_path):

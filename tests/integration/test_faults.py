@@ -4,12 +4,15 @@ is tests/integration/test_components.py; an S3 outage during an upload, test_sto
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -158,3 +161,132 @@ def test_metrics_logged_while_mlflow_is_down_for_20_s_arrive(mlflow_server):
     history = tracking.client(mlflow_server).get_metric_history(run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)]
     assert waited >= 15
+
+
+# ---- issue 23: lineage that cannot lie, interrupts, a full disk, a read-only store -----------------------
+
+def _artifact(kind, root: Path, name: str):
+    return kind(name=name, uri=str(root / name), metadata={})
+
+
+def test_data_changed_after_preflight_stops_the_run_before_training(tiny_model_dir, quotes_file, tmp_path):
+    """The run and its model version carry the hash preflight computed; if the rows changed before
+    prepare_data read them, training on them would make that record false: the run stops instead."""
+    from kfp import dsl
+
+    from kubetune import components
+    from kubetune.errors import DataError
+    from tiny import preflight
+
+    data = tmp_path / "quotes.json"
+    shutil.copyfile(quotes_file, data)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = json.dumps(tiny_run_config(tiny_model_dir, data, tracking={"mlflow_uri": uri},
+                                        storage={"uri": str(tmp_path / "storage")}, evaluate={"retention_path": None}))
+    run_id = preflight(config, _artifact(dsl.Artifact, tmp_path, "lineage"))
+    data.write_text(json.dumps(json.loads(data.read_text())[:40]))  # someone rewrites the file meanwhile
+    with pytest.raises(DataError, match="the data changed since preflight checked it"):
+        components.prepare_data.python_func(config_json=config, run_id=run_id,
+                                            dataset=_artifact(dsl.Dataset, tmp_path, "dataset"))
+    run = tracking.client(uri).get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["kubetune.failed_stage"] == "prepare_data"
+    assert "kubetune.user_error" in run.data.tags  # a retry would stop at once
+
+
+def test_data_changed_after_prepare_data_is_not_what_was_trained_or_recorded(tiny_model_dir, quotes_file, tmp_path):
+    """The other order: once prepare_data has written the rows, later stages read only them; the hash
+    on the run (what register puts on the version) is the hash of those rows."""
+    from kubetune import artifacts
+    from tiny import run_stages
+
+    data = tmp_path / "quotes.json"
+    shutil.copyfile(quotes_file, data)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_run_config(tiny_model_dir, data, tracking={"mlflow_uri": uri},
+                             storage={"uri": str(tmp_path / "storage")}, evaluate={"retention_path": None})
+    out = run_stages(config, tmp_path / "artifacts", through="prepare_data")
+    data.write_text(json.dumps(json.loads(data.read_text())[:40]))
+    stats = json.loads((Path(out["dataset"].path) / artifacts.DATA_STATS).read_text())
+    recorded = tracking.client(uri).get_run(out["run_id"]).data.tags["kubetune.data_sha256"]
+    assert recorded == stats["content_sha256"] == artifacts.read_lineage(Path(out["lineage"].path))["kubetune.data_sha256"]
+    assert stats["rows_source"] == len(json.loads(quotes_file.read_text()))
+
+
+def _wait_for(path_glob: Callable[[], list], process: subprocess.Popen, what: str, seconds: float = 600) -> None:
+    deadline = time.monotonic() + seconds
+    while not path_glob():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, f"{what} within {seconds} s"
+        time.sleep(0.2)
+
+
+def test_an_interrupted_run_is_marked_killed_and_continues_with_resume(tiny_model_dir, quotes_file, tmp_path):
+    """SIGINT to `kubetune run` alone (as `kill -INT` sends it; Ctrl-C reaches the stages too): the
+    stage is stopped, the MLflow run marked KILLED naming the stage, one line says how to go on."""
+    storage, uri = tmp_path / "storage", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_run_config(tiny_model_dir, quotes_file, tracking={"mlflow_uri": uri}, storage={"uri": str(storage)},
+                             evaluate={"retention_path": None},
+                             train={"max_steps": 400, "save_steps": 10, "eval_steps": 0, "batch_size": 8})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "KUBETUNE_HOME": str(tmp_path / "home")}
+    run = kubetune("run", "--no-progress", "--config", str(tmp_path / "run.yaml"), env=env)
+    _wait_for(lambda: list(storage.glob("runs/*/checkpoints/checkpoint-10/trainer_state.json")), run, "a checkpoint")
+    run.send_signal(signal.SIGINT)
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode == 130, output[-3000:]
+    [line] = [line for line in output.splitlines() if line.startswith("kubetune: interrupted")]
+    run_id = next(storage.glob("runs/*")).name
+    assert line == (f"kubetune: interrupted in stage train; MLflow run {run_id} marked KILLED; continue it with "
+                    f"`kubetune run --resume {run_id}` and the same --config/--set")
+    assert "Traceback" not in output
+    mlflow_run = tracking.client(uri).get_run(run_id)
+    assert mlflow_run.info.status == "KILLED" and mlflow_run.data.tags["kubetune.failed_stage"] == "train"
+    assert not _descendants(run.pid), "a stage outlived the run"
+    assert not list((tmp_path / "home").glob("run-*")), "temporary folders left behind"
+
+
+def _unshare_available() -> bool:
+    probe = subprocess.run(["unshare", "--mount", "--map-root-user", "--user", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or not _unshare_available(),
+                    reason="needs unshare (util-linux) and user namespaces for a small tmpfs")
+def test_a_full_disk_ends_train_with_one_line_and_resume_finishes_after_the_fix(tiny_model_dir, quotes_file,
+                                                                                 tmp_path):
+    """Storage on a real file system that is full (a 64 KB tmpfs in a mount namespace of its own):
+    checkpoints cannot be stored (warnings), the adapter cannot either: train ends with one line that
+    names the place and the fix, is not retried, leaves no half-written file; after the tmpfs is
+    made larger, --resume finishes the run."""
+    storage, uri = tmp_path / "storage", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage.mkdir()
+    config = tiny_run_config(tiny_model_dir, quotes_file, tracking={"mlflow_uri": uri}, storage={"uri": str(storage)},
+                             evaluate={"retention_path": None}, train={"max_steps": 6, "save_steps": 3, "eval_steps": 0})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    script = f"""
+mount -t tmpfs -o size=64k tmpfs {storage}
+{sys.executable} -m kubetune.cli run --no-progress --config {tmp_path / 'run.yaml'} > {tmp_path / 'first.out'} 2>&1
+echo "exit $?" >> {tmp_path / 'first.out'}
+find {storage} -name '*.partial' > {tmp_path / 'partial.txt'}
+mount -o remount,size=200m {storage}
+RUN=$(ls {storage}/runs)
+{sys.executable} -m kubetune.cli run --no-progress --config {tmp_path / 'run.yaml'} --resume $RUN > {tmp_path / 'second.out'} 2>&1
+echo "exit $?" >> {tmp_path / 'second.out'}
+"""
+    subprocess.run(["unshare", "--mount", "--map-root-user", "--user", "sh", "-c", script], check=True, timeout=900,
+                   env={**os.environ, "KUBETUNE_HOME": str(tmp_path / "home")})
+    first = (tmp_path / "first.out").read_text()
+    assert first.rstrip().endswith("exit 2"), first[-3000:]
+    errors = [line for line in first.splitlines() if line.startswith("kubetune: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"kubetune: error: disk space = '{storage}"), first[-3000:]
+    assert "no space left on the device that holds it" in errors[0] and "--resume" in errors[0]
+    assert "Traceback" not in first and "Retrying" not in first
+    assert (tmp_path / "partial.txt").read_text() == "", "a half-written file was left"
+    client = tracking.client(uri)
+    [mlflow_run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    second = (tmp_path / "second.out").read_text()
+    assert second.rstrip().endswith("exit 0"), second[-3000:]
+    resumed = client.get_run(mlflow_run.info.run_id)
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["kubetune.resumed"] == "1"
+    attempts = client.get_metric_history(mlflow_run.info.run_id, "timing/train_attempt_seconds")
+    assert len(attempts) == 1, "the full disk was retried"

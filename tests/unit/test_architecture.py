@@ -17,7 +17,7 @@ SOURCES = {"kubetune": ROOT / "src" / "kubetune", "kubetune.components": ROOT / 
 
 # Lowest first. A module may import modules of its own layer or below, never above.
 LAYERS = [
-    ("foundation", ["kubetune", "kubetune.errors", "kubetune.paths", "kubetune.strict", "kubetune.overrides", "kubetune.config", "kubetune.config_reference", "kubetune.run_form",
+    ("foundation", ["kubetune", "kubetune.errors", "kubetune.faults", "kubetune.paths", "kubetune.strict", "kubetune.overrides", "kubetune.config", "kubetune.config_reference", "kubetune.run_form",
                     "kubetune.images", "kubetune.served_model"]),
     ("I/O", ["kubetune.storage", "kubetune.tracking", "kubetune.model_source", "kubetune.shards", "kubetune.sources", "kubetune.disk_shuffle",
              "kubetune.artifacts", "kubetune.console", "kubetune.containers", "kubetune.services"]),

@@ -148,3 +148,11 @@ def test_a_mistyped_key_gets_the_closest_valid_one():
         load_config(None, ["train.zzz=1"])
     assert "did you mean" not in str(caught.value)
     assert load_config(None, ["train.learning_rate=1e-3"]).train.learning_rate == 0.001
+
+
+@pytest.mark.parametrize("seed", [-5, 2**32])
+def test_seed_outside_what_numpy_takes_is_refused(seed):
+    with pytest.raises(ConfigError, match=rf"^train.seed = {seed}: must be 0 to 4294967295 \(2\*\*32 - 1"):
+        load_config(None, [f"train.seed={seed}"])
+    assert load_config(None, [f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
+    assert load_config(None, ["train.seed=0"]).train.seed == 0

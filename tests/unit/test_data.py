@@ -7,6 +7,7 @@ import pytest
 from kubetune import artifacts, data, disk_shuffle, sources
 from kubetune.config import DataConfig
 from kubetune.errors import DataError
+from kubetune.tasks.base import label_text
 
 ROWS = [{"content": f"quote number {i}", "author": "a"} for i in range(20)]
 
@@ -148,7 +149,8 @@ def test_missing_values_are_recognised():
         assert sources.is_missing(value), value
     for value in (0, 0.0, "0", "no", "NA-42", False):
         assert not sources.is_missing(value), value
-    assert sources.text_of(1.0) == "1" and sources.text_of(float("nan")) == ""
+    assert sources.text_of(1.0) == "1.0" and sources.text_of(float("nan")) == ""
+    assert label_text(1.0, DataConfig()) == "1" and label_text(True, DataConfig()) == "true"  # 1.0 is the label 1
 
 
 def test_drop_invalid_drops_and_counts(tmp_path):
@@ -184,3 +186,190 @@ def test_splits_written_in_many_buckets_and_shards_hold_the_same_rows(tmp_path, 
         assert cut.rows(name) == whole.rows(name)
         assert artifacts.read_split(tmp_path / "cut", name).to_list() == whole.rows(name)
     assert cut.stats == whole.stats
+
+
+# ---- data that looked fine (issue 23) -----------------------------------------------------------
+def jsonl_file(path: Path, rows: list) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def labelled(path: Path, rows: list, **values) -> DataConfig:
+    return DataConfig(path=jsonl_file(path, rows), text_field="text", label_field="label", **values)
+
+
+def pairs(splits: data.Splits, name: str) -> list[tuple]:
+    return [tuple(sorted(r.items())) for r in splits.rows(name)]
+
+
+def test_records_in_both_splits_are_counted_and_warned_of(tmp_path, caplog):
+    rows = [{"text": f"row {i % 10}" + (" " * (i % 3)), "label": i % 2} for i in range(40)]  # whitespace differs
+    cfg = labelled(tmp_path / "d.jsonl", rows, validation_fraction=0.25)
+    splits = data.prepare_data(cfg, "classification", seed=1)
+    trained = set(pairs(splits, "train"))
+    shared = sum(row in trained for row in pairs(splits, "validation"))
+    assert shared == splits.stats["rows_duplicated_across_splits"] == 10
+    assert splits.stats["rows_duplicates_dropped"] == 0 and splits.stats["rows_usable"] == 40
+    assert f"data: {shared} of 10 validation rows are identical to a training row" in caplog.text
+    assert "data.drop_duplicates: true" in caplog.text
+
+
+def test_drop_duplicates_keeps_each_record_once_before_the_split(tmp_path, caplog):
+    rows = [{"text": f"row {i % 30}", "label": (i % 30) % 2} for i in range(60)]
+    test_rows = [{"text": "row 3", "label": "1"}, {"text": "row 4", "label": "1"}]  # row 3 is a training record too
+    cfg = labelled(tmp_path / "d.jsonl", rows, validation_fraction=0.25, drop_duplicates=True,
+                   test_path=jsonl_file(tmp_path / "t.jsonl", test_rows))
+    splits = data.prepare_data(cfg, "classification", seed=1)
+    kept = pairs(splits, "train") + pairs(splits, "validation")
+    assert len(kept) == len(set(kept)) == 29 and (("label", "1"), ("text", "row 3")) not in kept
+    assert splits.stats["rows_duplicates_dropped"] == 31 and splits.stats["rows_usable"] == 60
+    assert splits.stats["rows_duplicated_across_splits"] == 0 and splits.stats["rows_test_in_train"] == 0
+    assert splits.rows("test") == test_rows  # the test set is kept as given
+    assert "identical to a training row" not in caplog.text
+    kept_again = data.prepare_data(cfg, "classification", seed=1)
+    assert kept_again.rows("train") == splits.rows("train")
+    splits = data.prepare_data(dataclasses.replace(cfg, drop_duplicates=False), "classification", seed=1)
+    assert splits.stats["rows_test_in_train"] == sum(r == test_rows[0] for r in splits.rows("train")) > 0
+    assert "of 2 test rows are identical to a training row" in caplog.text
+
+
+def test_preflight_shows_the_duplicates_warning(tmp_path, caplog):
+    from kubetune.config import RunConfig
+    from kubetune.preflight import check_data
+
+    rows = [{"content": f"quote {i % 5}"} for i in range(40)]
+    check_data(RunConfig(data=DataConfig(path=jsonl_file(tmp_path / "q.jsonl", rows))))
+    assert "validation rows are identical to a training row" in caplog.text
+
+
+def class_rows(seed: int, count: int, single: str, single_in: str) -> list[dict]:
+    """`count` rows of classes a and b with one row of class `single` where the split with `seed`
+    puts it (train or validation, at validation_fraction 0.25)."""
+    order = data.shuffled(count, seed)
+    position = int(order[-1] if single_in == "train" else order[0])
+    return [{"text": f"row {i}", "label": single if i == position else "ab"[i % 2]} for i in range(count)]
+
+
+def test_a_class_too_small_for_validation_is_named(tmp_path, caplog):
+    cfg = labelled(tmp_path / "d.jsonl", class_rows(3, 40, "c", "train"), validation_fraction=0.25)
+    data.prepare_data(cfg, "classification", seed=3)
+    assert "1 class(es) have no row in the validation split" in caplog.text
+    assert "'c' (1 example) (a class with a single example cannot be both trained on and validated)" in caplog.text
+    cfg = labelled(tmp_path / "d.jsonl", class_rows(3, 40, "c", "validation"), validation_fraction=0.25)
+    with pytest.raises(DataError, match=r"^data.label_field = 'label': label\(s\) 'c' \(1 example\) have all their "
+                       "examples in the validation split and none in training"):
+        data.prepare_data(cfg, "classification", seed=3)
+
+
+def test_the_rare_classes_named_are_bounded(tmp_path, caplog):
+    rows = [{"text": f"row {i}", "label": "ab"[i % 2]} for i in range(200)]
+    order = data.shuffled(200 + 9, 0)
+    for n, position in enumerate(sorted(int(p) for p in order[-9:])):  # nine classes of one, all in training
+        rows.insert(position, {"text": f"rare {n}", "label": f"r{n}"})
+    data.prepare_data(labelled(tmp_path / "d.jsonl", rows, validation_fraction=0.25), "classification", seed=0)
+    assert "9 class(es) have no row in the validation split" in caplog.text
+    assert "'r4' (1 example) and 4 more" in caplog.text and "'r5'" not in caplog.text
+
+
+def test_a_missing_marker_that_is_a_class_stops_the_run(tmp_path):
+    rows = [{"text": f"row {i}", "label": ["pos", "neg", "none"][i % 3]} for i in range(45)]
+    cfg = labelled(tmp_path / "d.jsonl", rows, drop_invalid=True)
+    with pytest.raises(DataError, match=r"^data.label_field = 'label': 15 of 45 records in data.path have the value "
+                       r"'none', which is read as missing .*data.missing_labels: \[\]"):
+        data.prepare_data(cfg, "classification", seed=0)
+    splits = data.prepare_data(dataclasses.replace(cfg, missing_labels=[]), "classification", seed=0)
+    assert {r["label"] for r in splits.rows("train")} == {"pos", "neg", "none"}
+    splits = data.prepare_data(dataclasses.replace(cfg, missing_labels=["none"]), "classification", seed=0)
+    assert splits.stats["rows_invalid"] == 15  # said to be missing: dropped under drop_invalid
+    answers = [{"instruction": f"Which {i}?", "input": "", "output": "None" if i % 2 else f"n{i}"} for i in range(20)]
+    instruction = DataConfig(path=jsonl_file(tmp_path / "i.jsonl", answers), label_field="output", input_field="input")
+    with pytest.raises(DataError, match="^data.label_field = 'output': 10 of 20 records .* value 'None'"):
+        data.prepare_data(instruction, "instruction", seed=0)
+
+
+def test_a_few_empty_or_null_labels_are_still_missing(tmp_path):
+    rows = [{"text": f"row {i}", "label": i % 2} for i in range(30)] + [
+        {"text": "a", "label": None}, {"text": "b", "label": ""}, {"text": "c", "label": float("nan")},
+        {"text": "d", "label": "N/A"}]
+    splits = data.prepare_data(labelled(tmp_path / "d.jsonl", rows, drop_invalid=True), "classification", seed=0)
+    assert splits.stats["rows_invalid"] == 4
+
+
+SCALARS = [42, 0.5, True, 1.0, -3, 1e20]
+SCALAR_TEXTS = ["42", "0.5", "true", "1.0", "-3", "1e+20"]
+
+
+def test_scalars_in_text_fields_are_the_text_json_writes(tmp_path):
+    assert [sources.text_of(v) for v in SCALARS] == SCALAR_TEXTS
+    rows = [{"text": value, "label": i % 2} for i, value in enumerate(SCALARS * 4)]
+    splits = data.prepare_data(labelled(tmp_path / "d.jsonl", rows, min_train_rows=1), "classification", seed=0)
+    assert {r["text"] for r in splits.rows("train") + splits.rows("validation")} == set(SCALAR_TEXTS)
+    csv = tmp_path / "d.csv"  # the same values as a CSV file holds them
+    csv.write_text("text,label\n" + "".join(f"{t},{i % 2}\n" for i, t in enumerate(SCALAR_TEXTS * 4)))
+    from_csv = data.prepare_data(DataConfig(path=str(csv), text_field="text", label_field="label", min_train_rows=1),
+                                 "classification", seed=0)
+    assert from_csv.rows("train") == splits.rows("train")
+    bad = rows + [{"text": ["a list"], "label": 0}, {"text": {"a": 1}, "label": 1}, {"text": None, "label": 1}]
+    with pytest.raises(DataError, match=r"^data.text_field = 'text': 3 of 27 records"):
+        data.prepare_data(labelled(tmp_path / "d.jsonl", bad), "classification", seed=0)
+
+
+def test_scalars_read_alike_in_instruction_and_chat_fields(tmp_path):
+    rows = [{"instruction": True, "input": 0.5, "output": 7} for _ in range(12)]
+    cfg = DataConfig(path=jsonl_file(tmp_path / "i.jsonl", rows), label_field="output", input_field="input",
+                     template="{instruction}|{input}", validation_fraction=0.2)
+    record = data.prepare_data(cfg, "instruction", seed=0).rows("train")[0]
+    assert (record["prompt"], record["answer"]) == ("true|0.5", "7")
+    talk = [{"messages": [{"role": "user", "content": True}, {"role": "assistant", "content": 0.5}]}] * 12
+    chat = DataConfig(path=jsonl_file(tmp_path / "c.jsonl", talk), validation_fraction=0.2)
+    record = data.prepare_data(chat, "chat", seed=0).rows("train")[0]
+    assert [m["content"] for m in record["messages"]] == ["true", "0.5"]
+    mapping = talk + [{"messages": [{"role": "user", "content": {"a": 1}}, {"role": "assistant", "content": "x"}]}]
+    with pytest.raises(DataError, match=r"^data.messages_field = 'messages': 1 of 13 records"):
+        data.prepare_data(dataclasses.replace(chat, path=jsonl_file(tmp_path / "c.jsonl", mapping)), "chat", seed=0)
+
+
+def refused_quickly(cfg: DataConfig, task: str = "causal_lm") -> DataError:
+    """The DataError prepare_data raises, within seconds (opening a named pipe would block forever)."""
+    import threading
+
+    raised = []
+
+    def prepare():
+        try:
+            data.prepare_data(cfg, task, seed=0)
+        except DataError as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=prepare, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "prepare_data hangs"
+    assert raised
+    return raised[0]
+
+
+def test_special_files_are_refused_before_they_are_opened(tmp_path):
+    import os
+    import socket
+
+    pipe = tmp_path / "pipe.jsonl"
+    os.mkfifo(pipe)
+    error = refused_quickly(DataConfig(path=str(pipe)))
+    assert str(error).startswith(f"data.path = {str(pipe)!r}: this is a named pipe (FIFO), not a file or folder")
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write(folder / "a.jsonl")
+    os.mkfifo(folder / "b.jsonl")
+    assert "named pipe (FIFO)" in str(refused_quickly(DataConfig(path=str(folder))))
+    quotes = str(write(tmp_path / "q.jsonl"))
+    error = refused_quickly(DataConfig(path=quotes, test_path=str(pipe)))
+    assert str(error).startswith("data.test_path = ") and "named pipe" in str(error)
+    error = refused_quickly(DataConfig(path=quotes, replay_path=str(pipe), replay_fraction=0.1))
+    assert str(error).startswith("data.replay_path = ")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "s.jsonl"))
+        assert "this is a socket" in str(refused_quickly(DataConfig(path=str(tmp_path / "s.jsonl"))))
+    (folder / "b.jsonl").unlink()
+    os.mkfifo(folder / "notes")  # not a data file's name: not read, as any other such file
+    assert data.prepare_data(DataConfig(path=str(folder)), "causal_lm", seed=0).stats["rows_source"] == 20

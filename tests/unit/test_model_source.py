@@ -227,3 +227,46 @@ def test_describe_source_gives_kind_path_and_a_content_fingerprint(tmp_path):
 
     packaged = describe_source(MINILM)
     assert packaged["kind"] == "package" and packaged["package_version"] == "0.1.0"
+
+
+def _pickled_snapshot(path: Path, obj) -> Path:
+    """A snapshot whose only weights are a pickle, pytorch_model.bin, as older save_pretrained wrote."""
+    import torch
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (path / "tokenizer.json").write_text("{}")
+    torch.save(obj, path / "pytorch_model.bin")
+    return path
+
+
+def test_pickled_tensors_pass_and_a_pickle_of_more_is_refused_with_the_conversion(tmp_path):
+    import argparse
+
+    import torch
+
+    weights = {"lm_head.weight": torch.zeros(4, 2), "embed.weight": torch.ones(4, 2)}
+    model_source.check_snapshot("tensors", _pickled_snapshot(tmp_path / "tensors", weights))  # loads weights-only
+    more = _pickled_snapshot(tmp_path / "more", {**weights, "args": argparse.Namespace(lr=0.1)})
+    with pytest.raises(ModelError, match=r"^model.name_or_path = 'more': \S+/pytorch_model.bin cannot be loaded as "
+                                         r"weights only \(it holds argparse.Namespace\).*convert it to safetensors: "
+                                         r"`sd = torch.load\('pytorch_model.bin', weights_only=False\)`.*save_file\("):
+        model_source.check_snapshot("more", more)
+    (more / "model.safetensors").write_bytes(b"x")  # transformers loads safetensors first: the pickle is not read
+    model_source.check_snapshot("more", more)
+
+
+def test_pickle_shards_are_checked_and_a_file_that_is_no_pickle_is_refused(tmp_path):
+    import torch
+
+    folder = _pickled_snapshot(tmp_path / "shards", {"a": torch.zeros(1)})
+    (folder / "pytorch_model.bin").rename(folder / "pytorch_model-00001-of-00002.bin")
+    (folder / "pytorch_model-00002-of-00002.bin").write_bytes(b"not a pickle")
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {
+        "a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}))
+    with pytest.raises(ModelError, match=r"pytorch_model-00002-of-00002.bin cannot be loaded as weights only \("):
+        model_source.check_snapshot("shards", folder)
+    (folder / "training_args.bin").write_bytes(b"not weights either, and not read")
+    (folder / "pytorch_model-00002-of-00002.bin").unlink()
+    torch.save({"b": torch.zeros(1)}, folder / "pytorch_model-00002-of-00002.bin")
+    model_source.check_snapshot("shards", folder)

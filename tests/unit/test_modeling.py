@@ -138,3 +138,57 @@ def test_4bit_loads_and_trains_after_a_no_grad_forward(llama_dir, tmp_path):
     model(input_ids=ids, labels=ids).loss.backward()
     plan = json.loads((tmp_path / "prepared" / "plan.json").read_text())
     assert plan["quantization"] == "4bit" and plan["trainable_params"] > 0
+
+
+@pytest.mark.parametrize("kind, limit, key, absolute", [
+    ("gpt2", 1024, "n_positions", True),  # learned wpe
+    ("opt", 2048, "max_position_embeddings", True),  # learned, offset by 2 rows
+    ("bert", 512, "max_position_embeddings", True),
+    ("llama", 2048, "max_position_embeddings", False),  # rotary
+])
+def test_positions_are_read_from_the_config_and_the_embeddings(kind, limit, key, absolute):
+    found = modeling.positions(tiny(kind))
+    assert (found.limit, found.key, found.absolute) == (limit, key, absolute)
+    assert f"has {limit} " in found.describe() and key in found.describe()
+
+
+def test_roberta_positions_start_after_the_padding_index():
+    import transformers as t
+
+    config = t.RobertaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4, max_position_embeddings=514, pad_token_id=1)
+    with torch.device("meta"):
+        model = t.RobertaForSequenceClassification(config)
+    assert modeling.positions(model).limit == 512
+
+
+def _model_folder(path, config: dict, files: dict = {}):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
+def test_custom_code_with_an_unknown_model_type_is_refused_without_running_it(tmp_path):
+    ran = tmp_path / "ran"
+    code = f"open({str(ran)!r}, 'w').write('x')\n"
+    folder = _model_folder(tmp_path / "custom", {"model_type": "mytiny", "auto_map": {
+        "AutoConfig": "configuration_mytiny.MyTinyConfig", "AutoModelForCausalLM": "modeling_mytiny.MyTiny"}},
+        {"modeling_mytiny.py": code, "configuration_mytiny.py": code})
+    with pytest.raises(ModelError, match=r"^model.name_or_path = 'my/custom': model_type 'mytiny' needs the model's "
+                                         r"own code \(configuration_mytiny.py, modeling_mytiny.py: trust_remote_code\), "
+                                         r"which kubetune does not run; use a model whose model_type transformers"):
+        modeling.check_model_type("my/custom", folder)
+    only_map = _model_folder(tmp_path / "map", {"model_type": "mytiny", "auto_map": {"AutoConfig": "x.Y"}})
+    with pytest.raises(ModelError, match=r"\(auto_map in config.json: trust_remote_code\)"):
+        modeling.check_model_type("m", only_map)
+    assert not ran.exists()
+
+
+def test_unknown_model_type_without_code_and_known_types(tmp_path):
+    with pytest.raises(ModelError, match=r"^model.name_or_path = 'm': transformers \S+ does not know model_type 'nosuch'"):
+        modeling.check_model_type("m", _model_folder(tmp_path / "unknown", {"model_type": "nosuch"}))
+    # A known type passes, even where the folder also ships code (transformers then uses its own).
+    modeling.check_model_type("m", _model_folder(tmp_path / "llama", {"model_type": "llama", "auto_map": {}},
+                                                 {"modeling_llama.py": "raise SystemExit\n"}))

@@ -213,9 +213,11 @@ def plan(cfg: RunConfig, state: Path, artifact_location: Optional[Path], progres
         if hub_cache.is_dir():  # hub models already downloaded here are found there, offline too
             mounts.append(Mount(hub_cache, False, "HF_HUB_CACHE"))
             environment["HF_HUB_CACHE"] = str(hub_cache)
+    # Every input is made readable, also one inside a writable mount (a model folder beside the sqlite
+    # store): that mount's grant covers only the folder itself, not a 0600 weight file in it.
+    readable = [(m.path, True) for m in collapse([m for m in mounts if not m.writable])]
     mounts = collapse(mounts)
     refuse_image_paths(mounts)
-    readable = [(m.path, True) for m in mounts if not m.writable]
     images = {} if gpu else {CUDA_IMAGE: CPU_IMAGE}
     return ContainerPlan(mounts=mounts, writable=writable, readable=readable, environment=environment,
                          images=images, devices=[GPU_DEVICE] if gpu else [])
@@ -303,8 +305,15 @@ class TaskRunner:
             self.lines.finished(task, time.monotonic() - started, exit_code == 0)
         log.info("%s: container exited %d after %.1f s", task, exit_code, time.monotonic() - started)
         if exit_code != 0:
-            self.failures.append(StageFailed(task, actual, exit_code, error_line(list(tail))))
+            failure = StageFailed(task, actual, exit_code, error_line(list(tail)))
+            self.failures.append(failure)
+            if failure.deterministic:
+                raise failure  # kfp.local would retry it after its backoff: bad input fails the same way again
         return exit_code
+
+    def first_failure(self) -> StageFailed:
+        """The stage that failed first, not the exit handler failing after it for the same reason."""
+        return next((failure for failure in self.failures if failure.stage != "finish_run"), self.failures[-1])
 
 
     def _keep(self, task: str, line: str) -> None:
@@ -404,8 +413,8 @@ def artifact_folder(tracking_uri: str, experiment: str) -> Optional[Path]:
 
 
 def run(cfg: RunConfig, podman: containers.Podman, gpu: bool, state: Path, progress: bool,
-        pipeline_root: Path, workspace_root: Path, resume: str = "", lines=None, run_log=None) -> str:
-    """Run the DAG in containers; returns register's output ("name/version"). lines: the quiet
+        pipeline_root: Path, workspace_root: Path, resume: str = "", lines=None, run_log=None) -> None:
+    """Run the DAG in containers. lines: the quiet
     console (console.StageLines), None to print every line; run_log: where every line is kept."""
     from kfp import local
 
@@ -415,8 +424,13 @@ def run(cfg: RunConfig, podman: containers.Podman, gpu: bool, state: Path, progr
         path.mkdir(parents=True, exist_ok=True)
     uid = podman.host_uid_of(containers.IMAGE_USER_UID)
     containers.grant([*container_plan.writable, (pipeline_root, True), (workspace_root, True)], uid, write=True)
-    for problem in containers.grant(container_plan.readable, uid, write=False):
-        log.warning("the image's user may not be able to read %s", problem)
+    failed = containers.grant(container_plan.readable, uid, write=False)
+    for key, value, _ in (place for place in locations(cfg) if failed and place[2] == INPUT):
+        blocked = None if _is_remote(value) or not Path(value).exists() else containers.unreadable(Path(value), uid)
+        if blocked is not None:  # before any stage starts, not as a FileNotFoundError in prepare_model
+            raise UserError(key, value, f"the containers' user (host uid {uid}) cannot read {blocked}, and it could "
+                            f"not be given an ACL ({failed[0]}); chmod a+r {blocked} (a folder: a+rx), or run "
+                            "in-process (without --runner container)")
     for mount in container_plan.mounts:
         log.info("mounted in every container: %s%s (%s, for %s)", mount.path,
                  f" at {mount.target}" if mount.target else "", "read-write" if mount.writable else "read-only",
@@ -426,10 +440,8 @@ def run(cfg: RunConfig, podman: containers.Podman, gpu: bool, state: Path, progr
         local.init(runner=local.DockerRunner(**docker_run_args(container_plan)), pipeline_root=str(pipeline_root),
                    workspace_root=str(workspace_root), raise_on_error=True)
         try:
-            started_ms = int(time.time() * 1000)
             kubetune_pipeline(config_json=json.dumps(cfg.to_dict()), resume_run_id=resume)
-            return tracking.registered_since(cfg.tracking.mlflow_uri, cfg.tracking.experiment, started_ms, resume)
         except RuntimeError:
             if runner.failures:
-                raise runner.failures[-1] from None
+                raise runner.first_failure() from None
             raise

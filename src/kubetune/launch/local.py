@@ -12,9 +12,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +26,7 @@ from kubetune import tracking
 from kubetune.config import INPUT, RunConfig, locations
 from kubetune.overrides import with_value
 from kubetune.console import LOCAL_RUN_ENV, LOG_FORMAT, PROGRESS_ENV, OursAndProblems, StageLines, die_with_parent
-from kubetune.errors import ConfigError, StageFailed
+from kubetune.errors import ConfigError, Interrupted, StageFailed
 from kubetune.launch import container_runner
 from kubetune.launch import warm as warm_start
 from kubetune.paths import STATE_ENV, checkout_root, state_dir
@@ -99,7 +101,8 @@ class ProcessTasks:
     """
 
     def __init__(self, home: Path, warm: Optional[warm_start.WarmStarter] = None, verbose: bool = True,
-                 run_log=None, progress: bool = True):
+                 run_log=None, progress: bool = True, launch: str = ""):
+        self.launch = launch or time.strftime('%Y%m%d-%H%M%S')
         self.logs = home / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.lines = None if verbose else StageLines(progress=progress)
@@ -122,13 +125,13 @@ class ProcessTasks:
 
     def __call__(self, full_command: list[str], env_vars: Optional[dict[str, str]] = None) -> int:
         task = container_runner.task_name(full_command)
-        log_path = self.logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{task}.log"
+        log_path = self.logs / f"{self.launch}-{task}.log"  # a retried task's attempts follow each other
         env = {**os.environ, **(env_vars or {}), "TMPDIR": str(self.tmp), LOCAL_RUN_ENV: "1"}
         tail: collections.deque[str] = collections.deque(maxlen=80)
         started = time.monotonic()
         if self.lines is not None:
             self.lines.started(task)
-        with log_path.open("w") as log_file:
+        with log_path.open("a") as log_file:
             def show(line: str) -> None:
                 if self.lines is None:
                     print(line, end="", flush=True)
@@ -145,15 +148,28 @@ class ProcessTasks:
             else:
                 with subprocess.Popen(full_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       bufsize=1, env=env, preexec_fn=die_with_parent) as process:
-                    for line in iter(process.stdout.readline, ""):
-                        show(line)
+                    try:
+                        for line in iter(process.stdout.readline, ""):
+                            show(line)
+                    except KeyboardInterrupt:  # the task stops before its MLflow run is marked KILLED
+                        process.kill()
+                        process.wait()
+                        raise
                     exit_code = process.wait()
         if self.lines is not None:
             self.lines.finished(task, time.monotonic() - started, exit_code == 0)
         if exit_code != 0:
-            self.failures.append(StageFailed(task, "a subprocess", exit_code, container_runner.error_line(list(tail)),
-                                             log=str(log_path)))
+            failure = StageFailed(task, "a subprocess", exit_code, container_runner.error_line(list(tail)),
+                                  log=str(log_path))
+            self.failures.append(failure)
+            if failure.deterministic:
+                raise failure  # kfp.local would retry it after its backoff: bad input fails the same way again
         return exit_code
+
+    def first_failure(self) -> StageFailed:
+        """The stage that failed first: the exit handler (finish_run) runs after it and may fail for the
+        same reason (an unwritable store), but it is not what the user has to fix."""
+        return next((failure for failure in self.failures if failure.stage != "finish_run"), self.failures[-1])
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["ProcessTasks"]:
@@ -200,6 +216,13 @@ def quiet_kfp(quiet: bool, run_log=None) -> Iterator[None]:
         logging_utils.local_logger_context, logging_utils.print_horizontal_line = originals
 
 
+def new_launch_id() -> str:
+    """This `kubetune run`'s own id: its start time, its pid and 4 random hex digits. It names the
+    run's log files and tags its MLflow run (tracking.LAUNCH_TAG), so any number of runs started at
+    once in one folder, on one store, each find and keep only their own."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{os.urandom(2).hex()}"
+
+
 def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process", resume: str = "",
                  verbose: bool = False) -> dict[str, Any]:
     """Preflight in this process (so bad input fails fast with one message), then the whole DAG
@@ -207,24 +230,27 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process",
     of its component's image (runner "container", kubetune.launch.container_runner). Returns what the run
     produced. resume: the id of an MLflow run whose `kubetune run` died, to continue with its
     stored checkpoints (same config). Unless verbose, the console shows one line per stage start
-    and end, progress bars and warnings; the whole log goes to logs/<time>-run.log under the state
-    folder and, as logs/run.log, to the MLflow run."""
+    and end, progress bars and warnings; the whole log goes to logs/<launch>-run.log under the state
+    folder and, as logs/run.log, to the MLflow run. Interrupted (Ctrl-C, SIGTERM), its stage is
+    stopped and its MLflow run marked KILLED (errors.Interrupted)."""
     if runner not in RUNNERS:
         raise ConfigError("--runner", runner, f"use one of {', '.join(RUNNERS)}")
-    started, started_ms = time.monotonic(), int(time.time() * 1000)
+    started = time.monotonic()
     cfg = pin_locations(cfg)
     if runner == "container":  # before anything is loaded: containers must be able to run here
         podman, gpu = container_runner.ready()
     home = state_dir()
+    launch = new_launch_id()
     os.environ[STATE_ENV] = str(home)  # the stage processes inherit it
     os.environ[PROGRESS_ENV] = "1" if progress else "0"
+    os.environ[tracking.LAUNCH_ENV] = launch
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The zygote imports while this process runs preflight (both mostly import time).
-    warm_log = home / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-warm-start.log"
-    warm = warm_start.WarmStarter(warm_start.modules_for(), warm_log) if runner == "process" else None
-    run_log_path = home / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-run.log"
+    warm = warm_start.WarmStarter(warm_start.modules_for(), home / "logs" / f"{launch}-warm-start.log") \
+        if runner == "process" else None
+    run_log_path = home / "logs" / f"{launch}-run.log"
     report = None
-    with _run_log(run_log_path, verbose) as run_log:
+    with _run_log(run_log_path, verbose) as run_log, _terminate_as_interrupt():
         try:
             report = preflight(cfg)
             if resume:
@@ -232,17 +258,58 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process",
             os.environ[PASSED_ENV] = passed_record(cfg, report)  # the preflight task need not check it all again
             if warm is not None:
                 warm.preload(warm_start.model_modules(Path(report.model["path"])))
-            registered, started_warm = _run_dag(cfg, home, runner, resume, warm, *(
+            started_warm = _run_dag(cfg, home, runner, resume, warm, *(
                 (podman, gpu) if runner == "container" else (None, False)), verbose=verbose, run_log=run_log,
-                progress=progress)
+                progress=progress, launch=launch)
+        except KeyboardInterrupt:
+            if warm is not None:
+                warm.close()  # its task (a child of the zygote) dies with it
+                warm = None
+            raise _interrupted(cfg, launch, resume, report is not None) from None
         finally:
             os.environ.pop(PASSED_ENV, None)
+            os.environ.pop(tracking.LAUNCH_ENV, None)
             if warm is not None:
                 warm.close()
             if report is not None:  # a run exists only past preflight
-                _keep_log(cfg, run_log_path, run_log, started_ms, resume)
+                _keep_log(cfg, run_log_path, run_log, launch, resume)
     wall = time.monotonic() - started
-    return {**summarize(cfg, registered, wall), "started_warm": started_warm, "log": str(run_log_path)}
+    run = tracking.run_of_launch(cfg.tracking.mlflow_uri, cfg.tracking.experiment, launch, resume)
+    return {**summarize(cfg, tracking.registered_by(cfg.tracking.mlflow_uri, run), wall),
+            "started_warm": started_warm, "log": str(run_log_path)}
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a `kill`, a CI job's time limit) ends a run as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(cfg: RunConfig, launch: str, resume: str, started: bool) -> Interrupted:
+    """After Ctrl-C or SIGTERM, once the running stage has been stopped: the run's MLflow run
+    marked KILLED (with the stage it was in), and what to do next."""
+    if not started:
+        return Interrupted("", "", "")
+    try:
+        run = tracking.run_of_launch(cfg.tracking.mlflow_uri, cfg.tracking.experiment, launch, resume)
+        if run is None:
+            return Interrupted("", "", "")
+        stage = tracking.mark_interrupted(cfg.tracking.mlflow_uri, run.info.run_id)
+        return Interrupted(run.info.run_id, stage, "")
+    except Exception as exc:  # the store itself may be what failed
+        return Interrupted("", "", f"its MLflow run could not be marked KILLED ({type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0][:200] if str(exc) else ''})")
 
 
 @contextlib.contextmanager
@@ -276,20 +343,24 @@ def _run_log(path: Path, verbose: bool) -> Iterator[Any]:
                 console_handler.filters = [f for f in console_handler.filters if not isinstance(f, OursAndProblems)]
 
 
-def _keep_log(cfg: RunConfig, path: Path, log_file, started_ms: int, resume: str) -> None:
+def _keep_log(cfg: RunConfig, path: Path, log_file, launch: str, resume: str) -> None:
     """The run's log as an artifact of its MLflow run (logs/run.log), finished or failed."""
     log_file.flush()
     try:
-        runs = tracking.runs_since(cfg.tracking.mlflow_uri, cfg.tracking.experiment, started_ms, resume)
-        if runs:
-            tracking.client(cfg.tracking.mlflow_uri).log_artifact(runs[0].info.run_id, str(path), "logs")
+        run = tracking.run_of_launch(cfg.tracking.mlflow_uri, cfg.tracking.experiment, launch, resume)
+        if run is not None:
+            with tempfile.TemporaryDirectory(prefix="kubetune-log-") as folder:
+                shutil.copyfile(path, Path(folder) / "run.log")
+                tracking.client(cfg.tracking.mlflow_uri).log_artifact(run.info.run_id, str(Path(folder) / "run.log"),
+                                                                      "logs")
     except Exception as exc:  # the log stays on disk; losing its copy must not fail the run
         log.warning("the run's log was not copied to MLflow (%s); it is at %s", exc, path)
 
 
 def _run_dag(cfg: RunConfig, home: Path, runner: str, resume: str, warm: Optional[warm_start.WarmStarter],
-             podman: Any, gpu: bool, verbose: bool = True, run_log=None, progress: bool = True) -> tuple[str, list[str]]:
-    """The DAG under kfp.local; returns the registered "name/version" and the tasks that started warm."""
+             podman: Any, gpu: bool, verbose: bool = True, run_log=None, progress: bool = True,
+             launch: str = "") -> list[str]:
+    """The DAG under kfp.local; returns the tasks that started warm."""
     from kfp import local
 
     # Resource, accelerator and Kubernetes settings belong to the cluster; kfp.local ignores them.
@@ -298,20 +369,20 @@ def _run_dag(cfg: RunConfig, home: Path, runner: str, resume: str, warm: Optiona
     if runner == "container":
         lines = None if verbose else StageLines(progress=progress)
         with quiet_kfp(lines is not None, run_log):
-            return container_runner.run(cfg, podman, gpu, home, os.environ[PROGRESS_ENV] == "1",
-                                        pipeline_root=home / "kfp", workspace_root=home / "kfp-workspace",
-                                        resume=resume, lines=lines, run_log=run_log), []
+            container_runner.run(cfg, podman, gpu, home, os.environ[PROGRESS_ENV] == "1",
+                                 pipeline_root=home / "kfp", workspace_root=home / "kfp-workspace",
+                                 resume=resume, lines=lines, run_log=run_log)
+        return []
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
                workspace_root=str(home / "kfp-workspace"), raise_on_error=True)
-    with ProcessTasks(home, warm, verbose=verbose, run_log=run_log, progress=progress).installed() as tasks:
+    with ProcessTasks(home, warm, verbose=verbose, run_log=run_log, progress=progress,
+                      launch=launch).installed() as tasks:
         try:
-            started_ms = int(time.time() * 1000)
             kubetune_pipeline(config_json=json.dumps(cfg.to_dict()), resume_run_id=resume)
-            return tracking.registered_since(cfg.tracking.mlflow_uri, cfg.tracking.experiment, started_ms, resume), \
-                tasks.started_warm
+            return tasks.started_warm
         except RuntimeError:
             if tasks.failures:
-                raise tasks.failures[-1] from None
+                raise tasks.first_failure() from None
             raise
 
 

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 from kubetune.config import DataConfig, EvaluateConfig, RunConfig
-from kubetune.sources import is_missing, require_fields, text_of
+from kubetune.sources import MISSING_MARKERS, is_missing, require_fields, text_of
+
+if TYPE_CHECKING:  # numpy is imported where it is used
+    import numpy as np
 
 #: Label of a token the loss skips (the default ignore_index of PyTorch's cross-entropy and of
 #: transformers' models): prompt tokens of instruction data, padding.
@@ -72,6 +76,21 @@ class Evaluation:
     generations: list[dict[str, Any]] = field(default_factory=list)
     tables: dict[str, Any] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
+
+
+def label_markers(cfg: DataConfig) -> frozenset[str]:
+    """The strings read as a missing label or answer (data.missing_labels; empty text always is)."""
+    if cfg.missing_labels is None:
+        return MISSING_MARKERS
+    return frozenset({""} | {str(marker).strip().lower() for marker in cfg.missing_labels})
+
+
+def label_text(value: Any, cfg: DataConfig) -> str:
+    """A value of data.label_field (a class, an answer) as text: 1 and 1.0 (from JSON) both "1"; a
+    missing value (null, NaN, empty, a data.missing_labels string) is empty."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 1.0 from JSON is the label "1"
+    return text_of(value, label_markers(cfg))
 
 
 def mean_loss(pairs: list[tuple[float, int]]) -> float:
@@ -137,10 +156,12 @@ class TaskKind:
         (kubetune.data) rejects or drops an example with a missing, null or NaN value there."""
         return [("data.text_field", cfg.text_field)]
 
-    def unusable(self, key: str, value: Any) -> bool:
+    def unusable(self, key: str, value: Any, cfg: DataConfig) -> bool:
         """Whether a required field's value (key: its config key) makes no example: missing
-        (kubetune.sources.is_missing), or a list or mapping where text belongs."""
-        return is_missing(value) or isinstance(value, (list, dict))
+        (kubetune.sources.is_missing; for data.label_field, data.missing_labels), or a list or
+        mapping where text belongs. A number or boolean is text (kubetune.sources.text_of)."""
+        markers = label_markers(cfg) if key == "data.label_field" else MISSING_MARKERS
+        return is_missing(value, markers) or isinstance(value, (list, dict))
 
     def check_fields(self, rows: Iterable[dict[str, Any]], cfg: DataConfig) -> None:
         """Raise DataError when the records lack a field the config names. rows: a list, or a
@@ -160,6 +181,12 @@ class TaskKind:
     def replay_record(self, text: str) -> dict[str, Any]:
         """A line of general text (data.replay_path) as a training record of this kind."""
         return {"text": text}
+
+    def check_splits(self, examples: Path, train: np.ndarray, validation: np.ndarray, cfg: DataConfig) -> None:
+        """What only the kind can judge of how the examples fell into the splits (classification: classes
+        too small to be both trained on and validated): a warning, or DataError for a split a later stage
+        would refuse. examples: the Arrow file of prepared records (kubetune.artifacts.RecordWriter);
+        train, validation: positions of records in it (train without replayed text)."""
 
     # ---- tokenize ---------------------------------------------------------------------------
     def info(self, train: Iterable[dict[str, Any]], cfg: DataConfig) -> dict[str, Any]:

@@ -91,10 +91,10 @@ class Chat(Instruction):
     def required_fields(self, cfg: DataConfig) -> list[tuple[str, str]]:
         return [("data.messages_field", cfg.messages_field)]
 
-    def unusable(self, key: str, value: Any) -> bool:
+    def unusable(self, key: str, value: Any, cfg: DataConfig) -> bool:
         """A conversation field is unusable when it holds no user turn answered by the assistant."""
         if key != "data.messages_field":
-            return super().unusable(key, value)
+            return super().unusable(key, value, cfg)
         try:
             return is_missing(value) or not turns(value)
         except (ValueError, TypeError):

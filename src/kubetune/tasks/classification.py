@@ -17,20 +17,16 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from kubetune.config import DataConfig, EvaluateConfig
 from kubetune.errors import DataError, ModelError
 from kubetune.sources import label_names_beside, require_fields, text_of
-from kubetune.tasks.base import CLASSES, MASKED_LM, Completion, Evaluation, Scores, TaskKind
+from kubetune.tasks.base import CLASSES, MASKED_LM, Completion, Evaluation, Scores, TaskKind, label_text
 from kubetune.tracking import metric_key
 
 log = logging.getLogger(__name__)
-
-
-def raw_label(value: Any) -> str:
-    """The label as a string: 1 and 1.0 (from JSON) both become "1"; a missing value is empty."""
-    return text_of(value)
 
 
 def label_order(labels) -> list[str]:
@@ -83,7 +79,7 @@ class Classification(TaskKind):
 
     def check_fields(self, rows: Iterable[dict[str, Any]], cfg: DataConfig) -> None:
         require_fields(rows, cfg, [("data.text_field", cfg.text_field), ("data.label_field", cfg.label_field)])
-        if all(not raw_label(row.get(cfg.label_field)) for row in rows):
+        if all(not label_text(row.get(cfg.label_field), cfg) for row in rows):
             raise DataError("data.label_field", cfg.label_field, "every record has an empty value in this field")
 
     def normalise(self, rows: list[dict[str, Any]], cfg: DataConfig, whole: bool = True) -> list[dict[str, Any]]:
@@ -91,10 +87,33 @@ class Classification(TaskKind):
         line breaks, which a line-based reader would split records on)."""
         out = []
         for row in rows:
-            text, label = " ".join(text_of(row.get(cfg.text_field)).split()), raw_label(row.get(cfg.label_field))
+            text, label = " ".join(text_of(row.get(cfg.text_field)).split()), label_text(row.get(cfg.label_field), cfg)
             if text and label:
                 out.append({"text": text, "label": label})
         return out
+
+    def check_splits(self, examples: Path, train, validation, cfg: DataConfig) -> None:
+        """Classes too small for the split. A class with no row in validation is never scored: a
+        warning names such classes (at most NAMED_CLASSES, then how many more) with their example
+        counts; one with a single example cannot be both trained on and validated. A class only in
+        validation cannot be learned: DataError now rather than at tokenize. Counted from the label
+        column a batch at a time, with one byte a row saying its split."""
+        trained, held_out = split_label_counts(examples, train, validation)
+        if trained is None or len(trained) > max(20, int(sum(trained.values())) // 2):
+            return  # too many distinct labels: info refuses the field as free text
+        unlearned = [label for label in label_order(held_out) if not trained.get(label)]
+        if unlearned:
+            raise DataError("data.label_field", cfg.label_field,
+                            f"label(s) {named(unlearned, held_out)} have all their examples in the validation "
+                            "split and none in training, so the model cannot learn them; add examples of them (a "
+                            "class needs 2 to be both trained on and validated) or drop those rows")
+        unscored = [label for label in label_order(trained) if not held_out.get(label)]
+        if unscored:
+            single = " (a class with a single example cannot be both trained on and validated)" \
+                if any(trained[label] == 1 for label in unscored) else ""
+            log.warning("data: %d class(es) have no row in the validation split, so their scores are never "
+                        "measured: %s%s; add examples of them, or raise data.validation_fraction", len(unscored),
+                        named(unscored, trained), single)
 
     def info(self, train: Iterable[dict[str, Any]], cfg: DataConfig,
              heldout: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
@@ -239,6 +258,53 @@ class Classification(TaskKind):
                      **{v: measured[v]["confusion"].tolist() for v in ("base", "tuned")}}
         return Evaluation(metrics=metrics, generations=examples, tables={"confusion_matrix": confusion},
                           figures=figures)
+
+
+#: A warning names at most this many classes, then says how many more.
+NAMED_CLASSES = 5
+#: Distinct labels split_label_counts counts before it gives up (a free-text field, which info refuses).
+COUNTED_LABELS = 10_000
+
+
+def named(labels: list[str], counts: dict[str, int]) -> str:
+    """'a' (1 example), 'b' (3 examples) ... and N more."""
+    shown = ", ".join(f"{label!r} ({counts[label]} example{'s' if counts[label] != 1 else ''})"
+                      for label in labels[:NAMED_CLASSES])
+    return shown + (f" and {len(labels) - NAMED_CLASSES} more" if len(labels) > NAMED_CLASSES else "")
+
+
+def split_label_counts(examples: Path, train, validation) -> tuple[Optional[dict[str, int]], dict[str, int]]:
+    """Rows per label in the training and the validation positions of the prepared records' Arrow
+    file, read a batch at a time; (None, {}) beyond COUNTED_LABELS distinct labels."""
+    import numpy as np
+    import pyarrow as pa
+
+    rows = int(max(train.max(initial=-1), validation.max(initial=-1))) + 1
+    split = np.zeros(rows, dtype=np.int8)  # 1: train, 2: validation
+    split[train], split[validation] = 1, 2
+    codes: dict[str, int] = {}
+    counts = np.zeros((3, 0), dtype=np.int64)  # rows per (split, label code)
+    start = 0
+    with pa.OSFile(str(examples)) as source:
+        for batch in pa.ipc.open_stream(source):
+            if start >= rows:
+                break
+            encoded = batch.column("label").dictionary_encode()
+            into = np.asarray([codes.setdefault(label, len(codes)) for label in encoded.dictionary.to_pylist()]
+                              + [-1], dtype=np.int64)  # the batch's codes -> ours; a null label (-1) -> -1
+            if len(codes) > COUNTED_LABELS:
+                return None, {}
+            label = into[encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False)]
+            where = np.zeros(len(label), dtype=np.int64)
+            part = split[start:start + len(label)]
+            where[: len(part)] = part
+            start += len(label)
+            keep, width = (label >= 0) & (where > 0), len(codes)
+            counts = np.pad(counts, ((0, 0), (0, width - counts.shape[1])))
+            counts += np.bincount(where[keep] * width + label[keep], minlength=3 * width).reshape(3, width)
+    labels = list(codes)
+    return ({labels[i]: int(n) for i, n in enumerate(counts[1]) if n},
+            {labels[i]: int(n) for i, n in enumerate(counts[2]) if n})
 
 
 def check_known_labels(records: list[dict[str, Any]], labels: list[str], cfg: DataConfig) -> None:

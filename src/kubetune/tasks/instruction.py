@@ -30,7 +30,7 @@ from kubetune.errors import ConfigError, DataError
 from kubetune.sources import field_names, label_names_beside, require_fields
 from kubetune.tasks.answer_metrics import answer_metrics, loss_metrics, per_task_scores, task_metrics
 from kubetune.tasks.answer_tokens import AnswerCollator, answer_tokens, encode_answers, prompt_ids
-from kubetune.tasks.base import Completion, Evaluation, Scores, TaskKind
+from kubetune.tasks.base import Completion, Evaluation, Scores, TaskKind, label_text
 from kubetune.tasks.prompts import (GENERAL_TASK, AnswerSet, Expanded, build_prompt, check_template, closed_answer_set,
                                     field_text, instances, is_short)
 from kubetune.tasks.schedule import training_order
@@ -95,7 +95,7 @@ class Instruction(TaskKind):
         else:
             instruction = field_text(row.get(cfg.instruction_field))
             input_text = field_text(row.get(cfg.input_field)) if cfg.input_field else ""
-        answer = field_text(row.get(cfg.label_field))
+        answer = label_text(row.get(cfg.label_field), cfg)
         if names and answer:
             if answer not in names:
                 raise DataError("data.label_names", names, f"label {answer!r} (data.label_field "
