@@ -25,7 +25,6 @@ ALPACA_TEMPLATE = (
 QUANTIZATIONS = ("none", "8bit", "4bit")
 LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-SEED_MAX = 2**32 - 1
 
 
 INPUT, OUTPUT = "input", "output"  # what a run does with a place a config value names
@@ -259,8 +258,7 @@ class TrainConfig:
                  f"use one of {', '.join(PRECISIONS)}")
         _require(self.schedule in ("mixed", "progressive"), "train.schedule", self.schedule,
                  "use mixed or progressive")
-        _require(0 <= self.seed <= SEED_MAX, "train.seed", self.seed, f"must be 0 to {SEED_MAX} (2**32 - 1, what "
-                 "numpy's generator takes), e.g. 42")
+        _require(0 <= self.seed < 2**32, "train.seed", self.seed, "must be 0 to 4294967295 (2**32 - 1), e.g. 42")
 
     def total_steps(self, train_rows: int) -> int:
         """Optimizer steps of the run: max_steps, or epochs over train_rows (every process takes

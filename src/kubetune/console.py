@@ -95,7 +95,8 @@ class StageLines:
     log lines at WARNING or above. Everything a stage writes still goes to its log file; --verbose
     shows it all (the executor input dumps, the Trainer's loss dicts, library messages)."""
 
-    SHOWN = re.compile(r" (WARNING|ERROR|CRITICAL) |^Traceback|^\S+(Error|Exception): ")
+    # A stage's traceback stays in its log: `kubetune run` ends with its error line and the log's path.
+    SHOWN = re.compile(r" (WARNING|ERROR|CRITICAL) ")
     BAR = re.compile(r"\d+%\|.*(it/s|s/it)")  # tqdm's bars of loops (training, scoring), not of file writes
 
     def __init__(self, out=None, progress: bool = True):

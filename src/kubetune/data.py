@@ -77,7 +77,8 @@ class Contract:
         self.markers: dict[str, tuple[int, str]] = {}
 
     def count_marker(self, value: Any) -> None:
-        if isinstance(value, str) and (folded := value.strip().lower()) in MISSING_MARKERS and folded:
+        """Counts a label written as a missing marker (none, null, n/a ...; not an empty cell)."""
+        if isinstance(value, str) and (folded := value.strip().lower()) and folded in MISSING_MARKERS:
             count, written = self.markers.get(folded, (0, value.strip()))
             self.markers[folded] = (count + 1, written)
 

@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 #: The most of a value an error message shows, and the most of the whole message (each in characters).
-VALUE_SHOWN, MESSAGE_SHOWN = 120, 1000
+VALUE_SHOWN, MESSAGE_SHOWN = 300, 1500  # a long path still shows whole; a 28 MB value does not
 
 # scheme://userinfo@ up to the netloc's last @ (a raw password may hold one); the netloc ends at / ? #,
 # whitespace or a quote, so a URI inside a repr, a JSON list or a sentence is found too. One slash is

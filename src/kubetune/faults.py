@@ -17,12 +17,14 @@ import re
 import shutil
 from pathlib import Path
 from typing import Iterator, Optional
+from urllib.parse import urlparse
 
-from kubetune.errors import ResourceError, UserError
+from kubetune.errors import ResourceError, ServiceError, UserError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 DISK_FULL_TEXT = re.compile(r"No space left on device|StorageFull|Disk quota exceeded|code: 28\b|file write failed")
-READ_ONLY_STORE = re.compile(r"readonly database|read-only file system|Read-only file system")
+STORE_REFUSED = re.compile(r"readonly database|[Rr]ead-only file system|unable to open database file|disk I/O error")
+SERVER_GONE = re.compile(r"Max retries exceeded|Connection refused|Failed to establish a new connection")
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -41,7 +43,7 @@ def _free(path: Optional[str]) -> str:
     return "free space unknown"
 
 
-def resource_error(exc: BaseException, work_dir: Optional[str], tracking_uri: str, resume: str) -> Optional[ResourceError]:
+def resource_error(exc: BaseException, work_dir: Optional[str], tracking_uri: str, resume: str) -> Optional[UserError]:
     """The ResourceError a fault deserves, or None when exc is not one. work_dir: where the stage
     writes when the failing path is not known; resume: how to continue the run after the fix."""
     for cause in _chain(exc):
@@ -49,16 +51,24 @@ def resource_error(exc: BaseException, work_dir: Optional[str], tracking_uri: st
             return None  # already says what to do
         text = str(cause)
         if isinstance(cause, OSError) and cause.errno in DISK_FULL or DISK_FULL_TEXT.search(text):
-            path = getattr(cause, "filename", None) or work_dir
+            # copyfile's error names the source first, then the file it could not write
+            path = getattr(cause, "filename2", None) or getattr(cause, "filename", None) or work_dir
             return ResourceError("disk space", str(path), f"no space left on the device that holds it ({_free(path)}); "
                                  f"free space there (or give the run another place), then {resume}; "
                                  "only complete checkpoints are ever resumed from")
         if isinstance(cause, OSError) and cause.errno == errno.EROFS:
             return ResourceError("disk", str(cause.filename or work_dir), f"the file system is read-only; make it "
                                  f"writable, then {resume}")
-        if READ_ONLY_STORE.search(text) and ("sqlite" in tracking_uri or "database" in text):
-            return ResourceError("tracking.mlflow_uri", tracking_uri, "the tracking store refused a write (attempt "
-                                 f"to write a readonly database); make the file and its folder writable, then {resume}")
+        refused = STORE_REFUSED.search(text)
+        if refused and tracking_uri.startswith("sqlite:"):
+            return ResourceError("tracking.mlflow_uri", tracking_uri, f"the tracking store refused a write "
+                                 f"({refused.group(0)}); until it is writable again the run cannot be marked "
+                                 f"FAILED there and shows RUNNING; make the file and its folder writable, then "
+                                 f"{resume}")
+        host = urlparse(tracking_uri).hostname or ""
+        if SERVER_GONE.search(text) and tracking_uri.startswith("http") and host and host in text:
+            return ServiceError("tracking.mlflow_uri", tracking_uri, "MLflow stopped answering during the stage (its "
+                                "client retried for about a minute); start it again, then " + resume)
     return None
 
 

@@ -360,8 +360,8 @@ class RunLogger:
         try:
             yield
         finally:
-            monitor.finish()
             try:
+                monitor.finish()
                 monitor.collect_metrics()
                 monitor.publish_metrics(monitor.aggregate_metrics())
                 monitor.mlflow_logger.flush()
@@ -405,13 +405,13 @@ class RunLogger:
             yield self
         except BaseException as exc:
             seconds = round(time.monotonic() - started, 2)
-            self.metrics({f"timing/{name}_attempt_seconds": seconds}, step=len(earlier) + 1)
             interrupted = isinstance(exc, KeyboardInterrupt)
             failure = {"kubetune.failed_stage": name, "kubetune.error": INTERRUPTED if interrupted else str(exc)[:500]}
             if isinstance(exc, errors.UserError) and not isinstance(exc, errors.ServiceError):
                 failure["kubetune.user_error"] = json.dumps([type(exc).__name__, exc.field, exc.value, exc.fix],
                                                             default=str)[:5000]
             try:
+                self.metrics({f"timing/{name}_attempt_seconds": seconds}, step=len(earlier) + 1)
                 self.tags(failure)
                 self.finish("KILLED" if interrupted else "FAILED")
             except Exception as recording:  # the store may be what failed: its error is not the stage's

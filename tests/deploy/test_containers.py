@@ -251,3 +251,59 @@ def test_cli_prints_a_failed_stage_on_one_line(monkeypatch, capsys):
     assert main(["run", "--runner", "container"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["kubetune: error: model.quantization = '8bit': no (in stage train)"]
+
+
+def test_an_input_inside_a_writable_mount_is_still_made_readable(places, tmp_path):
+    """A model folder beside the sqlite store: the store's folder is mounted writable, and its grant
+    covers that folder only, so the model's 0600 weights (as save_pretrained writes them) need their own."""
+    model = tmp_path / "store" / "model"
+    shutil.copytree(places["model"], model)
+    cfg = pin_locations(places["cfg"])
+    cfg.model.name_or_path = str(model)
+    container_plan = plan(cfg, tmp_path / "state", None, progress=False, gpu=False)
+    assert model not in {m.path for m in container_plan.mounts}  # inside the writable store mount
+    assert (model, True) in container_plan.readable and (places["data"], True) in container_plan.readable
+
+
+def test_unreadable_finds_what_the_uid_may_not_read_by_its_bits(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"w")
+    folder.chmod(0o755)
+    (folder / "config.json").chmod(0o644)
+    (folder / "model.safetensors").chmod(0o600)
+    assert containers.unreadable(folder, 12345) == folder / "model.safetensors"
+    assert containers.unreadable(folder, os.getuid()) is None  # the owner may
+    (folder / "model.safetensors").chmod(0o644)
+    folder.chmod(0o700)
+    assert containers.unreadable(folder, 12345) == folder
+    folder.chmod(0o755)
+    assert containers.unreadable(folder, 12345) is None
+
+
+def test_an_input_the_image_user_cannot_read_is_refused_before_any_stage(places, tmp_path, monkeypatch):
+    """Where the ACL cannot be set (a file system without ACLs), a file only its owner reads is named
+    with the fix, before podman's service or any stage starts."""
+    from kubetune.launch import container_runner
+
+    model = tmp_path / "model"
+    shutil.copytree(places["model"], model)
+    (model / "model.safetensors").chmod(0o600)
+    cfg = pin_locations(places["cfg"])
+    cfg.model.name_or_path = str(model)
+    granted = []
+    monkeypatch.setattr(containers, "grant", lambda places, uid, write: granted.append(write) or
+                        ([] if write else [f"{places[0][0]}: Operation not supported"]))
+    monkeypatch.setattr(container_runner, "docker_api", lambda podman: pytest.fail("a container was started"))
+
+    class FakePodman:
+        def host_uid_of(self, uid):
+            return 54321
+
+    with pytest.raises(UserError, match=rf"^model.name_or_path = '{model}': the containers' user \(host uid 54321\) "
+                                        rf"cannot read {model}/model.safetensors, and it could not be given an ACL "
+                                        r"\(.*Operation not supported\); chmod a\+r \S+model.safetensors \(a folder: "
+                                        r"a\+rx\), or run in-process"):
+        container_runner.run(cfg, FakePodman(), False, tmp_path / "state", False, tmp_path / "root", tmp_path / "ws")
+    assert granted == [True, False]

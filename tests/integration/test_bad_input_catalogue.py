@@ -273,7 +273,39 @@ CASES = [
          prepare=lambda c: c.classification("none.jsonl", jsonl(rows(45, label=lambda i: ["pos", "neg", "none"][i % 3])))),
     Case("storage at the filesystem root", "storage.uri", ["storage.uri=file:///"]),
     # ---- the model and the machine (issue 23) ------------------------------------------------------
+    Case("max length beyond the model's positions, with a long row", "data.max_length", ["data.max_length=100000"],
+         prepare=lambda c: c.use_data("long.jsonl", jsonl([{"content": "word " * 3000}] +
+                                                          [{"content": f"text {i}"} for i in range(40)]))),
+    Case("seed negative", "train.seed", ["train.seed=-5"]),
+    Case("seed beyond 32 bits", "train.seed", ["train.seed=4294967296"]),
+    Case("model name MLflow refuses", "register.model_name", ["register.model_name='..\\x'"]),
+    Case("a billion new tokens", "evaluate.max_new_tokens", ["evaluate.max_new_tokens=1000000000"]),
+    Case("a trillion steps", "train.max_steps", ["train.max_steps=1000000000000"]),
+    Case("weights only in a pickle of more than tensors", "model.name_or_path",
+         prepare=lambda c: pickle_only_weights(c.model_copy())),
+    Case("custom code with an unknown model_type", "model.name_or_path",
+         prepare=lambda c: custom_code_model(c.model_copy())),
 ]
+
+
+def pickle_only_weights(model: Path) -> None:
+    """pytorch_model.bin only, a pickle that holds training arguments beside the tensors."""
+    import argparse
+
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(model / "model.safetensors")
+    torch.save({**weights, "args": argparse.Namespace(lr=0.1)}, model / "pytorch_model.bin")
+    (model / "model.safetensors").unlink()
+
+
+def custom_code_model(model: Path) -> None:
+    """A model_type transformers does not know, with the model's own code beside it (never run)."""
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="mytiny", auto_map={"AutoModelForCausalLM": "modeling_mytiny.MyTinyForCausalLM"})
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "modeling_mytiny.py").write_text("raise SystemExit('the model's own code ran')\n")
 
 
 @pytest.fixture

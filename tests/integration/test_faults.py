@@ -290,3 +290,44 @@ echo "exit $?" >> {tmp_path / 'second.out'}
     assert resumed.info.status == "FINISHED" and resumed.data.tags["kubetune.resumed"] == "1"
     attempts = client.get_metric_history(mlflow_run.info.run_id, "timing/train_attempt_seconds")
     assert len(attempts) == 1, "the full disk was retried"
+
+
+def test_a_tracking_store_made_read_only_mid_run_ends_with_one_line_and_resumes(tiny_model_dir, quotes_file, tmp_path):
+    """The sqlite store (file and folder) made read-only while train runs: the stage ends with one line
+    naming tracking.mlflow_uri, not retried, not a traceback blaming the exit handler; once it is
+    writable again, --resume finishes the run. As root, the run gets no DAC override capability
+    (setpriv), so file modes bind it as they bind a user."""
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    storage = tmp_path / "storage"
+    config = tiny_run_config(tiny_model_dir, quotes_file, tracking={"mlflow_uri": uri}, storage={"uri": str(storage)},
+                             evaluate={"retention_path": None},
+                             train={"max_steps": 200, "save_steps": 10, "eval_steps": 0})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "KUBETUNE_HOME": str(tmp_path / "home")}
+    as_user = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] \
+        if os.geteuid() == 0 and shutil.which("setpriv") else []
+    run = subprocess.Popen([*as_user, sys.executable, "-m", "kubetune.cli", "run", "--no-progress", "--config",
+                            str(tmp_path / "run.yaml")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    _wait_for(lambda: list(storage.glob("runs/*/checkpoints/checkpoint-10/trainer_state.json")), run, "a checkpoint")
+    for path in store.iterdir():
+        path.chmod(0o444)
+    store.chmod(0o555)
+    try:
+        output, _ = run.communicate(timeout=300)
+    finally:
+        store.chmod(0o755)
+        for path in store.iterdir():
+            path.chmod(0o644)
+    assert run.returncode == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("kubetune: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"kubetune: error: tracking.mlflow_uri = '{uri}': the tracking "
+                                                     "store refused a write"), output[-3000:]
+    assert "(in stage train)" in errors[0] and "Traceback" not in output and "Retrying" not in output
+    run_id = next(storage.glob("runs/*")).name
+    resumed = kubetune("run", "--no-progress", "--config", str(tmp_path / "run.yaml"), "--resume", run_id, env=env)
+    output, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, output[-3000:]
+    assert tracking.client(uri).get_run(run_id).info.status == "FINISHED"

@@ -152,7 +152,7 @@ def test_a_mistyped_key_gets_the_closest_valid_one():
 
 @pytest.mark.parametrize("seed", [-5, 2**32])
 def test_seed_outside_what_numpy_takes_is_refused(seed):
-    with pytest.raises(ConfigError, match=rf"^train.seed = {seed}: must be 0 to 4294967295 \(2\*\*32 - 1"):
+    with pytest.raises(ConfigError, match=rf"^train.seed = {seed}: must be 0 to 4294967295 \(2\*\*32 - 1\), e.g. 42$"):
         load_config(None, [f"train.seed={seed}"])
     assert load_config(None, [f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
     assert load_config(None, ["train.seed=0"]).train.seed == 0

@@ -44,13 +44,13 @@ def test_a_user_error_masks_credentials_in_its_value_and_its_fix():
 
 def test_a_long_value_is_cut_and_its_length_shown():
     error = ConfigError("train.max_steps", "x" * 28_000_000, "expected integer")
-    assert len(str(error)) < 300
+    assert len(str(error)) < 450
     assert str(error).startswith("train.max_steps = 'xxx") and "… (28,000,002 characters): expected integer" in str(error)
 
 
-def test_a_long_message_is_cut_at_a_thousand_characters():
+def test_a_long_message_is_cut_at_1500_characters():
     error = UserError("field", 1, "word " * 10_000)
-    assert len(str(error)) < 1100 and str(error).endswith("… (50,011 characters)")
+    assert len(str(error)) < 1600 and str(error).endswith("… (50,011 characters)")
 
 
 def test_a_uri_cut_before_its_at_is_still_masked():
@@ -62,7 +62,7 @@ def test_a_stage_failure_masks_and_cuts_its_error_line():
     failed = StageFailed("train", "a subprocess", 1, f"RuntimeError: http://u:{PASSWORD}@h " + "z" * 50_000,
                          log="/logs/train.log")
     assert PASSWORD not in str(failed) and "u:***@h" in str(failed)
-    assert len(str(failed)) < 1200 and str(failed).endswith("; its full log: /logs/train.log")
+    assert len(str(failed)) < 1700 and str(failed).endswith("; its full log: /logs/train.log")
     user = StageFailed("train", "a subprocess", 1, f"kubetune.errors.DataError: data.path = 'http://u:{PASSWORD}@h'")
     assert user.exit_code == 2 and PASSWORD not in str(user)
 
@@ -188,7 +188,7 @@ def test_a_large_value_under_the_limit_gives_a_short_line(tmp_path):
               "    - &c [" + ", ".join(["*b"] * 9) + "]\n    - &d [" + ", ".join(["*c"] * 9) + "]\n"
               "    - [" + ", ".join(["*d"] * 9) + "]\n")
     error = _refusal(tmp_path, inline)
-    assert error.field == "train.max_steps" and len(str(error)) < 300 and "characters)" in str(error)
+    assert error.field == "train.max_steps" and len(str(error)) < 450 and "characters)" in str(error)
 
 
 def test_nesting_too_deep_is_refused(tmp_path):

@@ -4,11 +4,12 @@ tests/integration/test_storage.py.)"""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
 
-from kubetune.errors import DataError, ServiceError
+from kubetune.errors import ConfigError, DataError, ServiceError
 from kubetune.storage import download_uri, open_store
 from tiny import make_tree
 
@@ -49,3 +50,12 @@ def test_download_uri_from_a_local_path(tmp_path):
     assert (tmp_path / "all" / "weights" / "deep" / "x.txt").read_bytes() == b"x"
     with pytest.raises(DataError):
         download_uri(str(tmp_path / "missing"), tmp_path / "none")
+
+
+@pytest.mark.parametrize("uri", ["file:///", "/", "/..", "file:///tmp/.."])
+def test_a_store_at_the_filesystem_root_is_refused(uri, tmp_path):
+    with pytest.raises(ConfigError, match=rf"^storage.uri = {re.escape(repr(uri))}: this is the filesystem root"):
+        open_store(uri)
+    assert open_store(f"file://{tmp_path}/runs").uri().endswith("/runs")
+    with pytest.raises(ConfigError, match="^evaluate.x = "):  # errors name the key the URI came from
+        open_store(uri, field="evaluate.x")

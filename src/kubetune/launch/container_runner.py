@@ -38,7 +38,7 @@ from typing import Any, Iterator, Optional
 from kubetune import containers, tracking
 from kubetune.config import INPUT, RunConfig, locations
 from kubetune.console import PROGRESS_ENV
-from kubetune.errors import StageFailed, UserError
+from kubetune.errors import StageFailed, UserError, redacted
 from kubetune.images import CPU_IMAGE, CUDA_IMAGE
 from kubetune.model_source import PACKAGE_PREFIX, PACKAGED_MODELS, source_kind
 from kubetune.paths import STATE_ENV
@@ -286,7 +286,7 @@ class TaskRunner:
             for chunk in container.logs(stream=True, follow=True):
                 text = chunk.decode(errors="replace")
                 if self.lines is None:
-                    print(text, end="", flush=True)
+                    print(redacted(text), end="", flush=True)
                 *complete, partial = (partial + text).split("\n")
                 for line in complete:
                     self._keep(task, line + "\n")
@@ -317,6 +317,7 @@ class TaskRunner:
 
 
     def _keep(self, task: str, line: str) -> None:
+        line = redacted(line)
         if self.lines is not None:
             self.lines.line(task, line)
         if self.run_log is not None:

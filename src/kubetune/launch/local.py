@@ -26,7 +26,7 @@ from kubetune import tracking
 from kubetune.config import INPUT, RunConfig, locations
 from kubetune.overrides import with_value
 from kubetune.console import LOCAL_RUN_ENV, LOG_FORMAT, PROGRESS_ENV, OursAndProblems, StageLines, die_with_parent
-from kubetune.errors import ConfigError, Interrupted, StageFailed
+from kubetune.errors import ConfigError, Interrupted, StageFailed, redacted
 from kubetune.launch import container_runner
 from kubetune.launch import warm as warm_start
 from kubetune.paths import STATE_ENV, checkout_root, state_dir
@@ -133,6 +133,7 @@ class ProcessTasks:
             self.lines.started(task)
         with log_path.open("a") as log_file:
             def show(line: str) -> None:
+                line = redacted(line)  # what a stage prints itself (a traceback's values) is masked too
                 if self.lines is None:
                     print(line, end="", flush=True)
                 else:
