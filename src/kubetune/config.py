@@ -424,19 +424,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def locations(section: Any, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, value, INPUT or OUTPUT) for every set value that names a place: a path, a URI or an id."""
-    found = []
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        name = f"{prefix}.{f.name}" if prefix else f.name
-        if dataclasses.is_dataclass(value):
-            found.extend(locations(value, name))
-        elif value is not None and "location" in f.metadata:
-            found.append((name, value, f.metadata["location"]))
-    return found
-
-
 def default_config() -> dict[str, Any]:
     """The embedded defaults: the demo run (Gemma 3 270M, quotes, 8-bit + LoRA on the CPU)."""
     return RunConfig().to_dict()

@@ -127,3 +127,16 @@ def with_value(cfg: Any, key: str, value: Any) -> Any:
     if not rest:
         return dataclasses.replace(cfg, **{head: value})
     return dataclasses.replace(cfg, **{head: with_value(getattr(cfg, head), rest, value)})
+
+
+def locations(section: Any, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, value, INPUT or OUTPUT) for every set value that names a place: a path, a URI or an id."""
+    found = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value):
+            found.extend(locations(value, name))
+        elif value is not None and "location" in f.metadata:
+            found.append((name, value, f.metadata["location"]))
+    return found

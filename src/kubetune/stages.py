@@ -23,7 +23,8 @@ from kubetune import report, run_form, tokenization, training
 from kubetune.config import RunConfig
 from kubetune.errors import ConfigError, DataError
 from kubetune.model_source import describe_source, fingerprint, resolve_model
-from kubetune.storage import open_store, reuse_or_build
+from kubetune.build_cache import reuse_or_build
+from kubetune.storage import open_store
 from kubetune.tasks import get_task
 
 log = logging.getLogger(__name__)

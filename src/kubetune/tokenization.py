@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kubetune import __version__, artifacts
-from kubetune.config import DataConfig, locations
+from kubetune.config import DataConfig
+from kubetune.overrides import locations
 from kubetune.tasks import get_task
 
 log = logging.getLogger(__name__)

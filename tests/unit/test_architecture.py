@@ -19,7 +19,7 @@ SOURCES = {"kubetune": ROOT / "src" / "kubetune", "kubetune.components": ROOT / 
 LAYERS = [
     ("foundation", ["kubetune", "kubetune.errors", "kubetune.faults", "kubetune.paths", "kubetune.strict", "kubetune.overrides", "kubetune.config", "kubetune.config_reference", "kubetune.run_form",
                     "kubetune.images", "kubetune.served_model"]),
-    ("I/O", ["kubetune.storage", "kubetune.tracking", "kubetune.model_source", "kubetune.shards", "kubetune.sources", "kubetune.disk_shuffle",
+    ("I/O", ["kubetune.storage", "kubetune.build_cache", "kubetune.tracking", "kubetune.model_source", "kubetune.shards", "kubetune.sources", "kubetune.disk_shuffle",
              "kubetune.artifacts", "kubetune.console", "kubetune.containers", "kubetune.services"]),
     ("tasks", ["kubetune.tasks*"]),
     ("data and tokens", ["kubetune.data", "kubetune.tokenization", "kubetune.retrieval"]),

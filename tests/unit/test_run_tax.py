@@ -14,7 +14,8 @@ from kubetune.config import RunConfig
 from kubetune.overrides import with_value
 from kubetune.errors import ConfigError
 from kubetune.preflight import PASSED_ENV, PreflightReport, passed_earlier, passed_record
-from kubetune.storage import LocalStore, reuse_or_build
+from kubetune.build_cache import reuse_or_build
+from kubetune.storage import LocalStore
 from kubetune.tokenization import cache_key
 
 

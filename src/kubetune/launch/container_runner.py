@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from kubetune import containers, tracking
-from kubetune.config import INPUT, RunConfig, locations
+from kubetune.config import INPUT, RunConfig
+from kubetune.overrides import locations
 from kubetune.console import PROGRESS_ENV
 from kubetune.errors import StageFailed, UserError, redacted
 from kubetune.images import CPU_IMAGE, CUDA_IMAGE

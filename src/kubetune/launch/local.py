@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from kubetune import tracking
-from kubetune.config import INPUT, RunConfig, locations
-from kubetune.overrides import with_value
+from kubetune.config import INPUT, RunConfig
+from kubetune.overrides import locations, with_value
 from kubetune.console import LOCAL_RUN_ENV, LOG_FORMAT, PROGRESS_ENV, OursAndProblems, StageLines, die_with_parent
 from kubetune.errors import ConfigError, Interrupted, StageFailed, redacted
 from kubetune.launch import container_runner
