@@ -23,9 +23,12 @@ def redacted(text: str) -> str:
     return _USERINFO.sub(mask, text)
 
 
-def bounded(text: str, limit: int = MESSAGE_SHOWN) -> str:
-    """text, or its first `limit` characters and how long it is: no error line runs to megabytes."""
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+def bounded(text: str, limit: int = MESSAGE_SHOWN, end: int = 0) -> str:
+    """text, or its first `limit - end` characters, how long it is and its last `end` characters (a
+    message's end says what to do): no error line runs to megabytes."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - end]}… ({len(text):,} characters)" + (f" …{text[-end:]}" if end else "")
 
 
 def shown(value: Any) -> str:
@@ -46,7 +49,7 @@ class UserError(Exception):
         self.field = field
         self.value = value
         self.fix = fix
-        super().__init__(bounded(redacted(f"{field} = {shown(value)}: {fix}")))
+        super().__init__(bounded(redacted(f"{field} = {shown(value)}: {fix}"), end=MESSAGE_SHOWN // 3))
 
 
 class ConfigError(UserError):
@@ -101,9 +104,9 @@ class StageFailed(Exception):
         # Bad input and a full disk fail the same way again; a service may come back.
         self.deterministic = bool(user_error) and user_error.group(1) != "ServiceError"
         if user_error:
-            message = f"{bounded(redacted(user_error.group(2)))} (in stage {stage})"
+            message = f"{bounded(redacted(user_error.group(2)), end=MESSAGE_SHOWN // 3)} (in stage {stage})"
         else:  # the error line cut, not the log's path after it
-            message = f"stage {stage} failed in {where} (exit {exit_code}): {bounded(redacted(error))}"
+            message = f"stage {stage} failed in {where} (exit {exit_code}): {bounded(redacted(error), end=MESSAGE_SHOWN // 3)}"
             if log:
                 message += f"; its full log: {log}"
         super().__init__(redacted(message))

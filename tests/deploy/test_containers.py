@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from kubetune import containers
-from kubetune.config import RunConfig, locations
+from kubetune.config import RunConfig
+from kubetune.overrides import locations
 from kubetune.launch.container_runner import (Mount, collapse, docker_run_args, error_line, plan, plan_mounts,
                                        refuse_image_paths, task_name)
 from kubetune.errors import StageFailed, UserError

@@ -60,15 +60,15 @@ def test_every_task_succeeded_and_timed(finished):
     # the run's whole log: every stage's lines and kfp.local's, on disk and in the MLflow run
     whole = Path(result["log"]).read_text()
     assert all(f"\n{stage}| " in whole for stage in STAGES) and "Got executor_input" in whole
-    assert "logs/" + Path(result["log"]).name in {
-        a.path for a in finished["client"].list_artifacts(result["run_id"], "logs")}
+    assert [a.path for a in finished["client"].list_artifacts(result["run_id"], "logs")] == ["logs/run.log"]
 
 
 def test_config_strings_reach_the_stages_unaltered_and_nothing_is_left_in_tmp(finished):
     run = finished["client"].get_run(finished["result"]["run_id"])
     assert run.data.params["data.path"] == str(finished["data"])
     assert not list(state_dir().glob("run-*")), "the run's temporary folder was not removed"
-    logs = {p.name.split("-", 2)[-1] for p in (state_dir() / "logs").glob("*.log")}
+    launch = Path(finished["result"]["log"]).name[:-len("-run.log")]  # every log file of a run is named after it
+    logs = {p.name[len(launch) + 1:] for p in (state_dir() / "logs").glob(f"{launch}-*.log")}
     assert {f"{stage}.log" for stage in STAGES} <= logs
 
 

@@ -50,7 +50,8 @@ def test_a_long_value_is_cut_and_its_length_shown():
 
 def test_a_long_message_is_cut_at_1500_characters():
     error = UserError("field", 1, "word " * 10_000)
-    assert len(str(error)) < 1600 and str(error).endswith("… (50,011 characters)")
+    assert len(str(error)) < 1600 and "… (50,011 characters) …" in str(error)
+    assert str(error).startswith("field = 1: word word") and str(error).endswith("word word ")  # what to do, at its end
 
 
 def test_a_uri_cut_before_its_at_is_still_masked():
