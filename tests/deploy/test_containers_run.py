@@ -9,6 +9,7 @@ minutes), later calls reuse it. Skipped with the reason where podman cannot run.
 import contextlib
 import io
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -103,14 +104,18 @@ def test_registered_version_from_containers_loads(both_runs):
 
 
 def test_local_places_in_private_folders(cpu_image, tiny_model_dir, quotes_file, tmp_path):
-    """A sqlite store, local storage and data in owner-only folders (as pytest makes them): the image's
-    user reads and writes them through ACLs; the files stay the host user's to change."""
+    """A sqlite store, local storage and data in owner-only folders (as pytest makes them), and a model
+    beside the store whose weights are 0600 (as some writers save safetensors): the image's user reads
+    and writes them through ACLs; the files stay the host user's to change."""
     data = tmp_path / "private-data"
     data.mkdir(mode=0o700)
     (data / "quotes.json").write_bytes(quotes_file.read_bytes())
     (data / "quotes.json").chmod(0o600)
     store, storage = tmp_path / "store" / "mlflow.db", tmp_path / "storage"
-    config = tiny_run_config(tiny_model_dir, data / "quotes.json",
+    model = shutil.copytree(tiny_model_dir, tmp_path / "store" / "model")
+    for weights in model.glob("*.safetensors"):
+        weights.chmod(0o600)
+    config = tiny_run_config(model, data / "quotes.json",
                              tracking={"mlflow_uri": f"sqlite:///{store}", "experiment": "private"},
                              storage={"uri": str(storage)},
                              train={"max_steps": 4, "save_steps": 2},
@@ -144,7 +149,7 @@ def failures_of(podman, tmp_path, call) -> list[StageFailed]:
         ulimits = [docker.types.Ulimit(name=name, soft=limit, hard=limit) for name, limit in containers.ULIMITS.items()]
         local.init(runner=local.DockerRunner(network_mode="host", ulimits=ulimits), pipeline_root=str(tmp_path / "root"),
                    raise_on_error=True)
-        with pytest.raises(RuntimeError):
+        with pytest.raises((RuntimeError, StageFailed)):  # bad input is raised at once, not retried
             call()
     return runner.failures
 

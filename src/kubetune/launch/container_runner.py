@@ -425,8 +425,10 @@ def run(cfg: RunConfig, podman: containers.Podman, gpu: bool, state: Path, progr
     for path in (pipeline_root, workspace_root):
         path.mkdir(parents=True, exist_ok=True)
     uid = podman.host_uid_of(containers.IMAGE_USER_UID)
-    containers.grant([*container_plan.writable, (pipeline_root, True), (workspace_root, True)], uid, write=True)
+    # Reads first: an input may lie above a writable place (data beside the state folder), and a later
+    # read grant would take that place's write access back.
     failed = containers.grant(container_plan.readable, uid, write=False)
+    containers.grant([*container_plan.writable, (pipeline_root, True), (workspace_root, True)], uid, write=True)
     for key, value, _ in (place for place in locations(cfg) if failed and place[2] == INPUT):
         blocked = None if _is_remote(value) or not Path(value).exists() else containers.unreadable(Path(value), uid)
         if blocked is not None:  # before any stage starts, not as a FileNotFoundError in prepare_model
