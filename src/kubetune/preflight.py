@@ -118,7 +118,7 @@ def check_lengths(cfg: RunConfig, positions: Optional[modeling.Positions]) -> No
     if positions.absolute and prompt + new > positions.limit:
         room = positions.limit - prompt
         fix = (f"set evaluate.max_new_tokens to {room} or less" if room > 0 else
-               f"lower data.max_length to leave room for the answer, then evaluate.max_new_tokens")
+               "lower data.max_length to leave room for the answer, then evaluate.max_new_tokens")
         raise ConfigError("evaluate.max_new_tokens", new, f"a held-out prompt of up to {prompt} tokens ({why}) "
                           f"plus {new} new ones passes the last position: {positions.describe()}; {fix}")
     if new > positions.limit:

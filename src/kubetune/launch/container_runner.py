@@ -416,8 +416,8 @@ def artifact_folder(tracking_uri: str, experiment: str) -> Optional[Path]:
 
 def run(cfg: RunConfig, podman: containers.Podman, gpu: bool, state: Path, progress: bool,
         pipeline_root: Path, workspace_root: Path, resume: str = "", lines=None, run_log=None) -> None:
-    """Run the DAG in containers. lines: the quiet
-    console (console.StageLines), None to print every line; run_log: where every line is kept."""
+    """Run the DAG in containers. lines: the quiet console (console.StageLines), None to print every
+    line; run_log: where every line is kept."""
     from kfp import local
 
     container_plan = plan(cfg, state, artifact_folder(cfg.tracking.mlflow_uri, cfg.tracking.experiment),
@@ -425,8 +425,7 @@ def run(cfg: RunConfig, podman: containers.Podman, gpu: bool, state: Path, progr
     for path in (pipeline_root, workspace_root):
         path.mkdir(parents=True, exist_ok=True)
     uid = podman.host_uid_of(containers.IMAGE_USER_UID)
-    # Reads first: an input may lie above a writable place (data beside the state folder), and a later
-    # read grant would take that place's write access back.
+    # Reads first: a read grant on an input above a writable place would take its write access back.
     failed = containers.grant(container_plan.readable, uid, write=False)
     containers.grant([*container_plan.writable, (pipeline_root, True), (workspace_root, True)], uid, write=True)
     for key, value, _ in (place for place in locations(cfg) if failed and place[2] == INPUT):
