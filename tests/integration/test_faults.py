@@ -117,7 +117,7 @@ def test_a_stage_killed_from_outside_leaves_the_run_failed_by_the_exit_handler(t
                                                                                    # generations long enough
                                                                                    # to kill it in
                                                                                    "num_generations": 16,
-                                                                                   "max_new_tokens": 400})
+                                                                                   "max_new_tokens": 240})
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     home = tmp_path / "home"
     run = kubetune("run", "--no-progress", "--config", str(tmp_path / "run.yaml"),
