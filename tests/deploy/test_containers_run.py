@@ -16,7 +16,8 @@ import pytest
 
 from kubetune import containers, tracking
 from kubetune.config import RunConfig
-from kubetune.launch.container_runner import TaskRunner, docker_api, replaced_docker_run
+from kubetune.launch import kfp_local
+from kubetune.launch.container_runner import TaskRunner, docker_api
 from kubetune.errors import StageFailed
 from kubetune.images import CPU_IMAGE
 from kubetune.launch.local import run_pipeline
@@ -145,7 +146,7 @@ def failures_of(podman, tmp_path, call) -> list[StageFailed]:
     runner = TaskRunner({})
     (tmp_path / "root").mkdir()
     containers.grant([(tmp_path / "root", True)], containers.IMAGE_USER_UID, write=True)
-    with docker_api(podman), replaced_docker_run(runner):
+    with docker_api(podman), kfp_local.docker_tasks(runner):
         ulimits = [docker.types.Ulimit(name=name, soft=limit, hard=limit) for name, limit in containers.ULIMITS.items()]
         local.init(runner=local.DockerRunner(network_mode="host", ulimits=ulimits), pipeline_root=str(tmp_path / "root"),
                    raise_on_error=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.components.register import register
-from kubetune.launch import warm
+from kubetune.launch import kfp_local, warm
 
 
 def kfp_command(source: str, *arguments: str) -> list[str]:
@@ -74,10 +74,10 @@ def run(starter, tmp_path, monkeypatch, **env):
 def test_kfp_launcher_is_recognised_and_others_are_not():
     command = [*register.component_spec.implementation.container.command,
                *register.component_spec.implementation.container.args]
-    source, arguments = warm.kfp_launch(command)
+    source, arguments = kfp_local.launcher_script(command)
     assert "def register(" in source and arguments[:1] == ["--executor_input"]
-    assert warm.kfp_launch(["python3", "-c", "print(1)"]) is None
-    assert warm.kfp_launch(["sh", "-ec", command[2].replace("python3 -m", "pip install x && python3 -m"),
+    assert kfp_local.launcher_script(["python3", "-c", "print(1)"]) is None
+    assert kfp_local.launcher_script(["sh", "-ec", command[2].replace("python3 -m", "pip install x && python3 -m"),
                             *command[3:]]) is None
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from kubetune import containers, tracking
+from kubetune.launch import kfp_local
 from kubetune.config import INPUT, RunConfig
 from kubetune.overrides import locations
 from kubetune.console import PROGRESS_ENV
@@ -240,12 +241,6 @@ def error_line(lines: list[str]) -> str:
     return next((line.strip() for line in reversed(lines) if line.strip()), "no output")
 
 
-def task_name(command: list[str]) -> str:
-    if "--function_to_execute" in command:
-        return command[command.index("--function_to_execute") + 1]
-    return "task"
-
-
 QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
 UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 
@@ -269,7 +264,7 @@ class TaskRunner:
         self.run_log = run_log  # the run's whole log, every line of every task
 
     def __call__(self, client, image: str, command: list[str], volumes: dict[str, Any], **run_args) -> int:
-        task = task_name(command)
+        task = kfp_local.task_name(command)
         actual = self.images.get(image, image)
         if actual != image:
             log.info("%s: its component names %s; running it in %s (no GPU on this machine)", task, image, actual)
@@ -323,18 +318,6 @@ class TaskRunner:
             self.lines.line(task, line)
         if self.run_log is not None:
             self.run_log.write(f"{task}| {line}")
-
-
-@contextlib.contextmanager
-def replaced_docker_run(runner: TaskRunner) -> Iterator[None]:
-    from kfp.local import docker_task_handler
-
-    original = docker_task_handler.run_docker_container
-    docker_task_handler.run_docker_container = runner
-    try:
-        yield
-    finally:
-        docker_task_handler.run_docker_container = original
 
 
 @contextlib.contextmanager
@@ -439,7 +422,7 @@ def run(cfg: RunConfig, podman: containers.Podman, gpu: bool, state: Path, progr
                  f" at {mount.target}" if mount.target else "", "read-write" if mount.writable else "read-only",
                  mount.why)
     runner = TaskRunner(container_plan.images, lines, run_log)
-    with docker_api(podman), replaced_docker_run(runner):
+    with docker_api(podman), kfp_local.docker_tasks(runner):
         local.init(runner=local.DockerRunner(**docker_run_args(container_plan)), pipeline_root=str(pipeline_root),
                    workspace_root=str(workspace_root), raise_on_error=True)
         try:

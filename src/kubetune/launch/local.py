@@ -27,7 +27,7 @@ from kubetune.config import INPUT, RunConfig
 from kubetune.overrides import locations, with_value
 from kubetune.console import LOCAL_RUN_ENV, LOG_FORMAT, PROGRESS_ENV, OursAndProblems, StageLines, die_with_parent
 from kubetune.errors import ConfigError, Interrupted, StageFailed, redacted
-from kubetune.launch import container_runner
+from kubetune.launch import container_runner, kfp_local
 from kubetune.launch import warm as warm_start
 from kubetune.paths import STATE_ENV, checkout_root, state_dir
 from kubetune.pipelines.pipeline import kubetune_pipeline
@@ -83,13 +83,10 @@ def pin_locations(cfg: RunConfig) -> RunConfig:
 
 
 class ProcessTasks:
-    """Runs kfp.local's subprocess tasks (in place of its own runner) so that:
+    """Runs kfp.local's subprocess tasks (in place of its own runner, through kfp_local) so that:
 
-    - the executor input reaches the task as written: kfp.local swaps the string `python3` for this
-      interpreter's path in every element of the command line, config JSON and artifact paths
-      included, so a data path inside a virtualenv's lib/python3.11/ pointed nowhere; only the shell
-      script that starts Python is rewritten here;
-    - each task's output goes to the console and to logs/<time>-<task>.log under the state folder,
+    - the executor input reaches the task as written (kfp_local.subprocess_tasks);
+    - each task's output goes to the console and to logs/<launch>-<task>.log under the state folder,
       and a failed task's last error line is kept (kubetune.errors.StageFailed), so the CLI prints one
       `kubetune: error:` line instead of kfp's RuntimeError traceback;
     - the temporary folders a task makes (kfp's component script, about 8 per run) go to one folder
@@ -116,15 +113,8 @@ class ProcessTasks:
         self.warm = warm
         self.started_warm: list[str] = []
 
-    def keep_arguments(self, original):
-        def script_only(full_command: list[str], new_executable: str) -> list[str]:
-            rewritten = original(full_command, new_executable)
-            return [old if i > 0 and full_command[i - 1] == "--executor_input" else new
-                    for i, (old, new) in enumerate(zip(full_command, rewritten))]
-        return script_only
-
     def __call__(self, full_command: list[str], env_vars: Optional[dict[str, str]] = None) -> int:
-        task = container_runner.task_name(full_command)
+        task = kfp_local.task_name(full_command)
         log_path = self.logs / f"{self.launch}-{task}.log"  # a retried task's attempts follow each other
         env = {**os.environ, **(env_vars or {}), "TMPDIR": str(self.tmp), LOCAL_RUN_ENV: "1"}
         tail: collections.deque[str] = collections.deque(maxlen=80)
@@ -174,16 +164,10 @@ class ProcessTasks:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["ProcessTasks"]:
-        from kfp.local import subprocess_task_handler as handler
-
-        originals = handler.replace_python_executable, handler.run_local_subprocess
-        handler.replace_python_executable = self.keep_arguments(originals[0])
-        handler.run_local_subprocess = self
         try:
-            with quiet_kfp(self.lines is not None, self.run_log):
+            with kfp_local.subprocess_tasks(self), quiet_kfp(self.lines is not None, self.run_log):
                 yield self
         finally:
-            (handler.replace_python_executable, handler.run_local_subprocess) = originals[:2]
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -191,10 +175,6 @@ class ProcessTasks:
 def quiet_kfp(quiet: bool, run_log=None) -> Iterator[None]:
     """When quiet, kfp.local's own lines (task input dumps, statuses, rules) go to the run log only,
     its warnings to the console too."""
-    from kfp.local import logging_utils
-
-    originals = logging_utils.local_logger_context, logging_utils.print_horizontal_line
-
     @contextlib.contextmanager
     def to_run_log() -> Iterator[None]:
         root = logging.getLogger()
@@ -209,12 +189,8 @@ def quiet_kfp(quiet: bool, run_log=None) -> Iterator[None]:
             root.setLevel(saved[0])
             root.handlers = saved[1]
 
-    if quiet:
-        logging_utils.local_logger_context, logging_utils.print_horizontal_line = to_run_log, lambda: None
-    try:
+    with kfp_local.task_logging(to_run_log if quiet else None):
         yield
-    finally:
-        logging_utils.local_logger_context, logging_utils.print_horizontal_line = originals
 
 
 def new_launch_id() -> str:
@@ -236,6 +212,7 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process",
     stopped and its MLflow run marked KILLED (errors.Interrupted)."""
     if runner not in RUNNERS:
         raise ConfigError("--runner", runner, f"use one of {', '.join(RUNNERS)}")
+    kfp_local.check_version()  # before anything runs: kfp.local's private parts are replaced below
     started = time.monotonic()
     cfg = pin_locations(cfg)
     if runner == "container":  # before anything is loaded: containers must be able to run here

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from kubetune.console import die_with_parent
+from kubetune.launch import kfp_local
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,6 @@ def modules_for() -> list[str]:
 
 
 _MESSAGE_BYTES = 4 * 1024 * 1024
-_EXECUTOR = "kfp.dsl.executor_main"
 
 
 def model_modules(model_dir: Path) -> list[str]:
@@ -71,20 +71,6 @@ def model_modules(model_dir: Path) -> list[str]:
         return []
     name = str(model_type).replace("-", "_")
     return [f"transformers.models.{name}.modeling_{name}"] if name.isidentifier() else []
-
-
-def kfp_launch(command: list[str]) -> Optional[tuple[str, list[str]]]:
-    """(component source, executor arguments) when `command` is kfp's launcher for a lightweight
-    Python component (`sh -ec '<write $0 to ephemeral_component.py; python3 -m
-    kfp.dsl.executor_main --component_module_path ... "$@">' SOURCE ARGS...`) that installs
-    nothing; None for anything else."""
-    if len(command) < 4 or command[:2] != ["sh", "-ec"]:
-        return None
-    script = command[2]
-    if _EXECUTOR not in script or '"$program_path/ephemeral_component.py"' not in script or '"$@"' not in script \
-            or "pip install" in script or "pip3 install" in script:
-        return None
-    return command[3], command[4:]
 
 
 # ---- the zygote's side --------------------------------------------------------------------------------------
@@ -130,12 +116,12 @@ def _run_task(command: list[str], environment: dict[str, str], cwd: str) -> int:
     os.chdir(cwd)
     die_with_parent()
     _fresh_process_state()
-    source, arguments = kfp_launch(command)
+    source, arguments = kfp_local.launcher_script(command)
     program = Path(tempfile.mkdtemp()) / "ephemeral_component.py"
     program.write_text(source)
-    sys.argv = [_EXECUTOR, "--component_module_path", str(program), *arguments]
+    sys.argv = [kfp_local.EXECUTOR, "--component_module_path", str(program), *arguments]
     try:
-        runpy.run_module(_EXECUTOR, run_name="__main__", alter_sys=True)
+        runpy.run_module(kfp_local.EXECUTOR, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -239,7 +225,7 @@ class WarmStarter:
         self.ready = None
 
     def can_run(self, command: list[str]) -> bool:
-        return kfp_launch(command) is not None and self._await_ready()
+        return kfp_local.launcher_script(command) is not None and self._await_ready()
 
     def run(self, command: list[str], env: dict[str, str], lines: Callable[[str], None]) -> int:
         """Runs one task in a child of the zygote; each line of its output goes to `lines`; returns its exit status."""
