@@ -174,3 +174,21 @@ def test_no_module_outgrows_a_page(module):
     lines = len(MODULES[module].read_text().splitlines())
     limit = ONE_FILE_LIMITS.get(module, MAX_LINES)
     assert lines <= limit, f"{MODULES[module].relative_to(ROOT)} has {lines} lines; split it by job"
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    """The top-level packages a module imports, function-local imports included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_only_storage_imports_boto3():
+    """S3 behind one module: its retries, its error messages naming the config field, its ETag pins."""
+    importers = sorted(name for name, path in MODULES.items()
+                       if {"boto3", "botocore"} & _third_party_imports(path) and name != "kubetune.storage")
+    assert not importers, f"{importers} import boto3/botocore; go through kubetune.storage"
