@@ -135,8 +135,8 @@ class _Hashing(io.RawIOBase):
 
 
 def _local_version(path: Path) -> str:
-    stat = os.stat(path)
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
+    info = os.stat(path)  # not `stat`: that is the module SPECIAL_FILES reads modes with
+    return f"{info.st_size}:{info.st_mtime_ns}"
 
 
 #: What a path that is neither a regular file nor a folder is, by its stat mode.

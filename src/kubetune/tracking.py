@@ -276,7 +276,7 @@ def mark_interrupted(uri: str, run_id: str) -> str:
     mlflow_client = client(uri)
     run = mlflow_client.get_run(run_id)
     stage = run.data.tags.get("kubetune.failed_stage") or run.data.tags.get("kubetune.stage", "preflight")
-    if run.info.status in ("RUNNING", "SCHEDULED") or run.data.tags.get("kubetune.error") == INTERRUPTED:
+    if run.info.status in ("RUNNING", "SCHEDULED"):  # a stage that saw the signal has marked it itself
         RunLogger(uri, run_id).tags({"kubetune.failed_stage": stage, "kubetune.error": INTERRUPTED})
         mlflow_client.set_terminated(run_id, status="KILLED")
     return stage

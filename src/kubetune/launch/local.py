@@ -97,9 +97,9 @@ class ProcessTasks:
       its warnings (console.StageLines); every line also goes to the run's log (run_log).
     """
 
-    def __init__(self, home: Path, warm: Optional[warm_start.WarmStarter] = None, verbose: bool = True,
-                 run_log=None, progress: bool = True, launch: str = ""):
-        self.launch = launch or time.strftime('%Y%m%d-%H%M%S')
+    def __init__(self, home: Path, launch: str, warm: Optional[warm_start.WarmStarter] = None,
+                 verbose: bool = True, run_log=None, progress: bool = True):
+        self.launch = launch  # names the task logs: <launch>-<task>.log
         self.logs = home / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.lines = None if verbose else StageLines(progress=progress)
@@ -237,8 +237,8 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process",
             if warm is not None:
                 warm.preload(warm_start.model_modules(Path(report.model["path"])))
             started_warm = _run_dag(cfg, home, runner, resume, warm, *(
-                (podman, gpu) if runner == "container" else (None, False)), verbose=verbose, run_log=run_log,
-                progress=progress, launch=launch)
+                (podman, gpu) if runner == "container" else (None, False)), launch, verbose=verbose, run_log=run_log,
+                progress=progress)
         except KeyboardInterrupt:
             if warm is not None:
                 warm.close()  # its task (a child of the zygote) dies with it
@@ -336,8 +336,8 @@ def _keep_log(cfg: RunConfig, path: Path, log_file, launch: str, resume: str) ->
 
 
 def _run_dag(cfg: RunConfig, home: Path, runner: str, resume: str, warm: Optional[warm_start.WarmStarter],
-             podman: Any, gpu: bool, verbose: bool = True, run_log=None, progress: bool = True,
-             launch: str = "") -> list[str]:
+             podman: Any, gpu: bool, launch: str, verbose: bool = True, run_log=None,
+             progress: bool = True) -> list[str]:
     """The DAG under kfp.local; returns the tasks that started warm."""
     from kfp import local
 
@@ -353,8 +353,7 @@ def _run_dag(cfg: RunConfig, home: Path, runner: str, resume: str, warm: Optiona
         return []
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
                workspace_root=str(home / "kfp-workspace"), raise_on_error=True)
-    with ProcessTasks(home, warm, verbose=verbose, run_log=run_log, progress=progress,
-                      launch=launch).installed() as tasks:
+    with ProcessTasks(home, launch, warm, verbose=verbose, run_log=run_log, progress=progress).installed() as tasks:
         try:
             kubetune_pipeline(config_json=json.dumps(cfg.to_dict()), resume_run_id=resume)
             return tasks.started_warm
