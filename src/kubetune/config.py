@@ -18,10 +18,6 @@ from kubetune.overrides import apply_overrides, merge, read_file
 from kubetune.strict import build
 
 TASKS = ("causal_lm", "classification", "instruction", "multitask", "chat")
-ALPACA_TEMPLATE = (
-    "Below is an instruction that describes a task{input_clause}. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
-)
 QUANTIZATIONS = ("none", "8bit", "4bit")
 LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")

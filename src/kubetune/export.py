@@ -1,7 +1,7 @@
 """export: a registered adapter merged into its base model, written as a standalone model folder.
 
 A registered kubetune version is an adapter plus a reference to its base: serving it needs the
-base snapshot and PEFT (kubetune.served_model loads it). The exported folder needs only
+base snapshot and PEFT (kubetune_serving loads it). The exported folder needs only
 transformers: the LoRA update (B·A·alpha/r) is added into the base weights (PEFT's
 merge_and_unload) and the result saved with save_pretrained as safetensors, with the tokenizer
 beside it.
@@ -31,13 +31,14 @@ import yaml
 
 from kubetune import tracking
 from kubetune.config import LoraSettings, ModelConfig
-from kubetune.errors import ConfigError, ModelError, ServiceError
+from kubetune.errors import ConfigError, ModelError
 from kubetune.model_source import fingerprint, resolve_model
 from kubetune.modeling import load_base_model, load_tuned
 from kubetune.registry import pins
 from kubetune.tasks import get_task
 from kubetune.tasks.base import CLASSES
 from kubetune.tokenization import load_tokenizer
+from kubetune.tracking import models
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +73,8 @@ def model_uri(reference: str) -> str:
 def fetch(tracking_uri: str, reference: str, dest: Path) -> tuple[str, Path, dict[str, Any]]:
     """Downloads the registered model; returns (its URI, the adapter folder, the settings it was
     registered with)."""
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
     uri = model_uri(reference)
-    try:
-        with tracking.process_uris(tracking_uri):  # models:/ URIs resolve through the process's registry URI
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
-    except MlflowException as exc:
-        raise ModelError("--model", reference, f"no such model in {tracking_uri} ({str(exc).splitlines()[0][:200]}); "
-                                               "list versions in the MLflow UI or with the registry API") from None
-    except OSError as exc:
-        raise ServiceError("--model", reference, f"could not download it from {tracking_uri}: {exc}") from None
+    local = models.download(tracking_uri, uri, dest, "--model", reference)
     adapter, settings = registered_parts(local)
     if adapter is None or "base_model" not in settings:
         raise ModelError("--model", reference, "this is not a model kubetune registered (its MLmodel has no adapter "
@@ -95,8 +86,9 @@ def registered_parts(local: Path) -> tuple[Optional[Path], dict[str, Any]]:
     """(the adapter folder, the settings) of a downloaded version; (None, {}) when it has none.
 
     Settings are the `settings` artifact (settings.json) of versions served from
-    kubetune.served_model, or the python_function `config` (pyfunc's model_config) of the versions
-    registered before it, which were CloudPickled kubetune classes."""
+    kubetune_serving (or the single file served_model.py before it), or the python_function `config`
+    (pyfunc's model_config) of the versions registered before those, which were CloudPickled
+    kubetune classes."""
     mlmodel = local / "MLmodel"
     flavor = (yaml.safe_load(mlmodel.read_text()) if mlmodel.exists() else {}).get("flavors", {}).get(
         "python_function", {})
@@ -179,8 +171,6 @@ def export(tracking_uri: str, reference: str, out_dir: Path, dtype: str = "float
 def register_merged(tracking_uri: str, exported: Exported, model_name: str) -> str:
     """Logs the merged folder with MLflow's transformers flavor (loadable with mlflow and
     transformers alone, no kubetune) into a new run, with an input example, and registers it."""
-    import mlflow
-
     kind = get_task(exported.task)
     pipeline_task = "text-classification" if kind.scoring == CLASSES else "text-generation"
     example = "This is great" if pipeline_task == "text-classification" else "The best way to learn is"
@@ -189,12 +179,9 @@ def register_merged(tracking_uri: str, exported: Exported, model_name: str) -> s
     # A pipeline object, not the folder's path: MLflow's path mode reads pipeline metadata that
     # transformers 5 no longer has (mlflow 3.17.2 fails with "'str' object has no attribute '__name__'").
     served = pipeline(pipeline_task, model=str(exported.path), tokenizer=str(exported.path))
-    with tracking.process_uris(tracking_uri), mlflow.start_run(run_name=f"export-{model_name}") as run:
-        mlflow.set_tags({"kubetune.exported_from": exported.source_uri, "kubetune.base_model": exported.base_model})
-        info = mlflow.transformers.log_model(transformers_model=served, task=pipeline_task, name="model",
-                                             input_example=[example], registered_model_name=model_name,
-                                             pip_requirements=pins(["torch", "transformers"]),
-                                             await_registration_for=60)
-    version = f"{model_name}/{info.registered_model_version}"
-    log.info("export: registered %s (run %s)", version, run.info.run_id)
+    tags = {"kubetune.exported_from": exported.source_uri, "kubetune.base_model": exported.base_model}
+    number, run_id = models.log_transformers_model(tracking_uri, f"export-{model_name}", tags, served, pipeline_task,
+                                                   example, model_name, pins(["torch", "transformers"]))
+    version = f"{model_name}/{number}"
+    log.info("export: registered %s (run %s)", version, run_id)
     return version

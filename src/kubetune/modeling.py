@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
+from kubetune_serving.loading import compute_dtype, quantization_config
+
 from kubetune import artifacts
 from kubetune.config import ModelConfig
 from kubetune.console import quiet_bitsandbytes
@@ -30,26 +32,6 @@ def device_kind() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def compute_dtype():
-    """fp32 on the CPU; bf16 on GPUs that support it, else fp16."""
-    import torch
-
-    if device_kind() != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def quantization_config(quantization: str, skip_modules: Optional[list[str]] = None):
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
-    if quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype(), llm_int8_skip_modules=skip_modules)
-    return None
 
 
 def _cpu_4bit_workaround(model) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from kubetune import artifacts, modeling, registry, retrieval, tracking
+from kubetune import artifacts, modeling, retrieval, tracking
 from kubetune.config import RunConfig
 from kubetune.errors import ConfigError
 from kubetune.data import prepare_data
@@ -28,6 +28,7 @@ from kubetune.model_source import check_snapshot, describe_source, resolve_model
 from kubetune.storage import open_store
 from kubetune.tasks import get_task
 from kubetune.tokenization import load_tokenizer
+from kubetune.tracking.models import check_model_name
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ def preflight(cfg: RunConfig, train_gpus: Optional[bool] = None) -> PreflightRep
     """Cheap checks first: config, data, services, then the model's structure. train_gpus: whether
     the train stage gets GPUs (on a cluster, from the accelerator settings); None = this machine's."""
     cfg.validate()
-    registry.check_model_name(cfg.register.model_name)
+    check_model_name(cfg.register.model_name)
     check_precision(cfg, train_gpus)
     data_facts, sample = check_data(cfg)
     check_rag(cfg)

@@ -5,9 +5,10 @@ model carries the base model's name, where it was resolved to, and its fingerpri
 on first use. The new version becomes the `champion` when it beats the current one on the task
 kind's registry score.
 
-The version is an MLflow "model from code": kubetune/served_model.py (which imports no kubetune)
-plus two artifacts, the adapter folder and settings.json. So it loads, and `mlflow models serve`
-serves it, where mlflow, torch, transformers and peft are installed and kubetune is not; its
+The version is an MLflow "model from code": kubetune_serving/mlflow_model.py with the
+kubetune_serving package beside it (code_paths; it imports no kubetune), plus two artifacts, the
+adapter folder and settings.json. So it loads, and `mlflow models serve` serves it, where mlflow,
+torch, transformers and peft are installed and kubetune is not; its
 requirements pin those (and bitsandbytes for a quantized base), never kubetune. The settings are
 an artifact and not pyfunc's model_config: MLflow logs a model_config as params of the active run
 (12 un-namespaced ones: `lora`, `quantization`, `task_info/...`), and the run's params are its
@@ -17,49 +18,43 @@ MLflow checks the input example by loading the logged model and predicting it on
 (pyfunc.log_model has no switch to skip it), so registering loads the base and the adapter once
 more, from where the settings say the base is (the register stage in all: 1.2 s for the tests'
 tiny Llama on an 8-bit base, on the CPU). A failed check is logged as a warning, not raised.
+
+What MLflow is told, and how, is kubetune.tracking.models; this module decides what a version
+holds and whether it becomes the champion (promote_if_better takes any store with aliased() and
+set_alias(), so the rule is tested on plain data).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
-from kubetune import __version__, served_model, tracking
-from kubetune.config import ALPACA_TEMPLATE
-from kubetune.errors import ConfigError
+import kubetune_serving
+from kubetune_serving.model import DEFAULT_MAX_NEW_TOKENS, LABELS, TEXT
+from kubetune_serving.prompts import ALPACA_TEMPLATE
+
+from kubetune import __version__
 from kubetune.model_source import resolve_model
-from kubetune.served_model import DEFAULT_MAX_NEW_TOKENS, LABELS, TEXT
 from kubetune.tasks import TaskKind
 from kubetune.tasks.base import CLASSES
+from kubetune.tracking import models
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
-#: The code MLflow executes to load a registered version (models from code).
-SERVED_MODEL_FILE = Path(served_model.__file__)
+#: The package a registered version is served with, and the file of it MLflow executes (models from code).
+SERVING_PACKAGE = Path(kubetune_serving.__file__).parent
+SERVED_MODEL_FILE = SERVING_PACKAGE / "mlflow_model.py"
 SETTINGS_FILE = "settings.json"
 #: Input examples by what the model reads.
 EXAMPLE_TEXT = "The battery lasts all day and the screen is lovely."
 EXAMPLE_PROMPT = "The best way to learn is"
 EXAMPLE_INSTRUCTION = "Is this review positive or negative?"
 EXAMPLE_QUESTION = "What makes a good cup of tea?"
-
-
-def check_model_name(name: str) -> None:
-    """register.model_name by MLflow's own rules for a registered model's name, those of its file
-    store (the strictest: it adds no path separators and no '%' to the rules every store applies), so
-    a name MLflow would refuse fails in preflight, not in register after training."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.store.model_registry.file_store import _validate_model_name
-
-    try:
-        _validate_model_name(name)
-    except MlflowException as exc:
-        raise ConfigError("register.model_name", name, f"MLflow refuses it ({exc.message}); use letters, digits, "
-                          "'-', '_' and '.', e.g. quotes-lora") from None
 
 
 def pins(names: list[str]) -> list[str]:
@@ -80,7 +75,7 @@ def requirements(settings: dict[str, Any]) -> list[str]:
 
 def model_config(plan: dict[str, Any], kind: TaskKind, info: dict[str, Any],
                  prompt_format: Optional[dict[str, Any]]) -> dict[str, Any]:
-    """What the served model (kubetune.served_model) needs to load and serve the model. The task
+    """What the served model (kubetune_serving) needs to load and serve the model. The task
     kind's decisions travel as data: the model class, its config overrides (head size, label
     names, pad id), and what predict returns. An `alpaca` prompt format carries the Alpaca text, so
     a version keeps the prompt it was trained on whatever later kubetune versions change."""
@@ -112,23 +107,17 @@ def signature(settings: dict[str, Any]):
     """Classification reads `text`; the language models read `prompt`, instruction models also
     `instruction` and `input`, chat models `messages` (lists of {role, content}; each column then
     optional); every model returns one string a row."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-    from mlflow.types.schema import Array, Object, Property
-
-    outputs = Schema([ColSpec("string")])
     if settings["predicts"] == LABELS:
-        return ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=outputs)
+        return models.signature([("text", "string", True)], [])
     if (settings.get("prompt_format") or {}).get("chat"):
-        message = Object([Property("role", "string"), Property("content", "string")])
-        inputs = Schema([ColSpec(Array(message), "messages", required=False), ColSpec("string", "prompt", required=False)])
+        inputs = [("messages", models.MESSAGES, False), ("prompt", "string", False)]
     elif settings.get("prompt_format"):
-        inputs = Schema([ColSpec("string", name, required=False) for name in ("prompt", "instruction", "input")])
+        inputs = [(name, "string", False) for name in ("prompt", "instruction", "input")]
     else:
-        inputs = Schema([ColSpec("string", "prompt")])
-    params = ParamSchema([ParamSpec("max_new_tokens", "long", settings["max_new_tokens"]),
-                          *([ParamSpec("retrieve", "boolean", True)] if settings.get("retrieval") else [])])
-    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+        inputs = [("prompt", "string", True)]
+    params = [("max_new_tokens", "long", settings["max_new_tokens"]),
+              *([("retrieve", "boolean", True)] if settings.get("retrieval") else [])]
+    return models.signature(inputs, params)
 
 
 def input_example(settings: dict[str, Any]):
@@ -145,6 +134,12 @@ def input_example(settings: dict[str, Any]):
     return pd.DataFrame({"prompt": [EXAMPLE_PROMPT]})
 
 
+def served_code(work: Path) -> Path:
+    """A clean copy of the serving package to log with the version (no __pycache__ or editor files)."""
+    return Path(shutil.copytree(SERVING_PACKAGE, work / SERVING_PACKAGE.name,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*")))
+
+
 def register(tracking_uri: str, run_id: str, model_name: str, adapter_dir: Path, settings: dict[str, Any],
              metrics: dict[str, float], lineage: dict[str, str], score: tuple[str, bool],
              retrieval: Optional[tuple[Path, dict[str, Any]]] = None) -> dict[str, Any]:
@@ -152,52 +147,54 @@ def register(tracking_uri: str, run_id: str, model_name: str, adapter_dir: Path,
     moves the champion alias to it when it beats the current champion on score (metric, higher is
     better). retrieval: evaluate.rag's index folder and settings; the version then retrieves as
     evaluation did (its passages and vectors travel with it; the embedding model is referenced)."""
-    import mlflow
-    import mlflow.pyfunc
-    from mlflow import MlflowClient
-
     settings = {**settings, "unquantized_modules": unquantized_modules(settings, adapter_dir),
                 **({"retrieval": retrieval[1]} if retrieval else {})}
     files = {"adapter": str(adapter_dir), **({"retrieval": str(retrieval[0])} if retrieval else {})}
-    with tempfile.TemporaryDirectory(prefix="kubetune-register-") as work, tracking.process_uris(tracking_uri), \
-            mlflow.start_run(run_id=run_id, log_system_metrics=False):
+    with tempfile.TemporaryDirectory(prefix="kubetune-register-") as work:
         settings_file = Path(work) / SETTINGS_FILE
         settings_file.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(SERVED_MODEL_FILE),
+        code = served_code(Path(work))
+        version, model_uri = models.log_code_model(
+            tracking_uri, run_id, model_name, code_file=code / SERVED_MODEL_FILE.name, code_paths=[code],
             # the tokenizer is saved beside the adapter
             artifacts={**files, "settings": str(settings_file)},
-            signature=signature(settings),
-            input_example=input_example(settings),
-            pip_requirements=requirements(settings),
-            registered_model_name=model_name,
-            await_registration_for=60,
-        )
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    version = str(info.registered_model_version)
+            signature=signature(settings), input_example=input_example(settings),
+            requirements=requirements(settings))
+    store = models.ModelStore(tracking_uri)
     tags = {**lineage, "run_id": run_id, "base_model": settings["base_model"], "kubetune_version": __version__,
             **{k: str(v) for k, v in metrics.items()}}
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version, key, value)
+    store.tag_version(model_name, version, tags)
 
     score_key, higher_is_better = score
-    promoted = promote_if_better(client, model_name, version, score_key, metrics.get(score_key), higher_is_better)
+    promoted = promote_if_better(store, model_name, version, score_key, metrics.get(score_key), higher_is_better)
     log.info("registered %s version %s (champion: %s)", model_name, version, promoted)
-    return {"model_name": model_name, "version": version, "model_uri": info.model_uri, "champion": promoted}
+    return {"model_name": model_name, "version": version, "model_uri": model_uri, "champion": promoted}
 
 
-def promote_if_better(client, model_name: str, version: str, score_key: str, score: Optional[float],
+class Versions(Protocol):
+    """What the promotion rule reads and moves: kubetune.tracking.models.ModelStore, or a stand-in."""
+
+    def aliased(self, name: str, alias: str) -> Optional[tuple[str, dict[str, str]]]: ...
+
+    def set_alias(self, name: str, alias: str, version: str) -> None: ...
+
+
+def beats(score: float, best: Optional[str], higher_is_better: bool) -> bool:
+    """The new version's score against the champion's recorded one (a version tag, so text); a
+    champion without the score (registered before the metric existed) is beaten by any score. A tie
+    keeps the champion: moving the alias for no gain would change what serves for nothing."""
+    if best is None:
+        return True
+    return score > float(best) if higher_is_better else score < float(best)
+
+
+def promote_if_better(store: Versions, model_name: str, version: str, score_key: str, score: Optional[float],
                       higher_is_better: bool) -> bool:
+    """Moves the champion alias to version when its score beats the champion's; True when it did."""
     if score is None:
         return False
-    try:
-        current = client.get_model_version_by_alias(model_name, CHAMPION)
-    except Exception:  # no champion yet: the registry raises when the alias does not exist
-        current = None
-    if current is not None:
-        best = current.tags.get(score_key)
-        if best is not None and (float(best) >= score if higher_is_better else float(best) <= score):
-            return False
-    client.set_registered_model_alias(model_name, CHAMPION, version)
+    current = store.aliased(model_name, CHAMPION)
+    if current is not None and not beats(score, current[1].get(score_key), higher_is_better):
+        return False
+    store.set_alias(model_name, CHAMPION, version)
     return True

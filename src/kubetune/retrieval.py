@@ -7,7 +7,7 @@ The search is one matrix product over L2-normalised vectors: 5,000 passages of a
 it is timed and logged. Embeddings follow the model's sentence-transformers configuration where it
 ships one (1_Pooling/config.json: mean or CLS pooling; all-MiniLM-L6-v2 is mean-pooled), computed
 with transformers alone, then normalised. The embedder, the search and the prompt with its passages
-live in kubetune.served_model: a registered model retrieves with the code evaluation retrieved with.
+live in kubetune_serving.retrieval: a registered model retrieves with the code evaluation retrieved with.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from kubetune_serving.retrieval import Embedder, nearest, with_context  # noqa: F401 (with_context re-exported)
+
 from kubetune.config import DataConfig, RagConfig
 from kubetune.errors import ConfigError, DataError, ServiceError, UserError
 from kubetune.model_source import fingerprint, resolve_model
-from kubetune.served_model import Embedder, nearest, with_context  # noqa: F401 (with_context re-exported)
 from kubetune.sources import field_names, staged, text_of
 
 log = logging.getLogger(__name__)

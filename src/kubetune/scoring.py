@@ -15,16 +15,17 @@ batches, one result per row. On it:
   the registered model's predict).
 - compare: one score of the base and of the tuned model, each variant entered once.
 
-The loop, class_predictions and generate live in kubetune.served_model, the file a registered
-version is served from without kubetune, and are re-exported here: a served model predicts with
-the very code evaluation scored it with.
+The loop, class_predictions and generate live in kubetune_serving.loops, the package a registered
+version is served with where kubetune is not installed, and are re-exported here: a served model
+predicts with the very code evaluation scored it with.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional, TypeVar
 
-from kubetune.served_model import class_predictions, generate, pad_id, per_row, stop_tokens  # noqa: F401 (re-exported)
+from kubetune_serving.loops import class_predictions, generate, pad_id, per_row, stop_tokens  # noqa: F401 (re-exported)
+
 from kubetune.tasks.base import IGNORE_INDEX, first_labelled
 
 T = TypeVar("T")

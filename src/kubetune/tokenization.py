@@ -16,28 +16,14 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from kubetune_serving.loading import load_tokenizer  # noqa: F401 (every stage loads tokenizers from here)
+
 from kubetune import __version__, artifacts
 from kubetune.config import DataConfig
 from kubetune.overrides import locations
 from kubetune.tasks import get_task
 
 log = logging.getLogger(__name__)
-
-
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        # Decoder-only models often ship without a pad token; padding with EOS is the usual fix and
-        # the attention mask keeps the padding out of the loss.
-        tokenizer.pad_token = tokenizer.eos_token
-    # Training passes no position ids, so the model numbers positions from the left edge of the
-    # batch: left padding (Gemma's converted tokenizer has it) would shift every shorter row's
-    # positions and inflate its loss (measured: Gemma 270M 4-bit perplexity 66 alone, 329 in padded
-    # batches). Scoring and generation pad on the left and pass their own positions.
-    tokenizer.padding_side = "right"
-    return tokenizer
 
 
 #: Rows per encode call: the fast tokenizer's batch (its Rust side splits a batch over threads).

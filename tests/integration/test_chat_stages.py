@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.served_model import chat_prompt_ids
+from kubetune_serving.chat import chat_prompt_ids
 from tiny import chat_rows, run_stages, tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py

@@ -105,7 +105,7 @@ print("predicted", model.predict(["The only way"], params={{"max_new_tokens": 4}
 
 
 def test_settings_come_from_the_settings_artifact_or_from_an_older_versions_model_config(tmp_path):
-    """Versions served from kubetune.served_model keep their settings in settings.json; versions
+    """Versions served from kubetune_serving (or served_model.py before it) keep their settings in settings.json; versions
     registered before it kept them in the python_function flavor's config (pyfunc's model_config)."""
     import yaml
 

@@ -1,7 +1,8 @@
 """A registered version served without kubetune: versions registered by the real stages (the tiny
 Llama on an 8-bit base with LoRA; the tiny BERT classifier) load with `mlflow.pyfunc.load_model`
-and serve with `mlflow models serve` in processes where `import kubetune` fails, and predict what
-kubetune's own loader and scoring predict. Registering adds no params to the run; a classification
+and serve with `mlflow models serve` in processes where neither `import kubetune` nor the installed
+`kubetune_serving` can be imported (the version runs the copy of kubetune_serving logged with it),
+and predict what kubetune's own loader and scoring predict. Registering adds no params to the run; a classification
 version exports to a folder plain transformers loads, with the same predictions."""
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ from pathlib import Path
 import pytest
 
 from conftest import _free_port, _start, _stop
-from kubetune import served_model, tracking
+import kubetune_serving
+from kubetune_serving import loading
+from kubetune_serving.model import ServedModel
+
+from kubetune import tracking
 from kubetune.artifacts import read_task_info
 from tiny import NAMES, run_stages, sentiment_rows, tiny_run_config, write_tsv
 
@@ -28,15 +33,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 PROMPTS = ["The only way", "Life is"]
 REVIEWS = ["the film was great", "awful phone and a poor battery", "my meal is plain , the staff too",
            "i found the screen superb"]
-# What the served file may import: the standard library and these (bitsandbytes only if present).
+# What the serving package may import: the standard library and these (bitsandbytes only if present).
 SERVED_IMPORTS = {"mlflow", "pandas", "numpy", "torch", "transformers", "peft", "bitsandbytes"}
-# Installed first on sys.meta_path of a process: `import kubetune` fails there, as where it is not installed.
+SERVING_SOURCE = Path(kubetune_serving.__file__).parent
+# Installed first on sys.meta_path of a process: `import kubetune` fails there, as where it is not
+# installed, and so does the installed kubetune_serving (a version imports its own logged copy under
+# a name of its own, kubetune_serving_<hash>).
 NO_KUBETUNE = """
 import importlib.abc, sys
 class NoKubetune(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "kubetune" or name.startswith("kubetune."):
-            raise ImportError("kubetune is not installed here")
+        if name.split(".")[0] in ("kubetune", "kubetune_serving"):
+            raise ImportError(f"{name.split('.')[0]} is not installed here")
 sys.meta_path.insert(0, NoKubetune())
 """
 
@@ -127,51 +135,47 @@ def _kubetune_predictions(registered: dict) -> list[str]:
 
 
 def _download(registered: dict, dest: Path) -> Path:
-    import mlflow.artifacts
+    from kubetune.tracking import models
 
-    with tracking.process_uris(registered["uri"]):
-        return Path(mlflow.artifacts.download_artifacts(f"models:/{registered['name']}/1", dst_path=str(dest)))
+    return models.download(registered["uri"], f"models:/{registered['name']}/1", dest, "--model", registered["name"])
 
 
-# ---- the served file ------------------------------------------------------------------------------
+# ---- the serving package ---------------------------------------------------------------------------
 
-def test_the_served_file_imports_only_the_serving_stack():
-    tree = ast.parse(Path(served_model.__file__).read_text())
+@pytest.mark.parametrize("path", sorted(SERVING_SOURCE.glob("*.py")), ids=lambda path: path.name)
+def test_the_serving_package_imports_only_the_serving_stack_and_itself_relatively(path):
+    tree = ast.parse(path.read_text())
     roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    roots |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    roots |= {node.module.split(".")[0] for node in ast.walk(tree)
+              if isinstance(node, ast.ImportFrom) and node.module and not node.level}
     assert roots - set(sys.stdlib_module_names) <= SERVED_IMPORTS, roots - set(sys.stdlib_module_names)
-    assert "kubetune" not in roots
+    assert not roots & {"kubetune", "kubetune_serving"}, "import the package's own modules relatively (from .loops ...)"
+    assert ("mlflow" in roots) == (path.name == "mlflow_model.py"), "only mlflow_model.py imports mlflow"
 
 
 def test_the_base_model_comes_from_the_variable_then_the_recorded_folder_then_the_configured_name(
         tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.delenv(served_model.BASE_MODEL_ENV, raising=False)
-    location = served_model.base_model_location
+    monkeypatch.delenv(loading.BASE_MODEL_ENV, raising=False)
+    location = loading.base_model_location
     gone = str(tmp_path / "gone")
     assert location({"base_model": "google/gemma-3-270m", "base_model_path": str(tiny_model_dir)}) == str(tiny_model_dir)
     assert location({"base_model": "google/gemma-3-270m", "base_model_path": gone}) == "google/gemma-3-270m"
     assert location({"base_model": str(tiny_model_dir), "base_model_path": gone}) == str(tiny_model_dir)
     for fetched_by_kubetune in ("package:kubetune-demo-models/gemma", "s3://models/gemma", str(tmp_path / "nowhere")):
-        with pytest.raises(FileNotFoundError, match=served_model.BASE_MODEL_ENV):
+        with pytest.raises(FileNotFoundError, match=loading.BASE_MODEL_ENV):
             location({"base_model": fetched_by_kubetune, "base_model_path": gone})
-    monkeypatch.setenv(served_model.BASE_MODEL_ENV, str(tiny_model_dir))
+    monkeypatch.setenv(loading.BASE_MODEL_ENV, str(tiny_model_dir))
     assert location({"base_model": "s3://models/gemma", "base_model_path": gone}) == str(tiny_model_dir)
-    monkeypatch.setenv(served_model.BASE_MODEL_ENV, gone)
-    with pytest.raises(FileNotFoundError, match=f"{served_model.BASE_MODEL_ENV}={gone} is not a model folder"):
+    monkeypatch.setenv(loading.BASE_MODEL_ENV, gone)
+    with pytest.raises(FileNotFoundError, match=f"{loading.BASE_MODEL_ENV}={gone} is not a model folder"):
         location({"base_model": "s3://models/gemma", "base_model_path": str(tiny_model_dir)})
 
 
-def test_the_served_tokenizer_is_set_up_as_kubetune_sets_it_up(tiny_model_dir, tmp_path):
-    from kubetune.tokenization import load_tokenizer
+def test_training_and_serving_load_tokenizers_and_quantize_with_the_same_code():
+    from kubetune import modeling, tokenization
 
-    without_pad = tmp_path / "no_pad"
-    tokenizer = load_tokenizer(tiny_model_dir)
-    tokenizer.pad_token = None
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(without_pad)
-    for folder in (tiny_model_dir, without_pad):
-        ours, theirs = served_model.load_tokenizer(folder), load_tokenizer(folder)
-        assert (ours.pad_token, ours.padding_side) == (theirs.pad_token, theirs.padding_side) != (None, "left")
+    assert tokenization.load_tokenizer is loading.load_tokenizer
+    assert (modeling.quantization_config, modeling.compute_dtype) == (loading.quantization_config, loading.compute_dtype)
 
 
 def test_an_alpaca_instruction_model_carries_its_prompt_text_and_reads_instruction_and_input(tiny_model_dir):
@@ -188,7 +192,7 @@ def test_an_alpaca_instruction_model_carries_its_prompt_text_and_reads_instructi
             "source": {"path": str(tiny_model_dir), "fingerprint": "sha256:x"}}
     settings = json.loads(json.dumps(registry.model_config(
         plan, get_task("instruction"), {}, {"template": "alpaca", "instruction": "Name the colour."})))
-    served = served_model.ServedModel()
+    served = ServedModel()
     served.prompt_format = settings["prompt_format"]
     rows = pd.DataFrame({"input": ["The sky on a clear day", None]})
     assert served.prompts(rows) == [build_prompt("alpaca", "Name the colour.", "The sky on a clear day"),
@@ -236,7 +240,23 @@ def test_a_version_carries_signature_example_and_requirements_without_kubetune(k
     assert Path(settings["base_model_path"]) == registered["base"].resolve()
     # the new head stays out of 8-bit quantization when served, as in training
     assert ("classifier" in (settings["unquantized_modules"] or [])) == (kind == "classification_8bit")
-    assert (local / "served_model.py").read_text() == Path(served_model.__file__).read_text()
+    assert (local / "mlflow_model.py").read_text() == (SERVING_SOURCE / "mlflow_model.py").read_text()
+    logged = local / "code" / "kubetune_serving"
+    assert sorted(p.name for p in logged.iterdir()) == sorted(p.name for p in SERVING_SOURCE.glob("*.py"))
+    assert all((logged / p.name).read_text() == p.read_text() for p in SERVING_SOURCE.glob("*.py"))
+
+
+def test_a_version_runs_the_code_logged_with_it_in_a_process_that_imported_kubetune_serving(causal, tmp_path):
+    """MLflow only puts a version's code/ first on sys.path, which does not replace a module already
+    imported: the version imports its logged copy under a name of its own."""
+    import mlflow.pyfunc
+
+    with tracking.process_uris(causal["uri"]):
+        model = mlflow.pyfunc.load_model(f"models:/{causal['name']}/1")
+    served_class = next(cls for cls in type(model.unwrap_python_model()).__mro__ if cls.__name__ == "ServedModel")
+    module = sys.modules[served_class.__module__]
+    assert served_class is not ServedModel and served_class.__module__.startswith("kubetune_serving_")
+    assert Path(module.__file__).parent.name == "kubetune_serving" and Path(module.__file__).parent != SERVING_SOURCE
 
 
 # ---- loading and serving without kubetune ---------------------------------------------------------
@@ -269,13 +289,15 @@ try:
 except ImportError:
     blocked = True
 print(json.dumps({{"predicted": predicted, "blocked": blocked,
-                  "loaded": sorted(m for m in sys.modules if m.startswith("kubetune"))}}))
+                  "loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("kubetune", "kubetune_serving")),
+                  "logged": sorted({{sys.modules[m].__file__ for m in sys.modules if m.startswith("kubetune_serving_")}})}}))
 """
     done = subprocess.run([sys.executable, "-c", loader], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["blocked"] and result["loaded"] == []
+    assert result["logged"] and not any(path.startswith(str(SERVING_SOURCE)) for path in result["logged"])
     for kind, registered in versions.items():
         predicted = result["predicted"][kind]
         assert predicted == _kubetune_predictions(registered), kind

@@ -11,7 +11,7 @@ from kubetune import data
 from kubetune.config import DataConfig
 from kubetune.errors import ConfigError, DataError
 from kubetune.scoring import label_losses
-from kubetune.served_model import chat_prompt_ids, conversation, turn_end
+from kubetune_serving.chat import chat_prompt_ids, conversation, turn_end
 from kubetune.tasks import get_task
 from kubetune.tasks.answer_tokens import prompt_ids
 from kubetune.tasks.base import IGNORE_INDEX

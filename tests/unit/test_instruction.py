@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from kubetune_serving.prompts import ALPACA_TEMPLATE
+
 from kubetune import data, sources
-from kubetune.config import ALPACA_TEMPLATE, DataConfig, RunConfig
+from kubetune.config import DataConfig, RunConfig
 from kubetune.errors import ConfigError, DataError
 from kubetune.tasks import get_task
 from kubetune.scoring import label_losses

@@ -7,9 +7,10 @@ import logging
 import pytest
 import torch
 
-from kubetune import modeling, preflight, registry
+from kubetune import modeling, preflight
 from kubetune.config import RunConfig
 from kubetune.errors import ConfigError
+from kubetune.tracking import models
 
 
 def skeleton(kind: str):
@@ -107,9 +108,9 @@ def test_the_generation_budget_is_estimated_and_refused_where_absurd(caplog):
 @pytest.mark.parametrize("name", ["..\\x", ".", "a:b", "a%b", " "])
 def test_register_model_name_follows_mlflow_rules(name):
     with pytest.raises(ConfigError, match=r"^register.model_name = .*: MLflow refuses it \("):
-        registry.check_model_name(name)
+        models.check_model_name(name)
 
 
 def test_register_model_name_mlflow_accepts_passes():
     for name in ("quotes-lora", "tiny_lora.v2", "Sentiment LoRA"):
-        registry.check_model_name(name)
+        models.check_model_name(name)

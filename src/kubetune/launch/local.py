@@ -300,15 +300,12 @@ def _run_log(path: Path, verbose: bool) -> Iterator[Any]:
         handler = logging.StreamHandler(log_file)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
-        # MLflow logs through a handler of its own (INFO lines such as its schema set-up), made on import
         if not verbose:
-            import mlflow  # noqa: F401  (preflight imports it anyway)
             from transformers.utils import logging as transformers_logging
 
             # preflight loads tokenizers and the retrieval model here: their load bars are no stage's progress
             transformers_logging.disable_progress_bar()
-        quiet = [] if verbose else [h for h in (*root.handlers, *logging.getLogger("mlflow").handlers)
-                                    if h is not handler]
+        quiet = [] if verbose else [h for h in (*root.handlers, *tracking.mlflow_log_handlers()) if h is not handler]
         for console_handler in quiet:
             console_handler.addFilter(OursAndProblems())
         try:

@@ -11,7 +11,7 @@ data.chat_template (`chatml`, `gemma`, or a Jinja template), which is then saved
 so every later stage and the registered model render conversations the same way. The assistant
 turns, each with the template's end-of-turn marker, are labelled; system and user turns and the
 template's headers are not, so the model learns to answer and to stop, not to write the user's side.
-The pieces are cut and tokenized by kubetune.served_model.chat_pieces / chat_ids, the code the
+The pieces are cut and tokenized by kubetune_serving.chat.chat_pieces / chat_ids, the code the
 served model builds its prompts with. A conversation longer than data.max_length keeps its
 longest run of whole turns that fits (whole answers, never half of one); one whose first answer
 does not fit is cut at max_length.
@@ -26,9 +26,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterable, Iterator, Optional
 
+from kubetune_serving.chat import ASSISTANT, ROLES, chat_ids, chat_pieces, conversation, turn_end
+
 from kubetune.config import DataConfig, EvaluateConfig
 from kubetune.errors import ConfigError, DataError
-from kubetune.served_model import ASSISTANT, ROLES, chat_ids, chat_pieces, conversation, turn_end
 from kubetune.sources import head, is_missing, require_fields
 from kubetune.tasks.base import IGNORE_INDEX, Completion, TaskKind
 from kubetune.tasks.instruction import Instruction

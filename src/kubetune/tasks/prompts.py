@@ -1,7 +1,7 @@
 """Prompts and answers of instruction data: templates, records, and what a generated answer means.
 
 A prompt is built from data.template (`alpaca`: the Stanford Alpaca prompt) with {instruction} and
-{input}; the answer follows it (built by kubetune.served_model.build_prompt, so a registered model
+{input}; the answer follows it (built by kubetune_serving.prompts.build_prompt, so a registered model
 builds the prompts it was trained on without kubetune). Greedy answers are read the way a person
 would grade them: the first line, normalised (case, surrounding punctuation), must equal or name
 exactly one member of a closed answer set (labels, yes/no), or equal a short expected answer.
@@ -13,8 +13,8 @@ import re
 import string
 from typing import Any, Iterable, Iterator, Optional
 
-from kubetune import served_model
-from kubetune.config import ALPACA_TEMPLATE
+from kubetune_serving import prompts as served_prompts
+
 from kubetune.errors import ConfigError
 from kubetune.sources import text_of
 
@@ -48,7 +48,7 @@ def check_template(template: str) -> None:
 def build_prompt(template: str, instruction: str, input_text: str) -> str:
     """The prompt the answer follows. `alpaca` is the Stanford Alpaca prompt, with its input block
     only when there is an input."""
-    return served_model.build_prompt(template, instruction, input_text, ALPACA_TEMPLATE)
+    return served_prompts.build_prompt(template, instruction, input_text)
 
 
 def _norm(text: str) -> str:

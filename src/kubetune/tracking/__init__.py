@@ -1,4 +1,7 @@
-"""MLflow: one run per pipeline run. preflight creates it; every later stage logs into it by id."""
+"""MLflow's runs: one per pipeline run. preflight creates it; every later stage logs into it by id.
+
+Only this package imports mlflow (the architecture test checks it): runs here, logged and
+registered models in kubetune.tracking.models."""
 
 from __future__ import annotations
 
@@ -95,6 +98,15 @@ def process_uris(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(previous[0])
         mlflow.set_registry_uri(previous[1])
         fluent._active_experiment_id = previous[2]
+
+
+def mlflow_log_handlers() -> list[logging.Handler]:
+    """The handlers MLflow logs through: it makes one of its own on import (INFO lines such as its
+    schema set-up), which the quiet console filters like the root's. Importing mlflow here costs
+    nothing extra: preflight imports it anyway."""
+    import mlflow  # noqa: F401
+
+    return list(logging.getLogger("mlflow").handlers)
 
 
 def client(uri: str):
