@@ -12,11 +12,11 @@ from typing import Optional
 import yaml
 
 from kubetune import __version__, console, services
-from kubetune.config import load_config
 from kubetune.config_reference import describe, reference_markdown
 from kubetune.errors import Interrupted, StageFailed, UserError
 from kubetune.export import export
 from kubetune.preflight import preflight
+from kubetune.run_config import load_config
 from kubetune.tasks import get_task
 
 # kubetune.launch and kubetune.pipelines (the KFP layer) are imported by the commands that use them:

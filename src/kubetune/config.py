@@ -1,7 +1,9 @@
 """One YAML file describes a run: a dataclass per stage, each field with help text and validation.
 
 The CLI, the KFP components and the tests all build the same `RunConfig`, so a bad value is
-rejected the same way everywhere, before any model is loaded.
+rejected the same way everywhere, before any model is loaded. Each section checks its own fields
+here; what a task kind asks of the whole config (a classifier needs a label field) is the kind's own
+rule (TaskKind.check_config), and kubetune.run_config applies both: build a run's config there.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from kubetune.errors import ConfigError, redacted
 from kubetune.overrides import apply_overrides, merge, read_file
 from kubetune.strict import build
 
-TASKS = ("causal_lm", "classification", "instruction", "multitask", "chat")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -381,8 +382,9 @@ class StorageConfig:
 class RunConfig:
     task: str = _help(
         "What to fine-tune for: causal_lm (continue pre-training on plain text), classification (a new "
-        "head on the model: sentiment, topics), instruction (prompt -> answer, loss on the answer only) or "
-        "multitask (instruction data from many named tasks, with per-task weights and metrics).",
+        "head on the model: sentiment, topics), instruction (prompt -> answer, loss on the answer only), "
+        "multitask (instruction data from many named tasks, with per-task weights and metrics) or chat "
+        "(conversations in the model's chat template, loss on the assistant turns).",
         "causal_lm",
     )
     model: ModelConfig = _help("Base model and how it is adapted.", factory=ModelConfig)
@@ -394,14 +396,10 @@ class RunConfig:
     storage: StorageConfig = _help("Object storage for checkpoints and adapters.", factory=StorageConfig)
 
     def validate(self) -> "RunConfig":
-        _require(self.task in TASKS, "task", self.task, f"use one of {', '.join(TASKS)}")
-        if self.task in ("classification", "instruction", "multitask"):
-            _require(self.data.label_field is not None, "data.label_field", None,
-                     f"task {self.task} needs the field that holds the "
-                     f"{'label' if self.task == 'classification' else 'answer'}")
-        if self.task == "classification":
-            _require(self.data.replay_fraction == 0, "data.replay_fraction", self.data.replay_fraction,
-                     "replay mixes general text into language-model training; a classifier has no use for it")
+        """Each section's own rules and those across sections; the task kind's come after, in
+        kubetune.run_config."""
+        _require(isinstance(self.task, str) and bool(self.task.strip()), "task", self.task,
+                 "name a task kind, e.g. causal_lm")
         if self.train.schedule == "progressive":
             _require(self.data.replay_path is not None, "train.schedule", self.train.schedule,
                      "progressive starts from general data: set data.replay_path")
@@ -425,8 +423,9 @@ def default_config() -> dict[str, Any]:
     return RunConfig().to_dict()
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
-    """Defaults, then the YAML file (if any), then --set overrides; validated."""
+def read_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Defaults, then the YAML file (if any), then --set overrides; each section validated (a run's
+    config also needs its task kind's rules: kubetune.run_config.load_config)."""
     data = default_config()
     if path is not None:
         path = Path(path)

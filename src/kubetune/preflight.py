@@ -27,6 +27,7 @@ from kubetune.sources import head
 from kubetune.model_source import check_snapshot, describe_source, resolve_model
 from kubetune.storage import open_store
 from kubetune.tasks import get_task
+from kubetune.run_config import checked
 from kubetune.tokenization import load_tokenizer
 from kubetune.tracking.models import check_model_name
 
@@ -236,7 +237,7 @@ def check_services(cfg: RunConfig) -> tuple[str, str]:
 def preflight(cfg: RunConfig, train_gpus: Optional[bool] = None) -> PreflightReport:
     """Cheap checks first: config, data, services, then the model's structure. train_gpus: whether
     the train stage gets GPUs (on a cluster, from the accelerator settings); None = this machine's."""
-    cfg.validate()
+    checked(cfg.validate())
     check_model_name(cfg.register.model_name)
     check_precision(cfg, train_gpus)
     data_facts, sample = check_data(cfg)

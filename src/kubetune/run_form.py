@@ -22,6 +22,7 @@ from typing import Any
 
 from kubetune.config import RunConfig
 from kubetune.errors import ConfigError
+from kubetune.run_config import from_dict
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def apply(config: dict[str, Any], values: dict[str, Any]) -> RunConfig:
         node[last] = value.strip() if isinstance(value, str) else value
         applied[field.key] = field
     try:
-        return RunConfig.from_dict(data)
+        return from_dict(data)
     except ConfigError as exc:
         field = applied.get(exc.field)
         if field is None:

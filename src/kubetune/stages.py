@@ -23,6 +23,7 @@ from kubetune import report, run_form, tokenization, training
 from kubetune.config import RunConfig
 from kubetune.errors import ConfigError, DataError
 from kubetune.model_source import describe_source, fingerprint, resolve_model
+from kubetune.run_config import from_dict as config_from
 from kubetune.build_cache import reuse_or_build
 from kubetune.storage import open_store
 from kubetune.tasks import get_task
@@ -34,7 +35,7 @@ Config = str | dict[str, Any]  # the pipeline's config_json, or the same as a di
 
 def _start(config: Config) -> RunConfig:
     console.setup_stage()
-    return RunConfig.from_dict(json.loads(config) if isinstance(config, str) else config)
+    return config_from(json.loads(config) if isinstance(config, str) else config)
 
 
 def _logger(cfg: RunConfig, run_id: str) -> tracking.RunLogger:
@@ -143,7 +144,7 @@ def train_accelerators(config: Config, accelerator_count: int) -> int:
     that number is set), none where the GPU stages get none (accelerator_count 0)."""
     if accelerator_count < 0:
         raise ConfigError("accelerator_count", accelerator_count, "give the GPUs per GPU stage: 0 or more")
-    return RunConfig.from_dict(json.loads(config) if isinstance(config, str) else config).train.processes \
+    return config_from(json.loads(config) if isinstance(config, str) else config).train.processes \
         if accelerator_count > 0 else 0
 
 

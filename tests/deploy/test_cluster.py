@@ -27,7 +27,7 @@ import yaml
 
 from kubetune import __version__
 from kubetune.cli import main
-from kubetune.config import load_config
+from kubetune.run_config import load_config
 from kubetune.pipelines.pipeline import PIPELINE_NAME, compile_pipeline
 
 API = "/apis/v2beta1"

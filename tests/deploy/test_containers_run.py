@@ -205,7 +205,7 @@ def test_packaged_model_and_examples_config_run_unchanged(cpu_image, tmp_path):
     data = ROOT.parent / "shared" / "data" / "sentiment" / "binary"
     if not data.is_dir():
         pytest.skip(f"{data} is not here")
-    from kubetune.config import load_config
+    from kubetune.run_config import load_config
 
     cfg = load_config(ROOT / "examples" / "sentiment-uci-minilm-lora.yaml", [
         f"data.path={data}", "data.max_rows=200", "train.max_steps=2", "train.batch_size=8", "train.save_steps=0",

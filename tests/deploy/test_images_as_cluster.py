@@ -506,7 +506,7 @@ def test_retrain_cronjob_submits_from_the_image(overlay, podman, cpu_image, kfp_
     """The retrain CronJob's container, exactly as rendered, against the KFP API stand-in: it uploads
     the pipeline compiled in the image and creates a run whose config carries the manifest's --set
     values, authenticated with the projected ServiceAccount token."""
-    from kubetune.config import load_config
+    from kubetune.run_config import load_config
     from kubetune.pipelines.pipeline import PIPELINE_NAME, compile_pipeline
 
     objects = render(overlay)

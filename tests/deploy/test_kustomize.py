@@ -395,7 +395,7 @@ def test_cronjob_command_is_accepted_by_the_kubetune_cli(target):
     config passes the checks `kubetune retrain` makes before it contacts the cluster."""
     from kubetune.launch import cluster
     from kubetune.cli import build_parser
-    from kubetune.config import load_config
+    from kubetune.run_config import load_config
 
     retrain = container(target, "CronJob", "kubetune-retrain")
     argv = [expand(target, retrain, arg) for arg in retrain["command"][1:] + retrain["args"]]

@@ -6,7 +6,7 @@ and the majority-class baseline on held-out data, and that PEFT counts the param
 
 import pytest
 
-from kubetune.config import load_config
+from kubetune.run_config import load_config
 from kubetune.launch.local import run_pipeline
 
 pytestmark = pytest.mark.slow

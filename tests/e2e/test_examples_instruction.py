@@ -3,7 +3,7 @@
 
 import pytest
 
-from kubetune.config import load_config
+from kubetune.run_config import load_config
 from kubetune.launch.local import run_pipeline
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,7 @@ shortened: slow, run with `make test-slow` (a few minutes each on 2 CPU cores)."
 
 import pytest
 
-from kubetune.config import load_config
+from kubetune.run_config import load_config
 from kubetune.launch.local import run_pipeline
 
 pytestmark = pytest.mark.slow

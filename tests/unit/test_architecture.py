@@ -24,11 +24,11 @@ OURS = ("kubetune", "kubetune_serving")
 LAYERS = [
     # What a registered version runs where kubetune is not installed: it imports no kubetune module.
     ("serving", ["kubetune_serving*"]),
-    ("foundation", ["kubetune", "kubetune.errors", "kubetune.faults", "kubetune.paths", "kubetune.strict", "kubetune.overrides", "kubetune.config", "kubetune.config_reference", "kubetune.run_form",
+    ("foundation", ["kubetune", "kubetune.errors", "kubetune.faults", "kubetune.paths", "kubetune.strict", "kubetune.overrides", "kubetune.config", "kubetune.config_reference",
                     "kubetune.images"]),
     ("I/O", ["kubetune.storage", "kubetune.build_cache", "kubetune.tracking*", "kubetune.model_source", "kubetune.shards", "kubetune.sources", "kubetune.disk_shuffle",
              "kubetune.artifacts", "kubetune.console", "kubetune.containers", "kubetune.services"]),
-    ("tasks", ["kubetune.tasks*"]),
+    ("tasks", ["kubetune.tasks*", "kubetune.run_config", "kubetune.run_form"]),
     ("data and tokens", ["kubetune.data", "kubetune.tokenization", "kubetune.retrieval"]),
     ("model", ["kubetune.modeling"]),
     ("scoring, evaluation, training", ["kubetune.scoring", "kubetune.evaluation", "kubetune.training", "kubetune.report", "kubetune.best_checkpoint",
@@ -202,3 +202,18 @@ def test_only_tracking_imports_mlflow():
     importers = sorted(name for name, path in MODULES.items() if "mlflow" in _third_party_imports(path)
                        and not _matches(name, "kubetune.tracking*") and name != "kubetune_serving.mlflow_model")
     assert not importers, f"{importers} import mlflow; go through kubetune.tracking"
+
+
+def test_a_run_config_is_built_whole_only_through_run_config():
+    """RunConfig.from_dict and read_config check the sections only; kubetune.run_config adds the task
+    kind's rules, so every other module builds its config there."""
+    builders = []
+    for name, path in MODULES.items():
+        if name in ("kubetune.config", "kubetune.run_config"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            called = node.func if isinstance(node, ast.Call) else None
+            if (isinstance(called, ast.Attribute) and called.attr == "from_dict" and isinstance(called.value, ast.Name)
+                    and called.value.id == "RunConfig") or (isinstance(called, ast.Name) and called.id == "read_config"):
+                builders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not builders, f"{builders} build a RunConfig without its task kind's rules; use kubetune.run_config"

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.config import RunConfig, default_config, load_config
+from kubetune.config import RunConfig, default_config
+from kubetune.run_config import load_config
 from kubetune.overrides import apply_overrides
 from kubetune.config_reference import describe
 from kubetune.errors import ConfigError
@@ -44,6 +45,12 @@ def test_file_then_overrides(tmp_path):
     (["model.lora=null"], "model.quantization", "'8bit'"),
     (["train.bogus=1"], "train.bogus", "1"),
     (["task=translation"], "task", "'translation'"),
+    # the task kinds' own rules (TaskKind.check_config), applied by kubetune.run_config
+    (["task=classification"], "data.label_field", "None"),
+    (["task=instruction"], "data.label_field", "None"),
+    (["task=multitask"], "data.label_field", "None"),
+    (["task=classification", "data.label_field=label", "data.replay_path=wiki.txt", "data.replay_fraction=0.1"],
+     "data.replay_fraction", "0.1"),
 ])
 def test_bad_values_name_the_field_and_value(overrides, field, shown):
     with pytest.raises(ConfigError) as raised:
@@ -156,3 +163,22 @@ def test_seed_outside_what_numpy_takes_is_refused(seed):
         load_config(None, [f"train.seed={seed}"])
     assert load_config(None, [f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
     assert load_config(None, ["train.seed=0"]).train.seed == 0
+
+
+def test_the_task_help_names_every_kind_and_a_chat_run_needs_no_label_field():
+    import dataclasses
+
+    from kubetune.tasks import KINDS
+
+    help_text = next(f for f in dataclasses.fields(RunConfig) if f.name == "task").metadata["help"]
+    assert all(name in help_text for name in KINDS), [name for name in KINDS if name not in help_text]
+    assert load_config(None, ["task=chat"]).data.label_field is None
+
+
+def test_section_rules_alone_leave_the_task_kinds_rules_to_run_config():
+    """kubetune.config checks sections; the kind's rules come from kubetune.run_config (and preflight)."""
+    from kubetune.config import read_config
+
+    assert read_config(None, ["task=classification"]).task == "classification"
+    with pytest.raises(ConfigError, match="^data.label_field = None: task classification needs the field"):
+        load_config(None, ["task=classification"])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kubetune import console, tracking
-from kubetune.config import load_config
+from kubetune.run_config import load_config
 from kubetune.errors import ConfigError, StageFailed, UserError, redacted
 from tiny import tiny_run_config
 

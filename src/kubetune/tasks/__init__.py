@@ -1,8 +1,10 @@
 """Task kinds: what differs between causal LM, classification, instruction, multitask and chat tuning.
 
 The pipeline stages are the same for every kind; each stage asks the run's TaskKind for the parts
-that differ (kubetune.tasks.base lists them). Adding a kind: subclass TaskKind, add it to KINDS
-and its name to kubetune.config.TASKS.
+that differ (kubetune.tasks.base lists them). KINDS is the one list of kinds: the config's `task`
+names one of them (kubetune.run_config checks it and the kind's own rules). Adding a kind: subclass
+TaskKind, add it to KINDS and describe it in the help of kubetune.config.RunConfig.task (a test
+checks the help names every kind).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 from kubetune.config import DataConfig, EvaluateConfig, RunConfig
+from kubetune.errors import ConfigError
 from kubetune.sources import MISSING_MARKERS, is_missing, require_fields, text_of
 
 if TYPE_CHECKING:  # numpy is imported where it is used
@@ -85,6 +86,12 @@ def label_markers(cfg: DataConfig) -> frozenset[str]:
     return frozenset({""} | {str(marker).strip().lower() for marker in cfg.missing_labels})
 
 
+def require_label_field(cfg: RunConfig, holds: str) -> None:
+    """A kind that learns from a labelled field (holds: what the field holds) needs data.label_field."""
+    if cfg.data.label_field is None:
+        raise ConfigError("data.label_field", None, f"task {cfg.task} needs the field that holds the {holds}")
+
+
 def label_text(value: Any, cfg: DataConfig) -> str:
     """A value of data.label_field (a class, an answer) as text: 1 and 1.0 (from JSON) both "1"; a
     missing value (null, NaN, empty, a data.missing_labels string) is empty."""
@@ -133,6 +140,11 @@ class TaskKind:
     registry_score = ("eval/tuned_perplexity", False)
     #: What the end-of-run summary shows (those of them the run produced), after the retention figures.
     headline_metrics = ("eval/base_perplexity", "eval/tuned_perplexity", "eval/perplexity_change_pct")
+
+    # ---- the run's config ---------------------------------------------------------------------
+    def check_config(self, cfg: RunConfig) -> None:
+        """Raise ConfigError where the config asks of this kind what it cannot do. Run after each
+        section's own checks (kubetune.run_config); a causal LM takes any valid config."""
 
     # ---- prepare_data -----------------------------------------------------------------------
     #: The columns of a prepared record (and of a replayed one): pyarrow type names, see record_schema.

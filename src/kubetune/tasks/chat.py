@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from kubetune_serving.chat import ASSISTANT, ROLES, chat_ids, chat_pieces, conversation, turn_end
 
-from kubetune.config import DataConfig, EvaluateConfig
+from kubetune.config import DataConfig, EvaluateConfig, RunConfig
 from kubetune.errors import ConfigError, DataError
 from kubetune.sources import head, is_missing, require_fields
 from kubetune.tasks.base import IGNORE_INDEX, Completion, TaskKind
@@ -84,6 +84,9 @@ class Chat(Instruction):
     retrieval = False  # the prompt is a rendered conversation: no place for passages in front of it
 
     record_columns = {"messages": "messages", "text": "string", "task": "string"}
+
+    def check_config(self, cfg: RunConfig) -> None:
+        """The answers are the assistant turns of each conversation: no label field to require."""
 
     # ---- prepare_data -------------------------------------------------------------------------
     def expand(self, located: Iterable[tuple[dict[str, Any], str]]) -> Iterator[tuple[dict[str, Any], str]]:

@@ -20,10 +20,11 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from kubetune.config import DataConfig, EvaluateConfig
-from kubetune.errors import DataError, ModelError
+from kubetune.config import DataConfig, EvaluateConfig, RunConfig
+from kubetune.errors import ConfigError, DataError, ModelError
 from kubetune.sources import label_names_beside, require_fields, text_of
-from kubetune.tasks.base import CLASSES, MASKED_LM, Completion, Evaluation, Scores, TaskKind, label_text
+from kubetune.tasks.base import (CLASSES, MASKED_LM, Completion, Evaluation, Scores, TaskKind, label_text,
+                                 require_label_field)
 from kubetune.tracking import metric_key
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,12 @@ class Classification(TaskKind):
     registry_score = ("eval/tuned_macro_f1", True)
     headline_metrics = ("eval/base_accuracy", "eval/tuned_accuracy", "eval/base_macro_f1", "eval/tuned_macro_f1",
                         "eval/majority_accuracy", "eval/majority_macro_f1")
+
+    def check_config(self, cfg: RunConfig) -> None:
+        require_label_field(cfg, "label")
+        if cfg.data.replay_fraction != 0:
+            raise ConfigError("data.replay_fraction", cfg.data.replay_fraction, "replay mixes general text into "
+                              "language-model training; a classifier has no use for it")
 
     # ---- prepare_data -----------------------------------------------------------------------
     record_columns = {"text": "string", "label": "string"}

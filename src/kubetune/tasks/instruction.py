@@ -30,7 +30,7 @@ from kubetune.errors import ConfigError, DataError
 from kubetune.sources import field_names, label_names_beside, require_fields
 from kubetune.tasks.answer_metrics import answer_metrics, loss_metrics, per_task_scores, task_metrics
 from kubetune.tasks.answer_tokens import AnswerCollator, answer_tokens, encode_answers, prompt_ids
-from kubetune.tasks.base import Completion, Evaluation, Scores, TaskKind, label_text
+from kubetune.tasks.base import Completion, Evaluation, Scores, TaskKind, label_text, require_label_field
 from kubetune.tasks.prompts import (GENERAL_TASK, AnswerSet, Expanded, build_prompt, check_template, closed_answer_set,
                                     field_text, instances, is_short)
 from kubetune.tasks.schedule import training_order
@@ -51,6 +51,9 @@ class Instruction(TaskKind):
                         "eval/base_answer_accuracy", "eval/tuned_answer_accuracy")
 
     record_columns = {"prompt": "string", "answer": "string", "task": "string"}
+
+    def check_config(self, cfg: RunConfig) -> None:
+        require_label_field(cfg, "answer")
 
     # ---- prepare_data -------------------------------------------------------------------------
     def expand(self, located: Iterable[tuple[dict[str, Any], str]]) -> Iterator[tuple[dict[str, Any], str]]:
