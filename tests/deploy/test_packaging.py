@@ -62,11 +62,13 @@ def _declared_requirements() -> list[str]:
     return list(project["dependencies"]) + list(project.get("optional-dependencies", {}).get("test", []))
 
 
-def test_distribution_installs_only_the_kubetune_name():
+def test_distribution_installs_only_the_kubetune_names():
+    """kubetune, and kubetune_serving: the package a registered version is logged with and runs where
+    kubetune is not installed (docs/ARCHITECTURE.md, The serving package)."""
     dist = md.distribution("kubetune")
     top_level = dist.read_text("top_level.txt")
     if top_level is not None:
-        assert top_level.split() == ["kubetune"]
+        assert sorted(top_level.split()) == ["kubetune", "kubetune_serving"]
     for file in dist.files or []:
         first = file.parts[0]
         assert first not in ("components", "pipelines"), f"kubetune installs a top-level {first}/: {file}"
