@@ -130,10 +130,10 @@ clean: ## remove local run state (.kubetune, build leftovers); keeps .venv
 distclean: clean ## clean, and remove .venv too
 	rm -rf $(VENV)
 
-readme-config: venv ## refresh the config reference table in README.md from the code
+readme-config: venv ## refresh the config reference table in docs/configuration.md from the code
 	@$(BIN)/python -c "import re, pathlib; from kubetune.config_reference import reference_markdown as r; \
-	p = pathlib.Path('README.md'); s = p.read_text(); a, b = '<!-- config-reference:start -->\n', '\n<!-- config-reference:end -->'; \
-	p.write_text(s.split(a)[0] + a + r() + b + s.split(b)[1]); print('README.md config reference refreshed')"
+	p = pathlib.Path('docs/configuration.md'); s = p.read_text(); a, b = '<!-- config-reference:start -->\n', '\n<!-- config-reference:end -->'; \
+	p.write_text(s.split(a)[0] + a + r() + b + s.split(b)[1]); print('docs/configuration.md config reference refreshed')"
 
 # Container images (docker/). Their tags come from src/kubetune/images.py alone (tag = package
 # version); reading them needs the source tree only, not .venv. IMAGE_OUTPUT=--load builds into

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,20 +17,22 @@ from kubetune.config_reference import describe, reference_markdown
 from kubetune.errors import Interrupted, StageFailed, UserError
 from kubetune.export import export
 from kubetune.preflight import preflight
-from kubetune.run_config import load_config
+from kubetune.headline import headline_keys, number
+from kubetune.run_config import load_config, named
+from kubetune.tracking import embedded_uri, resolve_uri
 from kubetune.tasks import get_task
 
 # kubetune.launch and kubetune.pipelines (the KFP layer) are imported by the commands that use them:
 # importing the pipeline builds the DAG with kfp, about 1.5 s that `--help` or `config` need not pay.
 
-#: Shown after the task kind's own headline figures when the run measured forgetting.
-RETENTION_METRICS = ("eval/retention.base_perplexity", "eval/retention.tuned_perplexity", "eval/forgetting_pct")
 
 
 def _run(args: argparse.Namespace) -> int:
     from kubetune.launch.local import run_pipeline
 
-    cfg = load_config(args.config, args.set)
+    cfg = named(load_config(args.config, args.set), args.run_name, args.set)
+    print(f"kubetune: {cfg.tracking.run_name or cfg.register.model_name}: {cfg.task} on {cfg.model.name_or_path} "
+          f"({cfg.model.technique()}); preflight checks the config, the data and the model first", flush=True)
     result = run_pipeline(cfg, progress=not args.no_progress, runner=args.runner, resume=args.resume or "",
                           verbose=args.verbose)
     print()
@@ -37,17 +40,18 @@ def _run(args: argparse.Namespace) -> int:
     for stage, seconds in result["stage_seconds"].items():
         print(f"  {stage:<14} {seconds:7.1f} s")
     print(f"  {result['trainable_line']}")
-    headline = get_task(cfg.task).headline_metrics
-    retrieved = (*(f"eval/rag.{key.split('/', 1)[1]}" for key in headline), "eval/rag.hit_rate")  # evaluate.rag
-    for key in (*headline, *retrieved, *RETENTION_METRICS):
+    for key in headline_keys(get_task(cfg.task).headline_metrics):
         if key in result["eval"]:
-            print(f"  {key:<34} {result['eval'][key]}")
-    print(f"registered model version: {result['registered']}" + (" (champion)" if result["champion"] else ""))
+            print(f"  {key:<34} {number(result['eval'][key])}")
+    print(f"registered model version: {result['registered']}")
+    if result["decision"]:
+        print(f"  {result['decision']}")
     print(f"adapter and checkpoints:  {result['storage']}")
     print(f"MLflow run {result['run_id']} in {result['tracking_uri']}")
     print(f"  the run's whole log: {result['log']} (and logs/run.log in the MLflow run)")
     if not result["tracking_uri"].startswith("http"):
-        print("  to browse it: kubetune services up, then open "
+        store = "" if result["tracking_uri"] == embedded_uri() else f" --store {shlex.quote(result['tracking_uri'])}"
+        print(f"  to browse it: kubetune services up{store}, then open "
               f"http://127.0.0.1:5000/#/experiments/{result['experiment_id']}/runs/{result['run_id']}")
     else:
         print(f"  {result['tracking_uri'].rstrip('/')}/#/experiments/{result['experiment_id']}/runs/{result['run_id']}")
@@ -96,8 +100,10 @@ def _export(args: argparse.Namespace) -> int:
 
 def _services(args: argparse.Namespace) -> int:
     if args.action == "up":
-        url = services.services_up(port=args.port)
-        print(f"kubetune: MLflow UI at {url}")
+        store = args.store or (resolve_uri(load_config(args.config, args.set).tracking.mlflow_uri)
+                               if args.config or args.set else None)
+        url = services.services_up(port=args.port, store=store)
+        print(f"kubetune: MLflow UI at {url}, serving {store or embedded_uri()}")
     elif args.action == "down":
         print("kubetune: MLflow server stopped" if services.services_down() else "kubetune: nothing was running")
     else:
@@ -150,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_ID",
                      help="continue the MLflow run of a `kubetune run` that died (same --config/--set): its "
                           "stages run again, training from the run's last stored checkpoint")
+    run.add_argument("--run-name", help="the MLflow run's name, what chart legends show (default: the model name "
+                                        "and the --set values, else the start time)")
     run.add_argument("--runner", choices=["process", "container"], default="process",
                      help="process: each stage a Python process in this environment (default); container: each "
                           "stage in its component's image, through podman (build them with make images-local)")
@@ -217,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     services = commands.add_parser("services", help="a local MLflow server (UI included) in the background")
     services.add_argument("action", choices=["up", "status", "down"])
     services.add_argument("--port", type=int, default=5000)
+    services.add_argument("--store", metavar="URI", help="the sqlite store to serve, as tracking.mlflow_uri names it "
+                                                       "(default: the state folder's, or the one --config names)")
+    config_args(services)
     services.set_defaults(func=_services)
     return parser
 

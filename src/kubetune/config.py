@@ -20,6 +20,8 @@ from kubetune.overrides import apply_overrides, merge, read_file
 from kubetune.strict import build
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
+#: Characters of tracking.run_name (MLflow's runs table and legends show about this many).
+RUN_NAME_LIMIT = 250
 LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
@@ -344,10 +346,17 @@ class TrackingConfig:
     experiment: Optional[str] = _help(
         "MLflow experiment that holds the runs; null = one experiment per registered model "
         "(register.model_name), so runs compared side by side measure the same thing.", None)
+    run_name: Optional[str] = _help(
+        "The MLflow run's name, what chart legends show; null = the model name and the values this run "
+        "set differently from its config (`kubetune run --set`, the KFP run form), else the start time. "
+        "`kubetune run --run-name` sets it.", None)
 
     def validate(self) -> None:
         _require(self.experiment is None or bool(self.experiment.strip()), "tracking.experiment", self.experiment,
                  "name the experiment, or null for the registered model's name")
+        _require(self.run_name is None or 0 < len(self.run_name.strip()) <= RUN_NAME_LIMIT, "tracking.run_name",
+                 self.run_name, f"give a name of 1 to {RUN_NAME_LIMIT} characters, or null for one made from the "
+                 "model name and what the run set")
         name, uri = ("tracking.mlflow_uri", self.mlflow_uri) if self.mlflow_uri else \
             ("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI"))
         if uri and uri.startswith(("http://", "https://")):  # a database URI holds its own login

@@ -1,5 +1,5 @@
 """The config reference: every key with its help text and default, read from the config dataclasses,
-for `kubetune config` and the README's table (tests/unit/test_readme.py keeps the two in step)."""
+for `kubetune config` and the table in docs/configuration.md (tests/unit/test_readme.py keeps the two in step)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def describe(cls: Any = RunConfig, prefix: str = "") -> list[tuple[str, str, Any
 
 
 def reference_markdown() -> str:
-    """The config reference table that README.md embeds (a test keeps the two in step)."""
+    """The config reference table that docs/configuration.md embeds (a test keeps the two in step)."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for key, help_text, default in describe():
         if default == "mapping":

@@ -42,6 +42,15 @@ def _cpu_4bit_workaround(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def device_description() -> str:
+    """This machine's training devices as a tag says them: `cpu`, or `2 x NVIDIA H100 80GB HBM3`."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+
+
 def _kind(task) -> TaskKind:
     """A TaskKind, given one or its name (None: causal_lm)."""
     return task if isinstance(task, TaskKind) else get_task(task or "causal_lm")

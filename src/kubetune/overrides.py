@@ -6,9 +6,10 @@ holds the schema alone.
 from __future__ import annotations
 
 import copy
+import json
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -91,6 +92,22 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"--set {key.strip()}", raw, f"not a valid YAML value ({problem}); quote text that "
                           "holds YAML syntax, e.g. --set 'data.instruction=\"Classify: the review\"'") from None
+
+
+def set_values(overrides: list[str]) -> dict[str, Any]:
+    """What `--set` items change: {section.key: value as read}; the last wins for a key set twice."""
+    return {".".join(keys): value for keys, value in map(_parse_override, overrides)}
+
+
+def run_name(model_name: str, changed: dict[str, Any], limit: int = 250) -> Optional[str]:
+    """A run's name from what it set differently from its config, e.g. `quotes-lora learning_rate=0.003
+    r=8` (each key's last part): chart legends then tell runs apart. None when nothing was set."""
+    shown = [f"{key.rsplit('.', 1)[-1]}={json.dumps(value) if isinstance(value, (list, dict)) else value}"
+             for key, value in changed.items() if key != "tracking.run_name"]
+    if not shown:
+        return None
+    name = " ".join([model_name, *shown])
+    return name if len(name) <= limit else name[:limit - 3] + "..."
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
@@ -38,6 +40,7 @@ from kubetune_serving.model import DEFAULT_MAX_NEW_TOKENS, LABELS, TEXT
 from kubetune_serving.prompts import ALPACA_TEMPLATE
 
 from kubetune import __version__
+from kubetune.headline import Headline, model_card, model_description, number, version_description
 from kubetune.model_source import resolve_model
 from kubetune.tasks import TaskKind
 from kubetune.tasks.base import CLASSES
@@ -55,6 +58,9 @@ EXAMPLE_TEXT = "The battery lasts all day and the screen is lovely."
 EXAMPLE_PROMPT = "The best way to learn is"
 EXAMPLE_INSTRUCTION = "Is this review positive or negative?"
 EXAMPLE_QUESTION = "What makes a good cup of tea?"
+#: Significant digits of the eval figures a version is tagged with: readable in the registry's tag
+#: list, and what the champion rule compares (a new score is rounded the same way, so a tie stays one).
+TAG_DIGITS = 6
 
 
 def pins(names: list[str]) -> list[str]:
@@ -140,61 +146,134 @@ def served_code(work: Path) -> Path:
                                 ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*")))
 
 
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)  # the adapter's files are only read: a link costs no copy of the weights
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def carded_adapter(adapter_dir: Path, work: Path, card: str) -> Path:
+    """The adapter folder as logged: its files (linked where the file system allows, else copied)
+    with README.md replaced by the run's model card; the train stage's folder is not changed."""
+    folder = work / "adapter"
+    shutil.copytree(adapter_dir, folder, copy_function=_link_or_copy, ignore=shutil.ignore_patterns("README.md"))
+    (folder / "README.md").write_text(card)
+    return folder
+
+
+def tag_value(value: float) -> str:
+    return f"{value:.{TAG_DIGITS}g}"
+
+
+def serving_example(settings: dict[str, Any]) -> str:
+    """The predict call the model card shows, for what the version reads."""
+    columns = {column: list(values) for column, values in input_example(settings).to_dict("list").items()}
+    params = "" if settings["predicts"] == LABELS else ", params={\"max_new_tokens\": 32}"
+    return f"model.predict(pd.DataFrame({json.dumps(columns)}){params})"
+
+
+LIMITS = ("The figures above come from the held-out rows of this run's data; other data can score differently.",
+          "The base model is not part of this version; load it from where it was at registration or set "
+          "$KUBETUNE_BASE_MODEL_PATH. A base trained on in 8-bit or 4-bit loads unquantized without bitsandbytes, "
+          "and its predictions then differ by the quantization error.",
+          "Greedy decoding, as evaluation scored it; sampling changes what it writes.")
+
+
 def register(tracking_uri: str, run_id: str, model_name: str, adapter_dir: Path, settings: dict[str, Any],
-             metrics: dict[str, float], lineage: dict[str, str], score: tuple[str, bool],
-             retrieval: Optional[tuple[Path, dict[str, Any]]] = None) -> dict[str, Any]:
-    """Logs the model into the run, registers a new version tagged with its lineage and metrics, and
-    moves the champion alias to it when it beats the current champion on score (metric, higher is
-    better). retrieval: evaluate.rag's index folder and settings; the version then retrieves as
-    evaluation did (its passages and vectors travel with it; the embedding model is referenced)."""
+             metrics: dict[str, float], lineage: dict[str, str], score: tuple[str, bool], summary: Headline,
+             headline_keys: tuple[str, ...] = (), retrieval: Optional[tuple[Path, dict[str, Any]]] = None,
+             run_link: str = "") -> dict[str, Any]:
+    """Logs the model into the run, registers a new version tagged with its lineage and headline
+    figures, moves the champion alias to it when it beats the current champion on score (metric,
+    higher is better), and describes the model and the version (why it is or is not the champion).
+    retrieval: evaluate.rag's index folder and settings; the version then retrieves as evaluation
+    did (its passages and vectors travel with it; the embedding model is referenced)."""
     settings = {**settings, "unquantized_modules": unquantized_modules(settings, adapter_dir),
                 **({"retrieval": retrieval[1]} if retrieval else {})}
-    files = {"adapter": str(adapter_dir), **({"retrieval": str(retrieval[0])} if retrieval else {})}
+    store = models.ModelStore(tracking_uri)
+    score_key, higher_is_better = score
+    decision = decide_champion(store, model_name, score_key, metrics.get(score_key), higher_is_better)
     with tempfile.TemporaryDirectory(prefix="kubetune-register-") as work:
         settings_file = Path(work) / SETTINGS_FILE
         settings_file.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
         code = served_code(Path(work))
+        card = model_card(summary, decision.line(model_name, "this version"),
+                          f"runs:/{run_id}/model",
+                          serving_example(settings), LIMITS)
+        files = {"adapter": str(carded_adapter(adapter_dir, Path(work), card)),
+                 **({"retrieval": str(retrieval[0])} if retrieval else {})}
         version, model_uri = models.log_code_model(
             tracking_uri, run_id, model_name, code_file=code / SERVED_MODEL_FILE.name, code_paths=[code],
             # the tokenizer is saved beside the adapter
             artifacts={**files, "settings": str(settings_file)},
             signature=signature(settings), input_example=input_example(settings),
             requirements=requirements(settings))
-    store = models.ModelStore(tracking_uri)
-    tags = {**lineage, "run_id": run_id, "base_model": settings["base_model"], "kubetune_version": __version__,
-            **{k: str(v) for k, v in metrics.items()}}
-    store.tag_version(model_name, version, tags)
-
-    score_key, higher_is_better = score
-    promoted = promote_if_better(store, model_name, version, score_key, metrics.get(score_key), higher_is_better)
-    log.info("registered %s version %s (champion: %s)", model_name, version, promoted)
-    return {"model_name": model_name, "version": version, "model_uri": model_uri, "champion": promoted}
+    figures = {key: tag_value(metrics[key]) for key in (*headline_keys, score_key) if key in metrics}
+    store.tag_version(model_name, version, {**lineage, "run_id": run_id, "base_model": settings["base_model"],
+                                            "kubetune_version": __version__, **figures})
+    if decision.promoted:
+        store.set_alias(model_name, CHAMPION, version)
+    line = decision.line(model_name, version)
+    store.describe_version(model_name, version, version_description(summary, line, run_link or f"run {run_id}"))
+    champion = store.aliased(model_name, CHAMPION)
+    store.describe_model(model_name, model_description(summary.facts, score_key, higher_is_better,
+                                                       champion[0] if champion else None,
+                                                       champion[1].get(score_key) if champion else None))
+    log.info("registered %s version %s: %s", model_name, version, line)
+    return {"model_name": model_name, "version": version, "model_uri": model_uri, "champion": decision.promoted,
+            "decision": line}
 
 
 class Versions(Protocol):
-    """What the promotion rule reads and moves: kubetune.tracking.models.ModelStore, or a stand-in."""
+    """What the champion rule reads: kubetune.tracking.models.ModelStore, or a stand-in."""
 
     def aliased(self, name: str, alias: str) -> Optional[tuple[str, dict[str, str]]]: ...
 
-    def set_alias(self, name: str, alias: str, version: str) -> None: ...
-
 
 def beats(score: float, best: Optional[str], higher_is_better: bool) -> bool:
-    """The new version's score against the champion's recorded one (a version tag, so text); a
-    champion without the score (registered before the metric existed) is beaten by any score. A tie
-    keeps the champion: moving the alias for no gain would change what serves for nothing."""
+    """The new version's score against the champion's recorded one (a version tag, TAG_DIGITS
+    significant digits, so the new score is rounded alike); a champion without the score
+    (registered before the metric existed) is beaten by any score. A tie keeps the champion:
+    moving the alias for no gain would change what serves for nothing."""
     if best is None:
         return True
+    score = float(tag_value(score))
     return score > float(best) if higher_is_better else score < float(best)
 
 
-def promote_if_better(store: Versions, model_name: str, version: str, score_key: str, score: Optional[float],
-                      higher_is_better: bool) -> bool:
-    """Moves the champion alias to version when its score beats the champion's; True when it did."""
+@dataclass(frozen=True)
+class Decision:
+    """Whether a new version becomes the champion, and against what."""
+    promoted: bool
+    metric: str
+    higher_is_better: bool
+    score: Optional[float]
+    champion: Optional[str] = None  # the version holding the alias before this one
+    champion_score: Optional[str] = None  # its recorded score (a tag)
+
+    def line(self, model_name: str, version: str) -> str:
+        name = self.metric.split("/", 1)[-1].replace("_", " ")
+        who = f"{model_name}/{version}" if version.isdigit() else version
+        rule = f"{'higher' if self.higher_is_better else 'lower'} is better"
+        if self.score is None:
+            return f"{who} is not the champion: the run has no {name} to compare"
+        if self.champion is None:
+            return f"{who} is the champion: the first version with a {name} ({number(self.score)})"
+        held = (f"{number(float(self.champion_score))} of version {self.champion}" if self.champion_score is not None
+                else f"version {self.champion}, which recorded no {name}")
+        if self.promoted:
+            return f"{who} is the new champion: {name} {number(self.score)} beats {held} ({rule})"
+        return f"{who} is not the champion: {name} {number(self.score)} does not beat {held}, which stays champion ({rule})"
+
+
+def decide_champion(store: Versions, model_name: str, score_key: str, score: Optional[float],
+                    higher_is_better: bool) -> Decision:
+    """Whether a version scoring `score` takes the champion alias from the current champion."""
     if score is None:
-        return False
+        return Decision(False, score_key, higher_is_better, None)
     current = store.aliased(model_name, CHAMPION)
-    if current is not None and not beats(score, current[1].get(score_key), higher_is_better):
-        return False
-    store.set_alias(model_name, CHAMPION, version)
-    return True
+    if current is None:
+        return Decision(True, score_key, higher_is_better, score)
+    best = current[1].get(score_key)
+    return Decision(beats(score, best, higher_is_better), score_key, higher_is_better, score, current[0], best)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kubetune.config import RunConfig, read_config
+from kubetune.overrides import run_name, set_values
 from kubetune.tasks import get_task
 
 
@@ -31,3 +32,14 @@ def from_dict(data: Any) -> RunConfig:
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
     """The embedded defaults, then the YAML file (if any), then --set overrides; checked whole."""
     return checked(read_config(path, overrides))
+
+
+def named(cfg: RunConfig, name: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """cfg with its MLflow run name: `name` (--run-name), else the config's own, else the model name
+    and what the --set overrides changed (None keeps the start time as the name)."""
+    if name is not None:
+        cfg.tracking.run_name = name
+    elif cfg.tracking.run_name is None:
+        cfg.tracking.run_name = run_name(cfg.register.model_name, set_values(overrides or []))
+    cfg.tracking.validate()
+    return cfg

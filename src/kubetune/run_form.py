@@ -22,6 +22,7 @@ from typing import Any
 
 from kubetune.config import RunConfig
 from kubetune.errors import ConfigError
+from kubetune.overrides import run_name
 from kubetune.run_config import from_dict
 
 
@@ -79,6 +80,10 @@ def apply(config: dict[str, Any], values: dict[str, Any]) -> RunConfig:
             node = node[section]
         node[last] = value.strip() if isinstance(value, str) else value
         applied[field.key] = field
+    tracking = data.setdefault("tracking", {})
+    if applied and not tracking.get("run_name"):  # the name says what this run's form changed
+        tracking["run_name"] = run_name(data.get("register", {}).get("model_name", "run"),
+                                        {key: field_value(data, key) for key in applied})
     try:
         return from_dict(data)
     except ConfigError as exc:
@@ -86,6 +91,12 @@ def apply(config: dict[str, Any], values: dict[str, Any]) -> RunConfig:
         if field is None:
             raise
         raise ConfigError(field.parameter, exc.value, f"{exc.fix} ({field.help})") from None
+
+
+def field_value(data: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        data = data[part]
+    return data
 
 
 def on_cluster() -> bool:

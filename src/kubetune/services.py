@@ -1,8 +1,9 @@
 """`kubetune services up|status|down`: a local MLflow server (UI + REST API) in the background.
 
-It serves the same sqlite store and artifact folder that embedded (serverless) tracking writes in
-the state folder, so runs logged without a server show up in its UI. The pid file, the URL and the
-server's log live in <state>/services/.
+It serves a sqlite store and the artifact folder beside it (kubetune.tracking.artifact_root), as
+embedded (serverless) tracking wrote them: the state folder's by default, or the store a config
+names (`--config`, `--store`), so the link `kubetune run` prints opens that run. The pid file, the
+URL, the store served and the server's log live in <state>/services/.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Optional
 
 from kubetune import paths
 from kubetune.errors import ServiceError
-from kubetune.tracking import embedded_artifact_root, embedded_uri  # the store the server must serve
+from kubetune.tracking import artifact_root, embedded_uri, local_path  # the store the server must serve
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,27 @@ def _url_file() -> Path:
 
 def _log_file() -> Path:
     return _services_dir() / "mlflow.log"
+
+
+def _store_file() -> Path:
+    return _services_dir() / "mlflow.store"
+
+
+def _served() -> str:
+    return _store_file().read_text().strip() if _store_file().is_file() else embedded_uri()
+
+
+def check_store(store: str) -> Path:
+    """A store the local server can serve: a sqlite file that exists. Returns its artifact folder."""
+    database = local_path(store) if store.startswith("sqlite:///") else None
+    if database is None:
+        fix = ("it is a server already: open it in a browser" if store.startswith(("http://", "https://")) else
+               "give the sqlite:/// URI that tracking.mlflow_uri names")
+        raise ServiceError("--store", store, fix)
+    if not database.is_file():
+        raise ServiceError("--store", store, "no such database; give the store a run logged to (its MLflow line "
+                                             "names it), or leave --store out for the state folder's")
+    return artifact_root(store)
 
 
 def _read_pid() -> Optional[int]:
@@ -108,7 +130,7 @@ def _log_tail(lines: int = 15) -> str:
 
 
 def _clear_state() -> None:
-    for path in (_pid_file(), _url_file()):
+    for path in (_pid_file(), _url_file(), _store_file()):
         path.unlink(missing_ok=True)
 
 
@@ -123,8 +145,8 @@ def services_status() -> dict[str, Any]:
         "healthy": bool(alive and url and _healthy(url)),
         "url": url,
         "log": str(_log_file()),
-        "backend_store_uri": embedded_uri(),
-        "artifact_root": str(embedded_artifact_root()),
+        "backend_store_uri": _served() if alive else embedded_uri(),
+        "artifact_root": str(artifact_root(_served() if alive else embedded_uri())),
     }
 
 
@@ -149,9 +171,15 @@ def _wait_healthy(pid: int, url: str, timeout: float, process: Optional[subproce
                        f"its log ({_log_file()}) ends with:\n{_log_tail()}")
 
 
-def services_up(port: int = 5000, host: str = "127.0.0.1") -> str:
-    """Start the local MLflow server (or find it running); returns its URL once /health answers."""
+def services_up(port: int = 5000, host: str = "127.0.0.1", store: Optional[str] = None) -> str:
+    """Start the local MLflow server on store (default: the state folder's), or find it running;
+    returns its URL once /health answers. A server already running on another store is named."""
+    store = store or embedded_uri()
+    artifacts = check_store(store) if store != embedded_uri() else artifact_root(store)
     status = services_status()
+    if status["alive"] and _served() != store:
+        raise ServiceError("--store", store, f"the MLflow server at {status['url']} serves {_served()}; stop it "
+                                             "with kubetune services down, then start it on this store")
     if status["alive"]:
         url = status["url"]
         if not status["healthy"]:  # another `up` may still be starting it
@@ -165,12 +193,11 @@ def services_up(port: int = 5000, host: str = "127.0.0.1") -> str:
         raise ServiceError("--port", port, f"port {port} on {host} is already in use by another program; "
                                            "stop it or pass another port, e.g. --port 5001")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
-    artifacts = embedded_artifact_root()
     artifacts.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--host", host, "--port", str(port), "--workers", str(WORKERS),
-        "--backend-store-uri", embedded_uri(),
+        "--backend-store-uri", store,
         # New experiments get a file path that embedded tracking can write too; the same folder
         # backs the server's artifact proxy (mlflow-artifacts:/ URIs).
         "--default-artifact-root", artifacts.as_uri(),
@@ -182,6 +209,7 @@ def services_up(port: int = 5000, host: str = "127.0.0.1") -> str:
                                    cwd=_services_dir(), env=env, start_new_session=True)
     _pid_file().write_text(f"{process.pid}\n")
     _url_file().write_text(f"{url}\n")
+    _store_file().write_text(f"{store}\n")
     log.info("starting the MLflow server at %s (pid %d, log %s)", url, process.pid, _log_file())
     _wait_healthy(process.pid, url, START_TIMEOUT_S, process)
     log.info("the MLflow server answers at %s", url)

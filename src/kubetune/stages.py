@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional
 
 from kubetune import __version__, artifacts, console, data, distributed, evaluation, faults, modeling, registry, tracking
 from kubetune import preflight as checks
-from kubetune import report, run_form, tokenization, training
+from kubetune import headline, report, run_form, tokenization, training
 from kubetune.config import RunConfig
 from kubetune.errors import ConfigError, DataError
 from kubetune.model_source import describe_source, fingerprint, resolve_model
@@ -27,6 +27,7 @@ from kubetune.run_config import from_dict as config_from
 from kubetune.build_cache import reuse_or_build
 from kubetune.storage import open_store
 from kubetune.tasks import get_task
+from kubetune.tracking import lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,9 @@ def preflight(config: Config, lineage_path: str, accelerator_count: Optional[int
                "kubetune.storage": report.storage_uri, "kubetune.technique": cfg.model.technique()}
     launch = os.environ.get(tracking.LAUNCH_ENV)  # set by `kubetune run`, which finds its run by it
     if resume_run_id:
-        run_id = tracking.reopen_run(report.tracking_uri, cfg.tracking.experiment, resume_run_id, cfg.to_dict())
+        run_id = lifecycle.reopen_run(report.tracking_uri, cfg.tracking.experiment, resume_run_id, cfg.to_dict())
     else:
-        run_name = f"{cfg.register.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_name = cfg.tracking.run_name or f"{cfg.register.model_name} {time.strftime('%m-%d %H:%M:%S')}"
         run_id = tracking.start_run(report.tracking_uri, cfg.tracking.experiment, run_name, cfg.to_dict(),
                                     {**lineage, **({tracking.LAUNCH_TAG: launch} if launch else {})})
     logger = tracking.RunLogger(report.tracking_uri, run_id)
@@ -106,8 +107,7 @@ def preflight(config: Config, lineage_path: str, accelerator_count: Optional[int
         logger.tags({tracking.LAUNCH_TAG: launch})
     if pipeline_run:
         logger.tags({tracking.PIPELINE_RUN_TAG: pipeline_run,
-                     "kubetune.accelerators": f"{accelerator_count} x {accelerator_type}" if accelerator_count
-                     else "none"})
+                     "kubetune.accelerators": _accelerators(accelerator_count, accelerator_type)})
     logger.json({"data": report.data, "model": report.model, "storage": report.storage_uri}, "preflight.json")
     lineage["kubetune.storage_run_prefix"] = _store(cfg).uri(run_prefix(run_id))
     logger.tags({"kubetune.storage_run_prefix": lineage["kubetune.storage_run_prefix"]})
@@ -118,20 +118,27 @@ def preflight(config: Config, lineage_path: str, accelerator_count: Optional[int
     return run_id
 
 
+def _accelerators(count: Optional[int], resource: str) -> str:
+    """What the run was given to train on: on a cluster, the GPUs the pipeline asks for; under
+    `kubetune run`, this machine's devices (the pipeline's GPU settings do not apply there)."""
+    if run_form.on_cluster():
+        return f"{count} x {resource}" if count else "none"
+    return modeling.device_description()
+
+
 def finish_run(config: str, pipeline_run: str, state: str, error: str = "") -> str:
     """The pipeline's exit handler: when a pipeline run did not succeed (a task failed, was killed,
     evicted or timed out), its MLflow run is marked FAILED and names the stage it was in; a stage
     that failed on its own has done that already. Returns what it did, for the task's log."""
     console.setup_stage()
     if state == "SUCCEEDED" or not pipeline_run:
-        console.summary(f"pipeline run {state}: nothing to do")
-        return f"pipeline run {state}: nothing to do"
+        return f"pipeline run {state}: no MLflow run to mark"
     try:  # the exit handler must work even when config_json is what made preflight fail
         configured = (json.loads(config).get("tracking") or {}).get("mlflow_uri")
     except (ValueError, AttributeError):
         configured = None
     uri = tracking.resolve_uri(configured)
-    marked = tracking.fail_unfinished(uri, pipeline_run, f"the pipeline run ended {state}"
+    marked = lifecycle.fail_unfinished(uri, pipeline_run, f"the pipeline run ended {state}"
                                       + (f" ({error})" if error else ""))
     said = f"pipeline run {state}: " + (f"marked MLflow run {', '.join(marked)} FAILED" if marked else
                                         "no unfinished MLflow run of it")
@@ -178,7 +185,8 @@ def tokenize(config: Config, run_id: str, data_dir: str, out_dir: str) -> dict[s
         reused = reuse_or_build(_store(cfg), "tokenized", key, Path(out_dir), lambda folder: tokenization.tokenize(
             Path(data_dir), model_dir, cfg.data, folder, cfg.task))
         stats = artifacts.read_token_stats(Path(out_dir))
-        logger.metrics({**{f"inputs/tokens_{k}": v for k, v in stats.items()}, "inputs/tokens_reused": int(reused)})
+        logger.metrics({f"inputs/tokens_{k}": v for k, v in stats.items()})
+        logger.tags({"kubetune.tokens_reused": "yes" if reused else "no"})
         console.summary(f"{stats.get('train_tokens_total', 0):,} train tokens, "
                         f"{100 * stats.get('train_truncated_share', 0):.0f}% of rows truncated"
                         + (" (reused from an earlier run)" if reused else ""))
@@ -214,12 +222,13 @@ def train(config: Config, run_id: str, tokenized_dir: str, prepared_dir: str, ou
             summary = artifacts.read_training_summary(Path(out_dir))
         else:
             summary = train_worker(config, run_id, tokenized_dir, prepared_dir, out_dir)
-        logger.metrics({f"train/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+        logger.metrics({f"train/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and k != "processes"})
+        logger.tags({"kubetune.train_processes": summary.get("processes", cfg.train.processes)})
         if "best_step" in summary:
             stopped = summary.get("stopped_early_at")
             logger.tags({"kubetune.best_step": summary["best_step"],
                          "kubetune.stopped_early_at": stopped if stopped is not None else "no"})
-        console.summary(training.describe(summary))
+        console.summary(training.describe(summary, artifacts.read_training_history(Path(out_dir))))
     return summary
 
 
@@ -260,7 +269,7 @@ def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, ou
             "seed": cfg.train.seed, "batch_size": cfg.evaluate.batch_size, "kubetune": __version__,
             "batches": "by length"})  # how rows are batched moves 8-bit scores in their last digits
         result = evaluation.evaluate(kind, variants, tokenizer, dataset, info, cfg, cache)
-        result.metrics["eval/split_" + split] = 1
+        logger.tags({"kubetune.heldout_split": split})
         if cfg.evaluate.rag is not None:
             retrieved = evaluation.rag_evaluate(kind, variants, tokenizer, dataset, info, cfg, _store(cfg))
             result.metrics.update(retrieved.evaluation.metrics)
@@ -275,9 +284,8 @@ def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, ou
                 log.info("retention: not applicable: %s", retained.not_applicable)
                 logger.tags({"eval/retention": f"not applicable: {retained.not_applicable}"})
             result.metrics.update(retained.metrics)
-        result.metrics["eval/base_reused"] = len(cache.reused)  # base figures taken from an earlier run
-        if cache.reused:
-            logger.tags({"eval/base_reused": ", ".join(cache.reused)})
+        # base figures taken from an earlier run of the same base, data and settings
+        logger.tags({"kubetune.base_figures_reused": ", ".join(cache.reused) or "no"})
         for artifact_file, figure in result.figures.items():
             logger.figure(figure, artifact_file)
             plt.close(figure)
@@ -293,8 +301,25 @@ def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, ou
                                   result.generations[:cfg.evaluate.num_generations])
         artifacts.write_report(Path(out_dir), page)
         logger.text(page, "eval/report.html")
+        logger.describe(headline.run_description(_headline(cfg, kind, result.metrics, Path(tuned_dir),
+                                                           logger.run_tags()), links=[REPORT_LINK]))
         console.summary(kind.summary(result.metrics))
     return result.metrics
+
+
+#: The run page's link to its report (MLflow's artifact view of the run, relative to the run page).
+REPORT_LINK = "report: `eval/report.html` under Artifacts"
+
+
+def _headline(cfg: RunConfig, kind, metrics: dict[str, float], tuned_dir: Path,
+              lineage: Optional[dict[str, str]] = None) -> headline.Headline:
+    """The run's headline from its artifacts: what was trained, base vs tuned, the loss line."""
+    lineage = lineage or {}
+    facts = headline.Facts(cfg.register.model_name, cfg.task, cfg.model.name_or_path, cfg.model.technique(),
+                           lineage.get("kubetune.trainable_line", ""), cfg.data.path or "",
+                           lineage.get("kubetune.data_sha256", ""))
+    return headline.Headline(facts, headline.table(metrics, kind.headline_metrics),
+                             headline.loss_line(artifacts.read_training_history(tuned_dir)))
 
 
 def evaluation_views(eval_dir: str) -> tuple[Optional[dict[str, Any]], Path]:
@@ -312,11 +337,17 @@ def register(config: Config, run_id: str, lineage_path: str, tokenized_dir: str,
         lineage = {**artifacts.read_lineage(Path(lineage_path)), "kubetune.trainable_line": plan["trainable_line"]}
         settings = registry.model_config(plan, kind, artifacts.read_task_info(Path(tokenized_dir)),
                                          kind.prompt_format(cfg.data))
-        result = registry.register(logger.uri, run_id, cfg.register.model_name, Path(tuned_dir), settings,
-                                   artifacts.read_evaluation_metrics(Path(eval_dir)), lineage, kind.registry_score,
-                                   artifacts.read_retrieval(Path(eval_dir)))
+        metrics = artifacts.read_evaluation_metrics(Path(eval_dir))
+        summary = _headline(cfg, kind, metrics, Path(tuned_dir), lineage)
+        result = registry.register(logger.uri, run_id, cfg.register.model_name, Path(tuned_dir), settings, metrics,
+                                   lineage, kind.registry_score, summary, headline.headline_keys(kind.headline_metrics),
+                                   artifacts.read_retrieval(Path(eval_dir)), logger.run_link())
         logger.tags({"kubetune.registered_model": cfg.register.model_name,
-                     "kubetune.registered_version": result["version"]})
-        console.summary(f"{cfg.register.model_name}/{result['version']}" + (" (champion)" if result["champion"] else ""))
+                     "kubetune.registered_version": result["version"],
+                     "kubetune.champion": "yes" if result["champion"] else "no",
+                     "kubetune.champion_decision": result["decision"]})
+        version_link = logger.version_link(cfg.register.model_name, result["version"])
+        logger.describe(headline.run_description(summary, result["decision"], [REPORT_LINK, version_link]))
+        console.summary(result["decision"])
     logger.finish("FINISHED")
     return {**result, "registered_model_uri": f"models:/{result['model_name']}/{result['version']}", "run_id": run_id}

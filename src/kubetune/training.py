@@ -16,6 +16,7 @@ from kubetune import artifacts
 from kubetune.best_checkpoint import BestKeeper, load_weights, make_callback
 from kubetune.config import TrainConfig
 from kubetune.errors import ConfigError, ServiceError
+from kubetune.headline import loss_line
 
 log = logging.getLogger(__name__)
 
@@ -192,17 +193,15 @@ class Runtime:
         (folder / self.FILE).write_text(json.dumps({"train_seconds": self.total()}))
 
 
-def describe(summary: dict[str, Any]) -> str:
-    """The train stage's line: loss from first to last step, and the best evaluation."""
+def describe(summary: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    """The train stage's line: the steps and the loss as kubetune.headline.loss_line reads it
+    (validation first -> best; single training steps are too noisy to compare)."""
     text = f"{summary.get('steps')} steps"
     if summary.get("resumed_from"):
         text += f" (resumed from {Path(summary['resumed_from']).name})"
-    if summary.get("train_loss_first") is not None:
-        text += f", loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f}"
-    if "best_step" in summary:
-        text += f", best validation loss {summary['best_eval_loss']:.4f} at step {summary['best_step']}"
-        if summary.get("stopped_early_at"):
-            text += f" (stopped early at {summary['stopped_early_at']})"
+    text += f", {loss_line(history)}"
+    if summary.get("stopped_early_at"):
+        text += f" (stopped early at {summary['stopped_early_at']})"
     return text
 
 

@@ -398,3 +398,49 @@ def test_an_exported_classifier_loads_with_plain_transformers_and_predicts_as_re
         registered = mlflow.pyfunc.load_model(f"models:/{classification['name']}/1").predict(
             pd.DataFrame({"text": REVIEWS}))
     assert exported == list(registered)
+
+
+# ---- what a person sees first: the run's and the registry's descriptions, the model card ----------
+
+def test_the_run_and_the_registry_lead_with_the_headline(causal, tmp_path):
+    from kubetune import registry
+    from kubetune.tracking.models import ModelStore
+
+    client = tracking.client(causal["uri"])
+    run = client.get_run(causal["run_id"])
+    description = run.data.tags[tracking.DESCRIPTION_TAG]
+    assert description.startswith("**tiny-serving**: causal_lm on ")
+    assert "| perplexity (held-out) |" in description and "**Loss**: validation loss" in description
+    assert "**Registry**: tiny-serving/1 is the champion: the first version with a tuned perplexity" in description
+    assert "[tiny-serving/1](#/models/tiny-serving/versions/1)" in description
+    # flags and counts are tags; params are what the config set (no nulls)
+    assert not {"eval/base_reused", "eval/split_validation", "inputs/tokens_reused", "train/processes"} & set(run.data.metrics)
+    assert run.data.tags["kubetune.heldout_split"] == "validation" and run.data.tags["kubetune.tokens_reused"] in ("yes", "no")
+    assert run.data.tags["kubetune.champion"] == "yes"
+    assert "null" not in run.data.params.values() and "model.lora.r" in run.data.params
+
+    version = client.get_model_version("tiny-serving", "1")
+    assert version.description.startswith("tiny-serving/1 is the champion")
+    assert "| perplexity (held-out) |" in version.description
+    figures = {key: value for key, value in version.tags.items() if key.startswith("eval/")}
+    assert "eval/tuned_perplexity" in figures and "eval/base_loss" not in figures  # the headline, not every figure
+    assert all(len(value.replace(".", "").lstrip("-0")) <= 6 for value in figures.values()), figures
+    assert "version 1, tuned perplexity" in client.get_registered_model("tiny-serving").description
+
+    local = _download(causal, tmp_path / "v1")
+    text = next(local.rglob("README.md")).read_text()
+    assert text.startswith("# tiny-serving") and "## Results" in text and "More Information Needed" not in text
+    assert f'mlflow.pyfunc.load_model("runs:/{causal["run_id"]}/model")' in text
+
+    # a second version that scores worse says so, and the champion stays
+    metrics = {key: float(value) for key, value in run.data.metrics.items() if key.startswith("eval/")}
+    worse = {**metrics, "eval/tuned_perplexity": metrics["eval/tuned_perplexity"] * 2}
+    from kubetune.headline import Facts, Headline
+
+    summary = Headline(Facts("tiny-serving", "causal_lm", str(causal["base"]), "8bit+lora"), "", "no loss was logged")
+    settings = json.loads(next(local.rglob("settings.json")).read_text())
+    second = registry.register(causal["uri"], causal["run_id"], "tiny-serving", causal["tuned"], settings, worse, {},
+                               ("eval/tuned_perplexity", False), summary)
+    assert not second["champion"] and "does not beat" in second["decision"] and "of version 1" in second["decision"]
+    assert ModelStore(causal["uri"]).aliased("tiny-serving", registry.CHAMPION)[0] == "1"
+    assert client.get_model_version("tiny-serving", second["version"]).description.startswith(second["decision"])

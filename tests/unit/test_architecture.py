@@ -31,7 +31,7 @@ LAYERS = [
     ("tasks", ["kubetune.tasks*", "kubetune.run_config", "kubetune.run_form"]),
     ("data and tokens", ["kubetune.data", "kubetune.tokenization", "kubetune.retrieval"]),
     ("model", ["kubetune.modeling"]),
-    ("scoring, evaluation, training", ["kubetune.scoring", "kubetune.evaluation", "kubetune.training", "kubetune.report", "kubetune.best_checkpoint",
+    ("scoring, evaluation, training", ["kubetune.headline", "kubetune.scoring", "kubetune.evaluation", "kubetune.training", "kubetune.report", "kubetune.best_checkpoint",
                                        "kubetune.distributed"]),
     ("preflight, registry and export", ["kubetune.preflight", "kubetune.registry", "kubetune.export"]),
     ("stages", ["kubetune.stages", "kubetune.train_worker"]),

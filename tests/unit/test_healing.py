@@ -6,6 +6,7 @@ import json
 import pytest
 
 from kubetune import tracking
+from kubetune.tracking import lifecycle
 from kubetune.errors import ConfigError, ServiceError
 from kubetune.storage import LocalStore
 from kubetune.training import latest_checkpoint, store_checkpoint
@@ -129,17 +130,17 @@ def test_resume_refuses_a_run_it_cannot_continue(logger):
     config = {"train": {"max_steps": 1}}
     uri = logger.uri
     with pytest.raises(ConfigError, match=r"--resume = 'nosuchrun': no such run"):
-        tracking.check_resumable(uri, "heal", "nosuchrun", config)
+        lifecycle.check_resumable(uri, "heal", "nosuchrun", config)
     with pytest.raises(ConfigError, match=r"--resume = .*: the run belongs to experiment 'heal'"):
-        tracking.check_resumable(uri, "other", logger.run_id, config)
+        lifecycle.check_resumable(uri, "other", logger.run_id, config)
     with pytest.raises(ConfigError, match=r"another config: train.max_steps was 1, now 2 \(1 keys differ\)"):
-        tracking.check_resumable(uri, "heal", logger.run_id, {"train": {"max_steps": 2}})
+        lifecycle.check_resumable(uri, "heal", logger.run_id, {"train": {"max_steps": 2}})
     logger.tags({"kubetune.failed_stage": "train"})
     logger.finish("FAILED")
-    assert tracking.reopen_run(uri, "heal", logger.run_id, config) == logger.run_id
+    assert lifecycle.reopen_run(uri, "heal", logger.run_id, config) == logger.run_id
     reopened = run_of(logger)
     assert reopened.info.status == "RUNNING" and reopened.data.tags["kubetune.resumed"] == "1"
     assert "kubetune.failed_stage" not in reopened.data.tags
     logger.finish()
     with pytest.raises(ConfigError, match="the run finished"):
-        tracking.check_resumable(uri, "heal", logger.run_id, config)
+        lifecycle.check_resumable(uri, "heal", logger.run_id, config)

@@ -1,4 +1,5 @@
-"""The README's promises that code can check: the two commands, the config reference, CI."""
+"""The README's promises that code can check: the two commands, a short front page whose links all
+resolve, the config reference in docs/configuration.md, CI."""
 
 import re
 from pathlib import Path
@@ -19,8 +20,18 @@ def test_readme_opens_with_the_two_commands():
 
 
 def test_config_reference_is_current():
-    table = README.split("<!-- config-reference:start -->\n")[1].split("\n<!-- config-reference:end -->")[0]
-    assert table == reference_markdown(), "README config table is stale: paste `kubetune config --markdown`"
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    table = reference.split("<!-- config-reference:start -->\n")[1].split("\n<!-- config-reference:end -->")[0]
+    assert table == reference_markdown(), "docs/configuration.md is stale: run `make readme-config`"
+
+
+def test_the_front_page_is_short_and_every_link_resolves():
+    assert len(README.splitlines()) <= 150, "README.md is the front page: move detail to docs/"
+    for document in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#:]+\.md)(?:#[^)]*)?\)", document.read_text()):
+            assert (document.parent / target).is_file(), f"{document.name} links to {target}, which is not there"
+    linked = set(re.findall(r"\(docs/([\w.-]+\.md)\)", README))
+    assert linked == {path.name for path in (ROOT / "docs").glob("*.md")}, "the front page lists every document"
 
 
 def test_ci_runs_the_readme_test_command():

@@ -9,21 +9,18 @@ from typing import Optional
 import pytest
 
 from kubetune import registry
-from kubetune.registry import CHAMPION, beats, promote_if_better
+from kubetune.registry import CHAMPION, beats, decide_champion
 
 
 class Versions:
-    """registry.Versions on a dict: versions' tags and the aliases pointing at them."""
+    """registry.Versions on a dict: versions' tags and the alias pointing at one."""
 
-    def __init__(self, tags: dict[str, dict[str, str]], aliases: Optional[dict[str, str]] = None):
-        self.tags, self.aliases = tags, dict(aliases or {})
+    def __init__(self, tags: dict[str, dict[str, str]], champion: Optional[str] = None):
+        self.tags, self.champion = tags, champion
 
     def aliased(self, name: str, alias: str) -> Optional[tuple[str, dict[str, str]]]:
-        version = self.aliases.get(alias)
-        return None if version is None else (version, self.tags[version])
-
-    def set_alias(self, name: str, alias: str, version: str) -> None:
-        self.aliases[alias] = version
+        assert alias == CHAMPION
+        return None if self.champion is None else (self.champion, self.tags[self.champion])
 
 
 @pytest.mark.parametrize("score, best, higher_is_better, expected", [
@@ -35,27 +32,35 @@ def test_a_score_beats_the_champion_only_when_strictly_better(score, best, highe
     assert beats(score, best, higher_is_better) is expected
 
 
-def test_the_first_version_with_a_score_becomes_champion():
-    store = Versions({"1": {"eval/accuracy": "0.5"}})
-    assert promote_if_better(store, "m", "1", "eval/accuracy", 0.5, True)
-    assert store.aliases == {CHAMPION: "1"}
+def test_the_first_version_with_a_score_becomes_champion_and_says_so():
+    decision = decide_champion(Versions({}), "m", "eval/tuned_macro_f1", 0.5, True)
+    assert decision.promoted
+    assert decision.line("m", "1") == "m/1 is the champion: the first version with a tuned macro f1 (0.5)"
 
 
-def test_a_better_version_takes_the_alias_and_a_worse_or_equal_one_does_not():
-    store = Versions({"1": {"eval/tuned_perplexity": "30.0"}, "2": {}, "3": {}}, {CHAMPION: "1"})
-    assert not promote_if_better(store, "m", "2", "eval/tuned_perplexity", 30.0, False)
-    assert not promote_if_better(store, "m", "2", "eval/tuned_perplexity", 31.0, False)
-    assert store.aliases[CHAMPION] == "1"
-    assert promote_if_better(store, "m", "3", "eval/tuned_perplexity", 29.7, False)
-    assert store.aliases[CHAMPION] == "3"
+def test_a_better_version_takes_the_alias_and_a_worse_or_equal_one_does_not_saying_against_what():
+    store = Versions({"1": {"eval/tuned_perplexity": "30"}}, champion="1")
+    for score in (30.0, 30.0000001, 31.0):  # a tie at the tags' precision keeps the champion
+        assert not decide_champion(store, "m", "eval/tuned_perplexity", score, False).promoted
+    lost = decide_champion(store, "m", "eval/tuned_perplexity", 31.0, False)
+    assert lost.line("m", "2") == ("m/2 is not the champion: tuned perplexity 31 does not beat 30 of version 1, which "
+                                   "stays champion (lower is better)")
+    won = decide_champion(store, "m", "eval/tuned_perplexity", 29.7063, False)
+    assert won.promoted and (won.champion, won.champion_score) == ("1", "30")
+    assert won.line("m", "3") == "m/3 is the new champion: tuned perplexity 29.71 beats 30 of version 1 (lower is better)"
 
 
-def test_a_version_without_the_score_never_moves_the_alias_and_a_champion_without_it_is_beaten():
-    store = Versions({"1": {}, "2": {}}, {CHAMPION: "1"})
-    assert not promote_if_better(store, "m", "2", "eval/accuracy", None, True)
-    assert store.aliases[CHAMPION] == "1"
-    assert promote_if_better(store, "m", "2", "eval/accuracy", 0.1, True)
-    assert store.aliases[CHAMPION] == "2"
+def test_a_version_without_the_score_never_takes_the_alias_and_a_champion_without_it_is_beaten():
+    store = Versions({"1": {}}, champion="1")
+    none = decide_champion(store, "m", "eval/accuracy", None, True)
+    assert not none.promoted and none.line("m", "2") == "m/2 is not the champion: the run has no accuracy to compare"
+    beaten = decide_champion(store, "m", "eval/accuracy", 0.1, True)
+    assert beaten.promoted and "version 1, which recorded no accuracy" in beaten.line("m", "2")
+
+
+def test_eval_tags_are_readable_and_keep_what_the_rule_compares():
+    assert registry.tag_value(29.706298828125) == "29.7063"
+    assert registry.tag_value(0.8333333333) == "0.833333"
 
 
 @pytest.mark.parametrize("settings, columns", [

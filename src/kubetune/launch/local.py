@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from kubetune import tracking
+from kubetune.tracking import lifecycle
 from kubetune.config import INPUT, RunConfig
 from kubetune.overrides import locations, with_value
 from kubetune.console import LOCAL_RUN_ENV, LOG_FORMAT, PROGRESS_ENV, OursAndProblems, StageLines, die_with_parent
@@ -232,7 +233,7 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process",
         try:
             report = preflight(cfg)
             if resume:
-                tracking.check_resumable(report.tracking_uri, cfg.tracking.experiment, resume, cfg.to_dict())
+                lifecycle.check_resumable(report.tracking_uri, cfg.tracking.experiment, resume, cfg.to_dict())
             os.environ[PASSED_ENV] = passed_record(cfg, report)  # the preflight task need not check it all again
             if warm is not None:
                 warm.preload(warm_start.model_modules(Path(report.model["path"])))
@@ -252,8 +253,8 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process",
             if report is not None:  # a run exists only past preflight
                 _keep_log(cfg, run_log_path, run_log, launch, resume)
     wall = time.monotonic() - started
-    run = tracking.run_of_launch(cfg.tracking.mlflow_uri, cfg.tracking.experiment, launch, resume)
-    return {**summarize(cfg, tracking.registered_by(cfg.tracking.mlflow_uri, run), wall),
+    run = lifecycle.run_of_launch(cfg.tracking.mlflow_uri, cfg.tracking.experiment, launch, resume)
+    return {**summarize(cfg, lifecycle.registered_by(cfg.tracking.mlflow_uri, run), wall),
             "started_warm": started_warm, "log": str(run_log_path)}
 
 
@@ -280,10 +281,10 @@ def _interrupted(cfg: RunConfig, launch: str, resume: str, started: bool) -> Int
     if not started:
         return Interrupted("", "", "")
     try:
-        run = tracking.run_of_launch(cfg.tracking.mlflow_uri, cfg.tracking.experiment, launch, resume)
+        run = lifecycle.run_of_launch(cfg.tracking.mlflow_uri, cfg.tracking.experiment, launch, resume)
         if run is None:
             return Interrupted("", "", "")
-        stage = tracking.mark_interrupted(cfg.tracking.mlflow_uri, run.info.run_id)
+        stage = lifecycle.mark_interrupted(cfg.tracking.mlflow_uri, run.info.run_id)
         return Interrupted(run.info.run_id, stage, "")
     except Exception as exc:  # the store itself may be what failed
         return Interrupted("", "", f"its MLflow run could not be marked KILLED ({type(exc).__name__}: "
@@ -322,7 +323,7 @@ def _keep_log(cfg: RunConfig, path: Path, log_file, launch: str, resume: str) ->
     """The run's log as an artifact of its MLflow run (logs/run.log), finished or failed."""
     log_file.flush()
     try:
-        run = tracking.run_of_launch(cfg.tracking.mlflow_uri, cfg.tracking.experiment, launch, resume)
+        run = lifecycle.run_of_launch(cfg.tracking.mlflow_uri, cfg.tracking.experiment, launch, resume)
         if run is not None:
             with tempfile.TemporaryDirectory(prefix="kubetune-log-") as folder:
                 shutil.copyfile(path, Path(folder) / "run.log")
@@ -372,6 +373,7 @@ def summarize(cfg: RunConfig, registered: str, wall_seconds: float) -> dict[str,
         "experiment_id": run.info.experiment_id,
         "tracking_uri": cfg.tracking.mlflow_uri,
         "champion": model_version.aliases and "champion" in model_version.aliases,
+        "decision": run.data.tags.get("kubetune.champion_decision", ""),
         "wall_seconds": round(wall_seconds, 1),
         "stage_seconds": tracking.stage_seconds(metrics),
         "eval": {k: v for k, v in metrics.items() if k.startswith("eval/")},

@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from kubetune import console, errors
-from kubetune.errors import ConfigError, ServiceError
+from kubetune.errors import ServiceError
 from kubetune.paths import state_dir
 
 # There is no outside network on the machines this runs on; telemetry would only time out.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# MLflow draws a download bar when register checks the logged model: no stage's progress of ours.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def embedded_uri() -> str:
 
 
 def embedded_artifact_root() -> Path:
-    return state_dir() / "mlartifacts"
+    return state_dir() / "mlartifacts"  # = artifact_root(embedded_uri())
 
 
 def resolve_uri(configured: Optional[str]) -> str:
@@ -164,11 +166,20 @@ def experiment_id(uri: str, name: str) -> str:
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        # Artifacts of the embedded store sit beside it, where `kubetune services up` serves them.
-        location = (embedded_artifact_root() / name).as_uri() if uri == embedded_uri() else None
-    return mlflow_client.create_experiment(name, artifact_location=location)
+    return mlflow_client.create_experiment(name, artifact_location=artifact_location(uri, name))
+
+
+def artifact_root(uri: str) -> Optional[Path]:
+    """Where a sqlite store keeps its artifacts: `mlartifacts/` beside the database file, whatever
+    the current directory (MLflow's own default is ./mlruns of the process), so the store and its
+    artifacts move together and `kubetune services up` serves both. None for other stores."""
+    database = local_path(uri) if uri.startswith("sqlite:///") else None
+    return database.parent / "mlartifacts" if database is not None else None
+
+
+def artifact_location(uri: str, experiment: str) -> Optional[str]:
+    root = artifact_root(uri)
+    return (root / experiment).as_uri() if root is not None else None
 
 
 def param_value(value: Any) -> str:
@@ -185,7 +196,7 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
         name = f"{prefix}.{key}" if prefix else key
         if isinstance(value, dict) and value:
             out.update(flatten(value, name))
-        else:
+        elif value is not None:  # a null is the default's absence: no param, so compare views show what was set
             out[name] = param_value(value)
     return out
 
@@ -203,100 +214,11 @@ def start_run(uri: str, experiment: str, run_name: str, config: dict[str, Any], 
     return run.info.run_id
 
 
-def check_resumable(uri: str, experiment: str, run_id: str, config: dict[str, Any]):
-    """The run `kubetune run --resume` continues: it must exist in this experiment, not have
-    finished, and have been started with this config. Refusals name --resume."""
-    from mlflow.exceptions import MlflowException
-
-    mlflow_client = client(uri)
-    try:
-        run = mlflow_client.get_run(run_id)
-    except MlflowException:
-        raise ConfigError("--resume", run_id, f"no such run in {uri}; give the id of the run to continue "
-                           "(the interrupted `kubetune run` logged it, as does the MLflow UI)") from None
-    found = mlflow_client.get_experiment(run.info.experiment_id).name
-    if found != experiment:
-        raise ConfigError("--resume", run_id, f"the run belongs to experiment {found!r}, this config names "
-                           f"{experiment!r}; resume with the run's own config")
-    if run.info.status == "FINISHED":
-        raise ConfigError("--resume", run_id, "the run finished; start a new run instead")
-    now = flatten(config)
-    differing = sorted(key for key, value in now.items() if run.data.params.get(key, value) != value)
-    if differing:
-        key = differing[0]
-        raise ConfigError("--resume", run_id, f"the run was started with another config: {key} was "
-                           f"{run.data.params[key]}, now {now[key]} ({len(differing)} keys differ); resume with "
-                           "the run's own config")
-    return run
-
-
-def reopen_run(uri: str, experiment: str, run_id: str, config: dict[str, Any]) -> str:
-    """Make an unfinished run of this config RUNNING again, for a pipeline run that continues it."""
-    run = check_resumable(uri, experiment, run_id, config)
-    mlflow_client = client(uri)
-    for key in ("kubetune.failed_stage", "kubetune.error", "kubetune.user_error"):
-        if key in run.data.tags:
-            mlflow_client.delete_tag(run_id, key)
-    mlflow_client.set_tag(run_id, "kubetune.resumed", str(int(run.data.tags.get("kubetune.resumed", "0")) + 1))
-    mlflow_client.update_run(run_id, status="RUNNING")
-    return run_id
-
-
-def run_of_launch(uri: str, experiment: str, launch: str, resumed_run: str = ""):
-    """The MLflow run a `kubetune run` made (tagged with its launch id by preflight), or resumed_run;
-    None when there is none (preflight stopped before opening it). KFP gives a pipeline no outputs
-    from inside its exit handler, so the launcher asks MLflow."""
-    mlflow_client = client(uri)
-    if resumed_run:
-        return mlflow_client.get_run(resumed_run)
-    found = mlflow_client.get_experiment_by_name(experiment)
-    runs = mlflow_client.search_runs([found.experiment_id], f"tags.`{LAUNCH_TAG}` = '{launch}'") if found else []
-    return runs[0] if runs else None
-
-
-def registered_by(uri: str, run) -> str:
-    """"name/version" the run registered."""
-    tags = run.data.tags if run is not None else {}
-    if "kubetune.registered_version" not in tags:
-        raise ServiceError("tracking.mlflow_uri", uri, "this run registered no model; the run's log says why")
-    return f"{tags['kubetune.registered_model']}/{tags['kubetune.registered_version']}"
-
-
-def fail_unfinished(uri: str, pipeline_run: str, why: str) -> list[str]:
-    """Marks every still-RUNNING MLflow run of this pipeline run FAILED, with the stage it was in
-    (the one that failed, else the last one started: a killed task records nothing itself)."""
-    mlflow_client = client(uri)
-    experiments = [e.experiment_id for e in mlflow_client.search_experiments(max_results=1000)]
-    runs = mlflow_client.search_runs(experiments, f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run}'") if experiments else []
-    marked = []
-    for run in runs:
-        if run.info.status != "RUNNING":
-            continue
-        tags = run.data.tags
-        stage = tags.get("kubetune.failed_stage") or tags.get("kubetune.stage", "preflight")
-        logger = RunLogger(uri, run.info.run_id)
-        logger.tags({"kubetune.failed_stage": stage, "kubetune.error": tags.get("kubetune.error") or
-                     f"{why}; the {stage} task ended without reporting an error (killed, evicted or timed out)"})
-        logger.finish("FAILED")
-        marked.append(run.info.run_id)
-    return marked
-
-
-def mark_interrupted(uri: str, run_id: str) -> str:
-    """Marks an interrupted `kubetune run`'s MLflow run KILLED (unless it already ended), with the
-    stage it was in; returns that stage."""
-    mlflow_client = client(uri)
-    run = mlflow_client.get_run(run_id)
-    stage = run.data.tags.get("kubetune.failed_stage") or run.data.tags.get("kubetune.stage", "preflight")
-    if run.info.status in ("RUNNING", "SCHEDULED"):  # a stage that saw the signal has marked it itself
-        RunLogger(uri, run_id).tags({"kubetune.failed_stage": stage, "kubetune.error": INTERRUPTED})
-        mlflow_client.set_terminated(run_id, status="KILLED")
-    return stage
-
-
 #: kubetune.error of a run stopped by Ctrl-C or SIGTERM.
 INTERRUPTED = "interrupted (Ctrl-C or SIGTERM); continue it with kubetune run --resume"
 
+#: MLflow's tag for a run's description (the UI's "Description" box, Markdown).
+DESCRIPTION_TAG = "mlflow.note.content"
 
 class RunLogger:
     """Logs into an existing run by id, without making it the process's active run."""
@@ -322,6 +244,21 @@ class RunLogger:
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, errors.redacted(str(v))) for k, v in values.items()])
+
+    def describe(self, markdown: str) -> None:
+        """The run's description: MLflow shows it (Markdown) at the top of the run page."""
+        self.tags({DESCRIPTION_TAG: markdown})
+
+    def run_link(self) -> str:
+        """A Markdown link to this run's page, relative to the MLflow UI (it works in descriptions)."""
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        return f"[run {self.run_id[:8]}](#/experiments/{experiment}/runs/{self.run_id})"
+
+    @staticmethod
+    def version_link(model_name: str, version: str) -> str:
+        from urllib.parse import quote
+
+        return f"[{model_name}/{version}](#/models/{quote(model_name, safe='')}/versions/{version})"
 
     def artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         path = Path(path)

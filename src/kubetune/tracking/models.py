@@ -126,3 +126,9 @@ class ModelStore:
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
+
+    def describe_model(self, name: str, text: str) -> None:
+        self.client.update_registered_model(name, description=text)
+
+    def describe_version(self, name: str, version: str, text: str) -> None:
+        self.client.update_model_version(name, version, description=text)

@@ -1,0 +1,105 @@
+"""A run's life beyond one process: found by the launch that started it, continued with --resume,
+failed by the pipeline's exit handler, marked KILLED when interrupted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune.errors import ConfigError, ServiceError
+from kubetune.tracking import INTERRUPTED, LAUNCH_TAG, PIPELINE_RUN_TAG, RunLogger, client, flatten
+
+def check_resumable(uri: str, experiment: str, run_id: str, config: dict[str, Any]):
+    """The run `kubetune run --resume` continues: it must exist in this experiment, not have
+    finished, and have been started with this config. Refusals name --resume."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(uri)
+    try:
+        run = mlflow_client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError("--resume", run_id, f"no such run in {uri}; give the id of the run to continue "
+                           "(the interrupted `kubetune run` logged it, as does the MLflow UI)") from None
+    found = mlflow_client.get_experiment(run.info.experiment_id).name
+    if found != experiment:
+        raise ConfigError("--resume", run_id, f"the run belongs to experiment {found!r}, this config names "
+                           f"{experiment!r}; resume with the run's own config")
+    if run.info.status == "FINISHED":
+        raise ConfigError("--resume", run_id, "the run finished; start a new run instead")
+    now, then = flatten(config), run.data.params
+    # a key absent from either side is null there (older runs logged nulls); the run's name is no setting
+    differing = sorted(key for key in set(now) | set(then) if key not in RESUME_IGNORES
+                       and then.get(key, "null") != now.get(key, "null"))
+    if differing:
+        key = differing[0]
+        raise ConfigError("--resume", run_id, f"the run was started with another config: {key} was "
+                           f"{then.get(key, 'null')}, now {now.get(key, 'null')} ({len(differing)} keys differ); "
+                           "resume with the run's own config")
+    return run
+
+
+#: Params that may differ when a run is continued: they name the run, they do not change what it trains.
+RESUME_IGNORES = {"tracking.run_name"}
+
+
+def reopen_run(uri: str, experiment: str, run_id: str, config: dict[str, Any]) -> str:
+    """Make an unfinished run of this config RUNNING again, for a pipeline run that continues it."""
+    run = check_resumable(uri, experiment, run_id, config)
+    mlflow_client = client(uri)
+    for key in ("kubetune.failed_stage", "kubetune.error", "kubetune.user_error"):
+        if key in run.data.tags:
+            mlflow_client.delete_tag(run_id, key)
+    mlflow_client.set_tag(run_id, "kubetune.resumed", str(int(run.data.tags.get("kubetune.resumed", "0")) + 1))
+    mlflow_client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def run_of_launch(uri: str, experiment: str, launch: str, resumed_run: str = ""):
+    """The MLflow run a `kubetune run` made (tagged with its launch id by preflight), or resumed_run;
+    None when there is none (preflight stopped before opening it). KFP gives a pipeline no outputs
+    from inside its exit handler, so the launcher asks MLflow."""
+    mlflow_client = client(uri)
+    if resumed_run:
+        return mlflow_client.get_run(resumed_run)
+    found = mlflow_client.get_experiment_by_name(experiment)
+    runs = mlflow_client.search_runs([found.experiment_id], f"tags.`{LAUNCH_TAG}` = '{launch}'") if found else []
+    return runs[0] if runs else None
+
+
+def registered_by(uri: str, run) -> str:
+    """"name/version" the run registered."""
+    tags = run.data.tags if run is not None else {}
+    if "kubetune.registered_version" not in tags:
+        raise ServiceError("tracking.mlflow_uri", uri, "this run registered no model; the run's log says why")
+    return f"{tags['kubetune.registered_model']}/{tags['kubetune.registered_version']}"
+
+
+def fail_unfinished(uri: str, pipeline_run: str, why: str) -> list[str]:
+    """Marks every still-RUNNING MLflow run of this pipeline run FAILED, with the stage it was in
+    (the one that failed, else the last one started: a killed task records nothing itself)."""
+    mlflow_client = client(uri)
+    experiments = [e.experiment_id for e in mlflow_client.search_experiments(max_results=1000)]
+    runs = mlflow_client.search_runs(experiments, f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run}'") if experiments else []
+    marked = []
+    for run in runs:
+        if run.info.status != "RUNNING":
+            continue
+        tags = run.data.tags
+        stage = tags.get("kubetune.failed_stage") or tags.get("kubetune.stage", "preflight")
+        logger = RunLogger(uri, run.info.run_id)
+        logger.tags({"kubetune.failed_stage": stage, "kubetune.error": tags.get("kubetune.error") or
+                     f"{why}; the {stage} task ended without reporting an error (killed, evicted or timed out)"})
+        logger.finish("FAILED")
+        marked.append(run.info.run_id)
+    return marked
+
+
+def mark_interrupted(uri: str, run_id: str) -> str:
+    """Marks an interrupted `kubetune run`'s MLflow run KILLED (unless it already ended), with the
+    stage it was in; returns that stage."""
+    mlflow_client = client(uri)
+    run = mlflow_client.get_run(run_id)
+    stage = run.data.tags.get("kubetune.failed_stage") or run.data.tags.get("kubetune.stage", "preflight")
+    if run.info.status in ("RUNNING", "SCHEDULED"):  # a stage that saw the signal has marked it itself
+        RunLogger(uri, run_id).tags({"kubetune.failed_stage": stage, "kubetune.error": INTERRUPTED})
+        mlflow_client.set_terminated(run_id, status="KILLED")
+    return stage
