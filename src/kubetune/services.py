@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from kubetune import paths
 from kubetune.errors import ServiceError
-from kubetune.tracking import artifact_root, embedded_uri, local_path  # the store the server must serve
+from kubetune.tracking import artifact_root, embedded_artifact_root, embedded_uri, local_path  # what it serves
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def services_status() -> dict[str, Any]:
         "url": url,
         "log": str(_log_file()),
         "backend_store_uri": _served() if alive else embedded_uri(),
-        "artifact_root": str(artifact_root(_served() if alive else embedded_uri())),
+        "artifact_root": str(artifact_root(_served()) if alive and _served() != embedded_uri() else embedded_artifact_root()),
     }
 
 
@@ -175,7 +175,7 @@ def services_up(port: int = 5000, host: str = "127.0.0.1", store: Optional[str] 
     """Start the local MLflow server on store (default: the state folder's), or find it running;
     returns its URL once /health answers. A server already running on another store is named."""
     store = store or embedded_uri()
-    artifacts = check_store(store) if store != embedded_uri() else artifact_root(store)
+    artifacts = check_store(store) if store != embedded_uri() else embedded_artifact_root()
     status = services_status()
     if status["alive"] and _served() != store:
         raise ServiceError("--store", store, f"the MLflow server at {status['url']} serves {_served()}; stop it "

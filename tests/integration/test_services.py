@@ -114,3 +114,31 @@ def test_mlflow_server_fixture_logs_artifacts_and_registers_models(mlflow_server
         assert model.predict([1, 2]) == [1, 2]
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_up_serves_the_store_a_run_used_with_its_artifacts_beside_it(free_port, tmp_path, monkeypatch, no_server_left):
+    """A run on a sqlite store of its own (any current directory) keeps its artifacts beside the store,
+    and `services up --store` serves that store: the run and its artifacts are there over HTTP."""
+    from kubetune import tracking
+
+    store = f"sqlite:///{tmp_path / 'team' / 'runs.db'}"
+    (tmp_path / "team").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    tracking.initialise_sqlite(store, tmp_path / "team" / "runs.db")
+    run_id = tracking.start_run(store, "team-exp", "team-exp lr=0.003", {"train": {"learning_rate": 0.003}}, {})
+    tracking.RunLogger(store, run_id).text("hello", "notes/hello.txt")
+    assert (tmp_path / "team" / "mlartifacts" / "team-exp").is_dir() and not (tmp_path / "elsewhere" / "mlruns").exists()
+
+    with pytest.raises(ServiceError, match=r"^--store = 'sqlite:///.*nope.db': no such database"):
+        services_up(port=free_port, store=f"sqlite:///{tmp_path / 'nope.db'}")
+    with pytest.raises(ServiceError, match=r"^--store = 'http://mlflow:5000': it is a server already"):
+        services_up(port=free_port, store="http://mlflow:5000")
+    url = services_up(port=free_port, store=store)
+    assert services_status()["backend_store_uri"] == store
+    client = MlflowClient(tracking_uri=url)
+    served = client.get_run(run_id)
+    assert served.info.run_name == "team-exp lr=0.003"
+    assert [item.path for item in client.list_artifacts(run_id, "notes")] == ["notes/hello.txt"]
+    with pytest.raises(ServiceError, match=r"serves sqlite:///.*runs.db; stop it with kubetune services down"):
+        services_up(port=free_port)  # the state folder's store, while another one is served

@@ -182,3 +182,23 @@ def test_section_rules_alone_leave_the_task_kinds_rules_to_run_config():
     assert read_config(None, ["task=classification"]).task == "classification"
     with pytest.raises(ConfigError, match="^data.label_field = None: task classification needs the field"):
         load_config(None, ["task=classification"])
+
+
+def test_a_run_is_named_after_what_it_set_unless_named():
+    from kubetune.run_config import named
+
+    overrides = ["train.learning_rate=3e-3", "model.lora.r=8"]
+    assert named(load_config(None, overrides), None, overrides).tracking.run_name == "quotes-lora learning_rate=3e-3 r=8"
+    assert named(load_config(None, overrides), "lr sweep 1", overrides).tracking.run_name == "lr sweep 1"
+    assert named(load_config(None, []), None, []).tracking.run_name is None
+    long = named(load_config(None, [f"data.instruction={'x' * 400}"]), None, [f"data.instruction={'x' * 400}"])
+    assert len(long.tracking.run_name) == 250 and long.tracking.run_name.endswith("...")
+    with pytest.raises(ConfigError, match=r"^tracking.run_name = ' ': give a name of 1 to 250 characters"):
+        named(load_config(None, []), " ", [])
+
+
+def test_params_are_what_the_config_set_without_nulls_and_resume_still_sees_a_changed_null():
+    from kubetune import tracking
+
+    params = tracking.flatten(load_config(None, []).to_dict())
+    assert "null" not in params.values() and "data.test_path" not in params and params["model.lora.r"] == "16"

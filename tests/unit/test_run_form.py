@@ -81,3 +81,12 @@ def test_the_preflight_task_in_a_pod_refuses_the_compiled_defaults(monkeypatch):
     assert ready["storage"]["uri"] == "s3://team/kubetune" and ready["tracking"]["experiment"] == "quotes-lora"
     with pytest.raises(ConfigError, match=r"^config_json = '\{not json': not JSON"):
         stages.run_config("{not json", {})
+
+
+def test_a_run_is_named_after_the_model_and_what_its_form_set():
+    cfg = apply(default_config(), {"learning_rate": 3e-3, "lora_r": 8})
+    assert cfg.tracking.run_name == "quotes-lora learning_rate=0.003 r=8"
+    assert apply(default_config(), {}).tracking.run_name is None  # nothing set: preflight names it by time
+    named = default_config()
+    named["tracking"]["run_name"] = "nightly"
+    assert apply(named, {"lora_r": 8}).tracking.run_name == "nightly"
