@@ -9,7 +9,7 @@ beside it.
 The base is loaded unquantized (fp32 unless --dtype says otherwise) even when the adapter was
 trained on an 8-bit or 4-bit base: the merged weights are the dequantized base plus the update,
 so the exported model differs from the registered one by the base's quantization error (for the
-demo's Gemma 3 270M see the README's export section for the held-out perplexity of both).
+demo's Gemma 3 270M see docs/mlflow.md, on `kubetune export`, for the held-out perplexity of both).
 
 Nothing is written unless the whole export succeeds: the folder is built beside the target and
 renamed into place at the end.

@@ -11,7 +11,7 @@ the first of:
 
 A base trained on in 8-bit or 4-bit is loaded that way when bitsandbytes imports, else at full
 precision with one warning: the adapter works on either; the predictions then differ from the
-evaluated ones by the base's quantization error (see the README's export section for its size).
+evaluated ones by the base's quantization error (docs/mlflow.md, on `kubetune export`, has its size).
 The task kind's decisions (model class, config overrides such as id2label and pad_token_id,
 modules kept out of quantization) reach this module as data in settings.json, as registration
 computed them. kubetune.tokenization and kubetune.modeling take load_tokenizer, compute_dtype and
