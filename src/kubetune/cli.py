@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -28,7 +27,7 @@ from kubetune.tasks import get_task
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kubetune.launch.local import run_pipeline
+    from kubetune.launch.local import browse_hint, run_pipeline
 
     cfg = named(load_config(args.config, args.set), args.run_name, args.set)
     print(f"kubetune: {cfg.tracking.run_name or cfg.register.model_name}: {cfg.task} on {cfg.model.name_or_path} "
@@ -49,12 +48,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"adapter and checkpoints:  {result['storage']}")
     print(f"MLflow run {result['run_id']} in {result['tracking_uri']}")
     print(f"  the run's whole log: {result['log']} (and logs/run.log in the MLflow run)")
-    if not result["tracking_uri"].startswith("http"):
-        store = "" if result["tracking_uri"] == embedded_uri() else f" --store {shlex.quote(result['tracking_uri'])}"
-        print(f"  to browse it: kubetune services up{store}, then open "
-              f"http://127.0.0.1:5000/#/experiments/{result['experiment_id']}/runs/{result['run_id']}")
-    else:
-        print(f"  {result['tracking_uri'].rstrip('/')}/#/experiments/{result['experiment_id']}/runs/{result['run_id']}")
+    print(f"  {browse_hint(result['tracking_uri'], result['experiment_id'], result['run_id'])}")
     return 0
 
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -359,6 +360,17 @@ def _run_dag(cfg: RunConfig, home: Path, runner: str, resume: str, warm: Optiona
             if tasks.failures:
                 raise tasks.first_failure() from None
             raise
+
+
+def browse_hint(tracking_uri: str, experiment_id: str, run_id: str, port: int = 5000) -> str:
+    """Where a person opens the run: the server's page, or for a local store the `services up`
+    command that serves that very store (with --store unless it is the state folder's) and the link."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    store = "" if tracking_uri == tracking.embedded_uri() else f" --store {shlex.quote(tracking_uri)}"
+    serve = f"kubetune services up{store}" + (f" --port {port}" if port != 5000 else "")
+    return f"to browse it: {serve}, then open http://127.0.0.1:{port}/{page}"
 
 
 def summarize(cfg: RunConfig, registered: str, wall_seconds: float) -> dict[str, Any]:
