@@ -132,15 +132,15 @@ class Facts:
 
 
 def run_description(summary: "Headline", decision: str = "", links: Sequence[str] = ()) -> str:
-    """The MLflow run's description (Markdown): the headline first, then what was trained."""
+    """The MLflow run's description (Markdown): the champion decision and the headline first, then
+    what was trained."""
     facts = summary.facts
     parts = [f"**{facts.model_name}**: {facts.task} on `{facts.base_model}` ({facts.technique})", ""]
+    if decision:  # first: MLflow folds a long description after its first lines
+        parts += [f"**Registry**: {decision}", ""]
     if summary.table:
         parts += [summary.table, ""]
-    parts.append(f"**Loss**: {summary.loss}")
-    if decision:
-        parts += ["", f"**Registry**: {decision}"]
-    parts += ["", *facts.lines()]
+    parts += [f"**Loss**: {summary.loss}", "", *facts.lines()]
     if links:
         parts += ["", " · ".join(links)]
     return "\n".join(parts) + "\n"

@@ -186,7 +186,8 @@ def tokenize(config: Config, run_id: str, data_dir: str, out_dir: str) -> dict[s
             Path(data_dir), model_dir, cfg.data, folder, cfg.task))
         stats = artifacts.read_token_stats(Path(out_dir))
         logger.metrics({f"inputs/tokens_{k}": v for k, v in stats.items()})
-        logger.tags({"kubetune.tokens_reused": "yes" if reused else "no"})
+        if reused:  # a flag tags the run only where it says something
+            logger.tags({"kubetune.tokens_reused": "yes"})
         console.summary(f"{stats.get('train_tokens_total', 0):,} train tokens, "
                         f"{100 * stats.get('train_truncated_share', 0):.0f}% of rows truncated"
                         + (" (reused from an earlier run)" if reused else ""))
@@ -223,11 +224,12 @@ def train(config: Config, run_id: str, tokenized_dir: str, prepared_dir: str, ou
         else:
             summary = train_worker(config, run_id, tokenized_dir, prepared_dir, out_dir)
         logger.metrics({f"train/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and k != "processes"})
-        logger.tags({"kubetune.train_processes": summary.get("processes", cfg.train.processes)})
+        if cfg.train.processes > 1:
+            logger.tags({"kubetune.train_processes": cfg.train.processes})
         if "best_step" in summary:
             stopped = summary.get("stopped_early_at")
             logger.tags({"kubetune.best_step": summary["best_step"],
-                         "kubetune.stopped_early_at": stopped if stopped is not None else "no"})
+                         **({"kubetune.stopped_early_at": stopped} if stopped is not None else {})})
         console.summary(training.describe(summary, artifacts.read_training_history(Path(out_dir))))
     return summary
 
@@ -284,8 +286,8 @@ def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, ou
                 log.info("retention: not applicable: %s", retained.not_applicable)
                 logger.tags({"eval/retention": f"not applicable: {retained.not_applicable}"})
             result.metrics.update(retained.metrics)
-        # base figures taken from an earlier run of the same base, data and settings
-        logger.tags({"kubetune.base_figures_reused": ", ".join(cache.reused) or "no"})
+        if cache.reused:  # base figures taken from an earlier run of the same base, data and settings
+            logger.tags({"kubetune.base_figures_reused": ", ".join(cache.reused)})
         for artifact_file, figure in result.figures.items():
             logger.figure(figure, artifact_file)
             plt.close(figure)

