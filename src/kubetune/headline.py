@@ -80,6 +80,12 @@ def rows(metrics: dict[str, float], headline: Sequence[str]) -> list[Row]:
     return out
 
 
+def one_line(metrics: dict[str, float], headline: Sequence[str]) -> str:
+    """The headline on one console line: `perplexity (held-out) 55.25 -> 29.71 (-46.2%, better); ...`."""
+    return "; ".join(f"{row.label} {number(row.base)} -> {number(row.tuned)} ({row.change()}, "
+                     f"{ {True: 'better', False: 'worse', None: 'same'}[row.better]})" for row in rows(metrics, headline))
+
+
 def table(metrics: dict[str, float], headline: Sequence[str]) -> str:
     """The headline as a Markdown table: figure, base, tuned, change, and whether it is better."""
     found = rows(metrics, headline)

@@ -131,7 +131,8 @@ def finish_run(config: str, pipeline_run: str, state: str, error: str = "") -> s
     evicted or timed out), its MLflow run is marked FAILED and names the stage it was in; a stage
     that failed on its own has done that already. Returns what it did, for the task's log."""
     console.setup_stage()
-    if state == "SUCCEEDED" or not pipeline_run:
+    if state == "SUCCEEDED" or not pipeline_run:  # the task's log says so; the console has nothing to show
+        log.info("pipeline run %s: no MLflow run to mark", state)
         return f"pipeline run {state}: no MLflow run to mark"
     try:  # the exit handler must work even when config_json is what made preflight fail
         configured = (json.loads(config).get("tracking") or {}).get("mlflow_uri")
@@ -305,7 +306,7 @@ def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, ou
         logger.text(page, "eval/report.html")
         logger.describe(headline.run_description(_headline(cfg, kind, result.metrics, Path(tuned_dir),
                                                            logger.run_tags()), links=[REPORT_LINK]))
-        console.summary(kind.summary(result.metrics))
+        console.summary(headline.one_line(result.metrics, kind.headline_metrics) or kind.summary(result.metrics))
     return result.metrics
 
 

@@ -41,7 +41,7 @@ def test_a_stage_that_failed_itself_and_a_success_are_left_as_they_are(tmp_path)
     logger.finish("FAILED")
     assert stages.finish_run(config, "pr-3", "FAILED") == "pipeline run FAILED: no unfinished MLflow run of it"
     assert tracking.client(uri).get_run(run_id).data.tags["kubetune.error"] == "its own error"
-    assert stages.finish_run(config, "pr-3", "SUCCEEDED") == "pipeline run SUCCEEDED: nothing to do"
+    assert stages.finish_run(config, "pr-3", "SUCCEEDED") == "pipeline run SUCCEEDED: no MLflow run to mark"
 
 
 def test_config_that_is_not_json_does_not_stop_the_exit_handler(tmp_path, monkeypatch):

@@ -56,7 +56,7 @@ def test_every_task_succeeded_and_timed(finished):
     # and the exit handler ran after them and found nothing to mark
     assert set(result["started_warm"]) == STAGES | {"finish_run"}
     exit_log = max((state_dir() / "logs").glob("*-finish_run.log"), key=lambda p: p.stat().st_mtime).read_text()
-    assert "pipeline run SUCCEEDED: nothing to do" in exit_log
+    assert "pipeline run SUCCEEDED: no MLflow run to mark" in exit_log
     # the run's whole log: every stage's lines and kfp.local's, on disk and in the MLflow run
     whole = Path(result["log"]).read_text()
     assert all(f"\n{stage}| " in whole for stage in STAGES) and "Got executor_input" in whole

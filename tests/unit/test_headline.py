@@ -92,3 +92,9 @@ def test_headline_keys_follow_the_kind_then_retrieval_then_forgetting():
     keys = headline.headline_keys(("eval/base_accuracy", "eval/tuned_accuracy"))
     assert keys == ("eval/base_accuracy", "eval/tuned_accuracy", "eval/rag.base_accuracy", "eval/rag.tuned_accuracy",
                     "eval/rag.hit_rate", *headline.RETENTION_METRICS)
+
+
+def test_one_console_line_states_each_figure_with_its_direction():
+    assert headline.one_line(DEMO, CAUSAL) == ("perplexity (held-out) 55.25 -> 29.71 (-46.2%, better); perplexity on "
+                                               "general text (forgetting) 216 -> 205.3 (-5.0%, better)")
+    assert headline.one_line({}, CAUSAL) == ""
