@@ -101,9 +101,12 @@ def test_mlflow_run_holds_params_metrics_and_model(finished):
     # metrics come in sections (the part before the first /), system metrics among them
     assert {key.split("/", 1)[0] for key in metrics} == {"inputs", "model", "train", "eval", "timing", "system"}
     assert any(key.startswith("system/cpu_utilization") for key in metrics)
-    # the params are the run config and nothing else, null spelled one way
+    # the params are the run config's values and nothing else: what was set, no nulls
     assert set(run.data.params) == set(tracking.flatten(RunConfig.from_dict(run_config(finished)).to_dict()))
-    assert "None" not in run.data.params.values() and run.data.params["data.label_field"] == "null"
+    assert not {"None", "null"} & set(run.data.params.values()) and "data.label_field" not in run.data.params
+    # what the run was given, as it was (this machine's CPU, not the pipeline's GPU setting)
+    assert run.data.tags["kubetune.accelerators"] == "cpu"
+    assert run.data.tags[tracking.DESCRIPTION_TAG].startswith("**tiny-dag**: causal_lm on ")
     # the data as used, as the run's dataset inputs
     inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
     assert set(inputs) == {"train", "validation", "retention"}
