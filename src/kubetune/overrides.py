@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import yaml
 
-from kubetune.errors import ConfigError
+from kubetune.errors import ConfigError, redacted
 
 #: More values than a run config holds: YAML aliases (`*name`) nested a few lines deep expand to
 #: millions, so a document that expands past this is refused before it is built.
@@ -102,8 +102,8 @@ def set_values(overrides: list[str]) -> dict[str, Any]:
 def run_name(model_name: str, changed: dict[str, Any], limit: int = 250) -> Optional[str]:
     """A run's name from what it set differently from its config, e.g. `quotes-lora learning_rate=0.003
     r=8` (each key's last part): chart legends then tell runs apart. None when nothing was set."""
-    shown = [f"{key.rsplit('.', 1)[-1]}={json.dumps(value) if isinstance(value, (list, dict)) else value}"
-             for key, value in changed.items() if key != "tracking.run_name"]
+    shown = [f"{key.rsplit('.', 1)[-1]}={redacted(json.dumps(value) if isinstance(value, (list, dict)) else str(value))}"
+             for key, value in changed.items() if key != "tracking.run_name"]  # a URI's password never names a run
     if not shown:
         return None
     name = " ".join([model_name, *shown])

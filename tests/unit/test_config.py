@@ -202,3 +202,10 @@ def test_params_are_what_the_config_set_without_nulls_and_resume_still_sees_a_ch
 
     params = tracking.flatten(load_config(None, []).to_dict())
     assert "null" not in params.values() and "data.test_path" not in params and params["model.lora.r"] == "16"
+
+
+def test_a_run_name_made_from_set_values_never_shows_a_password():
+    from kubetune.overrides import run_name
+
+    name = run_name("m", {"data.path": "https://reader:hunter2@host/q.json", "train.max_steps": 5})
+    assert name == "m path=https://reader:***@host/q.json max_steps=5"

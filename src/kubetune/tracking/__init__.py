@@ -206,6 +206,7 @@ def start_run(uri: str, experiment: str, run_name: str, config: dict[str, Any], 
 
     mlflow_client = client(uri)
     tags = {key: errors.redacted(str(value)) for key, value in tags.items()}
+    run_name = errors.redacted(run_name)
     run = mlflow_client.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
     params = [Param(k, v) for k, v in flatten(config).items()]
     for start in range(0, len(params), 100):  # the REST API takes at most 100 params per batch
