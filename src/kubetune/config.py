@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kubetune.errors import ConfigError, redacted
-from kubetune.overrides import apply_overrides, merge, read_file
+from kubetune.overrides import RUN_NAME_LIMIT, apply_overrides, merge, read_file
 from kubetune.strict import build
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
-#: Characters of tracking.run_name (MLflow's runs table and legends show about this many).
-RUN_NAME_LIMIT = 250
 LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 

@@ -99,7 +99,11 @@ def set_values(overrides: list[str]) -> dict[str, Any]:
     return {".".join(keys): value for keys, value in map(_parse_override, overrides)}
 
 
-def run_name(model_name: str, changed: dict[str, Any], limit: int = 250) -> Optional[str]:
+#: Characters of a run's name (tracking.run_name): MLflow's runs table and legends show about this many.
+RUN_NAME_LIMIT = 250
+
+
+def run_name(model_name: str, changed: dict[str, Any]) -> Optional[str]:
     """A run's name from what it set differently from its config, e.g. `quotes-lora learning_rate=0.003
     r=8` (each key's last part): chart legends then tell runs apart. None when nothing was set."""
     shown = [f"{key.rsplit('.', 1)[-1]}={redacted(json.dumps(value) if isinstance(value, (list, dict)) else str(value))}"
@@ -107,7 +111,7 @@ def run_name(model_name: str, changed: dict[str, Any], limit: int = 250) -> Opti
     if not shown:
         return None
     name = " ".join([model_name, *shown])
-    return name if len(name) <= limit else name[:limit - 3] + "..."
+    return name if len(name) <= RUN_NAME_LIMIT else name[:RUN_NAME_LIMIT - 3] + "..."
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -64,6 +64,7 @@ def apply(config: dict[str, Any], values: dict[str, Any]) -> RunConfig:
                           + ", ".join(field.parameter for field in RUN_FORM))
     data = copy.deepcopy(config)
     applied: dict[str, FormField] = {}
+    set_values: dict[str, Any] = {}  # what the form set, as set: the run's name says it
     for field in RUN_FORM:
         value = values.get(field.parameter)
         if value in (None, "", 0):
@@ -80,10 +81,10 @@ def apply(config: dict[str, Any], values: dict[str, Any]) -> RunConfig:
             node = node[section]
         node[last] = value.strip() if isinstance(value, str) else value
         applied[field.key] = field
+        set_values[field.key] = node[last]
     tracking = data.setdefault("tracking", {})
     if applied and not tracking.get("run_name"):  # the name says what this run's form changed
-        tracking["run_name"] = run_name(data.get("register", {}).get("model_name", "run"),
-                                        {key: field_value(data, key) for key in applied})
+        tracking["run_name"] = run_name(data.get("register", {}).get("model_name", "run"), set_values)
     try:
         return from_dict(data)
     except ConfigError as exc:
@@ -91,12 +92,6 @@ def apply(config: dict[str, Any], values: dict[str, Any]) -> RunConfig:
         if field is None:
             raise
         raise ConfigError(field.parameter, exc.value, f"{exc.fix} ({field.help})") from None
-
-
-def field_value(data: dict[str, Any], key: str) -> Any:
-    for part in key.split("."):
-        data = data[part]
-    return data
 
 
 def on_cluster() -> bool:

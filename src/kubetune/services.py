@@ -139,14 +139,15 @@ def services_status() -> dict[str, Any]:
     pid = _read_pid()
     url = _url_file().read_text().strip() if _url_file().is_file() else None
     alive = pid is not None and _alive(pid)
+    served = _served() if alive else embedded_uri()
     return {
         "pid": pid,
         "alive": alive,
         "healthy": bool(alive and url and _healthy(url)),
         "url": url,
         "log": str(_log_file()),
-        "backend_store_uri": _served() if alive else embedded_uri(),
-        "artifact_root": str(artifact_root(_served()) if alive and _served() != embedded_uri() else embedded_artifact_root()),
+        "backend_store_uri": served,
+        "artifact_root": str(artifact_root(served) if served != embedded_uri() else embedded_artifact_root()),
     }
 
 

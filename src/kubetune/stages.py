@@ -305,13 +305,13 @@ def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, ou
         artifacts.write_report(Path(out_dir), page)
         logger.text(page, "eval/report.html")
         logger.describe(headline.run_description(_headline(cfg, kind, result.metrics, Path(tuned_dir),
-                                                           logger.run_tags()), links=[REPORT_LINK]))
+                                                           logger.run_tags()), links=[REPORT_WHERE]))
         console.summary(headline.one_line(result.metrics, kind.headline_metrics) or kind.summary(result.metrics))
     return result.metrics
 
 
-#: The run page's link to its report (MLflow's artifact view of the run, relative to the run page).
-REPORT_LINK = "report: `eval/report.html` under Artifacts"
+#: Where the run page's description says the report is (MLflow's UI has no stable link to one artifact).
+REPORT_WHERE = "report: `eval/report.html` under Artifacts"
 
 
 def _headline(cfg: RunConfig, kind, metrics: dict[str, float], tuned_dir: Path,
@@ -350,7 +350,7 @@ def register(config: Config, run_id: str, lineage_path: str, tokenized_dir: str,
                      "kubetune.champion": "yes" if result["champion"] else "no",
                      "kubetune.champion_decision": result["decision"]})
         version_link = logger.version_link(cfg.register.model_name, result["version"])
-        logger.describe(headline.run_description(summary, result["decision"], [REPORT_LINK, version_link]))
+        logger.describe(headline.run_description(summary, result["decision"], [REPORT_WHERE, version_link]))
         console.summary(result["decision"])
     logger.finish("FINISHED")
     return {**result, "registered_model_uri": f"models:/{result['model_name']}/{result['version']}", "run_id": run_id}
