@@ -20,7 +20,8 @@ from kfp import compiler, dsl, kubernetes
 
 from kubetune.components import evaluate, finish_run, preflight, prepare_data, prepare_model, register, tokenize, train
 from kubetune.config import default_config
-from kubetune.run_form import EMPTY_HELP, RUN_FORM, cluster_defaults
+from kubetune.config_outputs import WEBHOOK_ENV
+from kubetune.run_form import EMPTY_HELP, RUN_FORM, TRAIN, cluster_defaults
 
 PIPELINE_NAME = "kubetune"
 COMPILED = Path(__file__).with_name("kubetune_pipeline.yaml")
@@ -42,6 +43,8 @@ SECRETS_AS_ENV = {
     "kubetune-mlflow": ["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"],
     "kubetune-hub-token": ["HF_TOKEN"],
 }
+# The webhook notifications go to (kubetune.notify): only the exit handler, which sends them, reads it.
+NOTIFY_SECRET = {"kubetune-notify": [WEBHOOK_ENV]}
 ENDPOINTS_CONFIG_MAP = "kubetune-endpoints"  # required: without it the pods would not know where MLflow is
 ENDPOINT_KEYS = ["MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"]  # what tracking.mlflow_uri / storage.endpoint_url fall back to
 
@@ -106,6 +109,13 @@ def _connect(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
+def _notifying(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """The exit handler also gets the webhook's URL (optional: without it nothing is sent)."""
+    for secret, keys in NOTIFY_SECRET.items():
+        kubernetes.use_secret_as_env(task, secret, {key: key for key in keys}, optional=True)
+    return task
+
+
 def _on_gpus(task: dsl.PipelineTask, accelerator_type, count, node_selector: Optional[dict]) -> dsl.PipelineTask:
     """Accelerators on a GPU node: the limit, the GPU pool's node labels and its taint."""
     task.set_accelerator_type(accelerator_type).set_accelerator_limit(count)
@@ -116,15 +126,25 @@ def _on_gpus(task: dsl.PipelineTask, accelerator_type, count, node_selector: Opt
 
 def kubetune_pipeline(
     config_json: str = json.dumps(cluster_defaults(default_config())),
-    base_model: str = "",
-    train_data: str = "",
-    max_steps: int = 0,
-    learning_rate: float = 0.0,
-    lora_r: int = 0,
-    lora_alpha: int = 0,
-    model_name: str = "",
-    experiment: str = "",
-    storage_uri: str = "",
+    task: Optional[str] = None,
+    base_model: Optional[str] = None,
+    quantization: Optional[str] = None,
+    train_data: Optional[str] = None,
+    text_field: Optional[str] = None,
+    label_field: Optional[str] = None,
+    instruction_field: Optional[str] = None,
+    input_field: Optional[str] = None,
+    messages_field: Optional[str] = None,
+    epochs: Optional[float] = None,
+    max_steps: Optional[int] = None,
+    learning_rate: Optional[float] = None,
+    lora_r: Optional[int] = None,
+    lora_alpha: Optional[int] = None,
+    eval_samples: Optional[int] = None,
+    model_name: Optional[str] = None,
+    experiment: Optional[str] = None,
+    storage_uri: Optional[str] = None,
+    when_data_changes: bool = False,
     accelerator_type: str = ACCELERATOR_TYPE,
     accelerator_count: int = ACCELERATOR_COUNT,
     gpu_node_selector: dict = GPU_NODE_SELECTOR,
@@ -137,33 +157,46 @@ def kubetune_pipeline(
     # process: train.processes in the config is the only place that number is set, and preflight
     # hands it on (none when accelerator_count is 0).
     # The exit handler runs when everything inside it has ended, however it ended.
-    with dsl.ExitHandler(_on_cluster(finish_run(config_json=config_json, pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
-                                     "finish_run")):
+    with dsl.ExitHandler(_notifying(_on_cluster(finish_run(config_json=config_json,
+                                                           pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER), "finish_run"))):
         # preflight tags the run with accelerator_type; taking it as an input also makes KFP's compiler
         # hand it into the exit handler's group, where set_accelerator_type alone does not (kfp 2.17).
         checked = _on_cluster(preflight(
             config_json=config_json, accelerator_count=accelerator_count, accelerator_type=accelerator_type,
-            resume_run_id=resume_run_id,
-            pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER, base_model=base_model, train_data=train_data,
-            max_steps=max_steps, learning_rate=learning_rate, lora_r=lora_r, lora_alpha=lora_alpha,
-            model_name=model_name, experiment=experiment, storage_uri=storage_uri), "preflight")
+            resume_run_id=resume_run_id, when_data_changes=when_data_changes,
+            pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER, task=task, base_model=base_model,
+            quantization=quantization, train_data=train_data, text_field=text_field, label_field=label_field,
+            instruction_field=instruction_field, input_field=input_field, messages_field=messages_field,
+            epochs=epochs, max_steps=max_steps, learning_rate=learning_rate, lora_r=lora_r, lora_alpha=lora_alpha,
+            eval_samples=eval_samples, model_name=model_name, experiment=experiment, storage_uri=storage_uri),
+            "preflight")
         config, run_id = checked.outputs["config"], checked.outputs["run_id"]
-        data = _on_cluster(prepare_data(config_json=config, run_id=run_id), "prepare_data")
-        tokens = _on_cluster(tokenize(config_json=config, run_id=run_id, dataset=data.outputs["dataset"]), "tokenize")
-        prepared = _on_cluster(prepare_model(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"]),
-                               "prepare_model")
-        _on_gpus(prepared, accelerator_type, accelerator_count, gpu_node_selector)
-        trained = _on_cluster(train(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],
-                                    prepared_model=prepared.outputs["prepared_model"]), "train")
-        _on_gpus(trained, accelerator_type, checked.outputs["train_accelerators"], gpu_node_selector)
-        evaluated = _on_cluster(evaluate(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],
-                                         tuned_model=trained.outputs["tuned_model"]), "evaluate")
-        _on_gpus(evaluated, accelerator_type, accelerator_count, gpu_node_selector)
-        registered = _on_cluster(register(config_json=config, run_id=run_id, lineage=checked.outputs["lineage"],
-                                          tokenized=tokens.outputs["tokenized"],
-                                          prepared_model=prepared.outputs["prepared_model"],
-                                          tuned_model=trained.outputs["tuned_model"],
-                                          evaluation=evaluated.outputs["evaluation"]), "register")
+        # Each GPU stage takes its accelerator count and type as inputs too (it checks its pod sees them):
+        # without that, KFP's compiler (2.17) hands a value used only in a resource setting into neither
+        # the exit handler's nor the dsl.If's group, and the placeholder would not resolve.
+        # when_data_changes: preflight compares the data's content hash with the one the champion was
+        # trained on and answers "skip" when they match; then nothing below runs and no GPU is asked for.
+        with dsl.If(checked.outputs["verdict"] == TRAIN, name="data-changed-or-forced"):
+            data = _on_cluster(prepare_data(config_json=config, run_id=run_id), "prepare_data")
+            tokens = _on_cluster(tokenize(config_json=config, run_id=run_id, dataset=data.outputs["dataset"]), "tokenize")
+            prepared = _on_cluster(prepare_model(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],
+                                                 accelerators=accelerator_count, accelerator_type=accelerator_type),
+                                   "prepare_model")
+            _on_gpus(prepared, accelerator_type, accelerator_count, gpu_node_selector)
+            trained = _on_cluster(train(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],
+                                        prepared_model=prepared.outputs["prepared_model"],
+                                        accelerators=checked.outputs["train_accelerators"],
+                                        accelerator_type=accelerator_type), "train")
+            _on_gpus(trained, accelerator_type, checked.outputs["train_accelerators"], gpu_node_selector)
+            evaluated = _on_cluster(evaluate(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],
+                                             tuned_model=trained.outputs["tuned_model"], accelerators=accelerator_count,
+                                             accelerator_type=accelerator_type), "evaluate")
+            _on_gpus(evaluated, accelerator_type, accelerator_count, gpu_node_selector)
+            registered = _on_cluster(register(config_json=config, run_id=run_id, lineage=checked.outputs["lineage"],
+                                              tokenized=tokens.outputs["tokenized"],
+                                              prepared_model=prepared.outputs["prepared_model"],
+                                              tuned_model=trained.outputs["tuned_model"],
+                                              evaluation=evaluated.outputs["evaluation"]), "register")
     # KFP cannot return an output from inside an exit handler: the registered version is register's
     # `registered_model` artifact, and the MLflow run's kubetune.registered_version tag.
 
@@ -180,7 +213,9 @@ def _describe_parameters() -> str:
              "0 runs them on CPUs.",
              "    gpu_node_selector: Node labels of the GPU pool.",
              "    resume_run_id: An MLflow run whose pipeline run died: this run continues it with the same "
-             "config, train resuming from its last stored checkpoint."]
+             "config, train resuming from its last stored checkpoint.",
+             "    when_data_changes: Train only when the training data differs (sha256 of its content) from what "
+             "the current champion was trained on; otherwise the run ends after preflight as skipped."]
     return "\n".join(lines)
 
 

@@ -10,42 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from kubetune.errors import ConfigError, redacted
-from kubetune.overrides import RUN_NAME_LIMIT, apply_overrides, merge, read_file
+from kubetune.config_fields import INPUT, described as _help, require as _require
+from kubetune.config_outputs import NotifyConfig, RegisterConfig, StorageConfig, TrackingConfig
+from kubetune.errors import ConfigError
+from kubetune.overrides import apply_overrides, merge, read_file
 from kubetune.strict import build
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
 LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
-INPUT, OUTPUT = "input", "output"  # what a run does with a place a config value names
-
-
-def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING,
-          location: Optional[str] = None):
-    """A config field with its help text; `location` marks a value that names a place (a file, a
-    folder or a URI) the run reads (INPUT) or writes (OUTPUT)."""
-    metadata = {"help": text, **({"location": location} if location else {})}
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def _require(ok: bool, name: str, value: Any, fix: str) -> None:
-    if not ok:
-        raise ConfigError(name, value, fix)
-
-
-def _no_credentials(name: str, uri: Optional[str], variables: str, secret: str) -> None:
-    """A URI with user:password@ in it would be shown in messages and kept in the run's record."""
-    _require(not uri or redacted(uri) == uri, name, uri, f"put the credentials in {variables} (on a cluster, "
-             f"the {secret} Secret) and give the URI without them")
 
 
 @dataclass
@@ -327,65 +304,6 @@ class EvaluateConfig:
 
 
 @dataclass
-class RegisterConfig:
-    model_name: str = _help("Registered model in MLflow; each run adds a version.", "quotes-lora")
-
-    def validate(self) -> None:
-        _require(bool(self.model_name.strip()) and "/" not in self.model_name, "register.model_name",
-                 self.model_name, "give a name without slashes, e.g. quotes-lora")
-
-
-@dataclass
-class TrackingConfig:
-    mlflow_uri: Optional[str] = _help(
-        "MLflow tracking URI; null uses MLFLOW_TRACKING_URI, else an embedded sqlite store in .kubetune/.",
-        None, location=OUTPUT,
-    )
-    experiment: Optional[str] = _help(
-        "MLflow experiment that holds the runs; null = one experiment per registered model "
-        "(register.model_name), so runs compared side by side measure the same thing.", None)
-    run_name: Optional[str] = _help(
-        "The MLflow run's name, what chart legends show; null = the model name and the values this run "
-        "set differently from its config (`kubetune run --set`, the KFP run form), else the start time. "
-        "`kubetune run --run-name` sets it.", None)
-
-    def validate(self) -> None:
-        _require(self.experiment is None or bool(self.experiment.strip()), "tracking.experiment", self.experiment,
-                 "name the experiment, or null for the registered model's name")
-        _require(self.run_name is None or 0 < len(self.run_name.strip()) <= RUN_NAME_LIMIT, "tracking.run_name",
-                 self.run_name, f"give a name of 1 to {RUN_NAME_LIMIT} characters, or null for one made from the "
-                 "model name and what the run set")
-        name, uri = ("tracking.mlflow_uri", self.mlflow_uri) if self.mlflow_uri else \
-            ("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI"))
-        if uri and uri.startswith(("http://", "https://")):  # a database URI holds its own login
-            _no_credentials(name, uri, "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD", "kubetune-mlflow")
-
-
-@dataclass
-class StorageConfig:
-    uri: Optional[str] = _help(
-        "Where checkpoints and adapters are copied: s3://bucket/prefix or a local directory (not /); "
-        "null = .kubetune/storage.",
-        None, location=OUTPUT,
-    )
-    endpoint_url: Optional[str] = _help(
-        "S3 endpoint for MinIO or other S3-compatible stores; null uses AWS_ENDPOINT_URL or AWS.", None
-    )
-    retry_seconds: float = _help(
-        "How long a storage call that fails for a passing reason (endpoint down, 5xx, throttling) is "
-        "retried, with backoff, before the stage gives up; 0 = no retries. A checkpoint upload that still "
-        "fails is retried at the next save instead of failing training.", 120.0)
-
-    def validate(self) -> None:
-        _require(self.retry_seconds >= 0, "storage.retry_seconds", self.retry_seconds, "must be 0 or more, e.g. 120")
-        _no_credentials("storage.endpoint_url", self.endpoint_url, "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
-                        "kubetune-s3")
-        if self.uri is not None:
-            _require(bool(self.uri.strip()) and self.uri != "s3://", "storage.uri", self.uri,
-                     "give s3://bucket/prefix, a local directory, or null")
-
-
-@dataclass
 class RunConfig:
     task: str = _help(
         "What to fine-tune for: causal_lm (continue pre-training on plain text), classification (a new "
@@ -401,6 +319,8 @@ class RunConfig:
     register: RegisterConfig = _help("Model registry entry.", factory=RegisterConfig)
     tracking: TrackingConfig = _help("MLflow.", factory=TrackingConfig)
     storage: StorageConfig = _help("Object storage for checkpoints and adapters.", factory=StorageConfig)
+    notify: NotifyConfig = _help("Messages to a webhook when a run fails, succeeds, makes a new champion or "
+                                 "is skipped.", factory=NotifyConfig)
 
     def validate(self) -> "RunConfig":
         """Each section's own rules and those across sections; the task kind's come after, in
@@ -411,7 +331,7 @@ class RunConfig:
             _require(self.data.replay_path is not None, "train.schedule", self.train.schedule,
                      "progressive starts from general data: set data.replay_path")
         for section in (self.model, self.data, self.train, self.evaluate, self.register, self.tracking,
-                        self.storage):
+                        self.storage, self.notify):
             section.validate()
         if self.tracking.experiment is None:  # resolved here, so every stage and the run's params agree
             self.tracking.experiment = self.register.model_name

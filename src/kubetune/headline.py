@@ -152,6 +152,13 @@ def run_description(summary: "Headline", decision: str = "", links: Sequence[str
     return "\n".join(parts) + "\n"
 
 
+def skipped_description(model_name: str, reason: str, data: dict) -> str:
+    """The description of a run that when_data_changes ended after preflight."""
+    return (f"**{model_name}**: {reason}.\n\nThe data was read and checked ({data.get('rows', '?')} records, "
+            f"sha256 `{data.get('sha256', '')[:16]}`); no GPU was asked for. Run without when_data_changes "
+            "to train on the same data again (a new base model or new settings).\n")
+
+
 def version_description(summary: "Headline", decision: str, run_link: str) -> str:
     """A registered version's description: why it is (or is not) the champion, then the headline."""
     parts = [decision, ""]

@@ -20,7 +20,7 @@ from kubetune_serving.loading import compute_dtype, quantization_config
 from kubetune import artifacts
 from kubetune.config import ModelConfig
 from kubetune.console import quiet_bitsandbytes
-from kubetune.errors import ModelError
+from kubetune.errors import ConfigError, ModelError
 from kubetune.tasks import TaskKind, get_task
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,18 @@ def device_description() -> str:
     if not torch.cuda.is_available():
         return "cpu"
     return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+
+
+def check_granted_gpus(granted: int, resource: str = "GPU") -> None:
+    """A pod the pipeline gave GPUs must see them: one that sees fewer (a node without the NVIDIA
+    container runtime, a CPU image) would train on the CPU for days instead of failing now."""
+    import torch
+
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if seen < granted:
+        raise ConfigError("accelerator_count", granted, f"this pod sees {seen} of the {granted} {resource or 'GPU'} "
+                          "the pipeline granted it: check the node's device plugin and container runtime, or run "
+                          "with accelerator_count 0 to use CPUs")
 
 
 def _kind(task) -> TaskKind:

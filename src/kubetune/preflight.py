@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from kubetune import artifacts, modeling, retrieval, tracking
 from kubetune.config import RunConfig
@@ -44,6 +44,7 @@ class PreflightReport:
     data: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     storage_uri: str = ""
+    skipped: str = ""  # why nothing will be trained (when_data_changes on data the champion has seen)
 
 
 #: Training records preflight encodes with the model's tokenizer (chat: renders with its template).
@@ -234,15 +235,22 @@ def check_services(cfg: RunConfig) -> tuple[str, str]:
     return uri, store.uri()
 
 
-def preflight(cfg: RunConfig, train_gpus: Optional[bool] = None) -> PreflightReport:
+def preflight(cfg: RunConfig, train_gpus: Optional[bool] = None,
+              skip_when: Optional[Callable[[str, str], str]] = None) -> PreflightReport:
     """Cheap checks first: config, data, services, then the model's structure. train_gpus: whether
-    the train stage gets GPUs (on a cluster, from the accelerator settings); None = this machine's."""
+    the train stage gets GPUs (on a cluster, from the accelerator settings); None = this machine's.
+    skip_when(tracking URI, data sha256): a reason not to train (when_data_changes), asked once the
+    data is read; with one the model is not checked (nor fetched) and the report says why."""
     checked(cfg.validate())
     check_model_name(cfg.register.model_name)
     check_precision(cfg, train_gpus)
     data_facts, sample = check_data(cfg)
-    check_rag(cfg)
     tracking_uri, storage_uri = check_services(cfg)
+    skipped = skip_when(tracking_uri, data_facts["sha256"]) if skip_when else ""
+    if skipped:
+        log.info("preflight: %s", skipped)
+        return PreflightReport(tracking_uri=tracking_uri, data=data_facts, storage_uri=storage_uri, skipped=skipped)
+    check_rag(cfg)
     model_facts = check_model(cfg, data_facts["info"])
     mean_tokens = check_encoding(cfg, model_facts["path"], sample, data_facts["info"])
     data_facts["estimate"] = check_run_size(cfg, data_facts["train_rows"], mean_tokens)

@@ -222,7 +222,7 @@ def register(tracking_uri: str, run_id: str, model_name: str, adapter_dir: Path,
                                                        champion[1].get(score_key) if champion else None))
     log.info("registered %s version %s: %s", model_name, version, line)
     return {"model_name": model_name, "version": version, "model_uri": model_uri, "champion": decision.promoted,
-            "decision": line}
+            "decision": line, "previous_champion": decision.champion}
 
 
 class Versions(Protocol):
@@ -277,3 +277,35 @@ def decide_champion(store: Versions, model_name: str, score_key: str, score: Opt
         return Decision(True, score_key, higher_is_better, score)
     best = current[1].get(score_key)
     return Decision(beats(score, best, higher_is_better), score_key, higher_is_better, score, current[0], best)
+
+
+DATA_TAG = "kubetune.data_sha256"  # lineage: the content hash of the data a version was trained on
+
+
+def trained_on(store: Versions, model_name: str, data_sha256: str) -> Optional[str]:
+    """The champion's version when it was trained on exactly this data (the content hash preflight
+    computes while it reads the data for its checks, so no second read), else None: then a run
+    with when_data_changes trains. Only the data counts: a new base model or new settings on the
+    same data is a run without when_data_changes."""
+    champion = store.aliased(model_name, CHAMPION)
+    if champion is None or champion[1].get(DATA_TAG) != data_sha256:
+        return None
+    return champion[0]
+
+
+def skip_reason(tracking_uri: str, model_name: str, data_sha256: str) -> str:
+    """Why a when_data_changes run trains nothing ("skipped: data unchanged since version N ..."), or
+    "" when the data is new to the champion (or there is none)."""
+    version = trained_on(models.ModelStore(tracking_uri), model_name, data_sha256)
+    if version is None:
+        return ""
+    return (f"skipped: data unchanged since version {version} ({model_name}/{version}, the champion, was trained on "
+            f"the same data, sha256 {data_sha256[:12]}); nothing trained")
+
+
+def version_figures(tracking_uri: str, model_name: str, version: str) -> dict[str, str]:
+    """A version's tags (its headline figures among them), {} when it cannot be read."""
+    try:
+        return models.ModelStore(tracking_uri).version_tags(model_name, version)
+    except Exception:  # the message that wants them goes out without the comparison
+        return {}

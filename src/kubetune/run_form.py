@@ -1,15 +1,22 @@
-"""The KFP run form: typed pipeline parameters for what teams change between runs, applied over the config.
+"""The KFP run form: typed, optional pipeline parameters for what teams change between runs, applied over the config.
 
 The whole config travels as one JSON string (`config_json`: KFP struct parameters cannot hold null,
 and null means something here), which is hard to edit in the KFP UI's run form. The settings a team
-changes from run to run get a typed, described parameter of their own; a parameter left at its
-empty value ("" or 0) keeps what config_json says. The preflight task applies them and hands the
-resulting config to every later task, so the MLflow run's params show what actually ran.
+changes from run to run get a typed, described parameter of their own. Each is a KFP optional input
+(`Optional[T] = None`: `isOptional: true` with no default in the compiled YAML), so the form shows
+it empty and a value left empty keeps what config_json says; 0 is a value like any other (and a bad
+one is refused). Empty text ("", spaces) counts as left empty, as the UI may send it.
 
-A bad value stops preflight with one message that names the parameter (not the config key behind
-it), before any GPU is requested. On a cluster the same goes for places a pod cannot reach: the
-compiled defaults name the demo's local data, so a run started with them as they are stops with
-"train_data = '../shared/data/...': a pod cannot read this machine's files ...".
+The preflight task applies them and hands the resulting config to every later task, so the MLflow
+run's params show what actually ran. A bad value stops preflight with one message that names the
+parameter (not the config key behind it), before any GPU is requested. On a cluster the same goes
+for places a pod cannot reach: the compiled defaults name the demo's local data, so a run started
+with them as they are stops with "train_data = '../shared/data/...': a pod cannot read this
+machine's files ...".
+
+KFP's backend resolves optional inputs left unset since 2.5 (kubeflow/pipelines PR #11788, the root
+DAG) and inside nested DAGs such as the exit handler's since PR #11980; kfp.local does neither, so
+kubetune.launch.kfp_local fills that gap for `kubetune run`.
 """
 
 from __future__ import annotations
@@ -21,28 +28,51 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.config import RunConfig
+from kubetune.config_outputs import WEBHOOK_ENV, webhook_shown
 from kubetune.errors import ConfigError
 from kubetune.overrides import run_name
 from kubetune.run_config import from_dict
+from kubetune.tasks import KINDS
 
 
 @dataclass(frozen=True)
 class FormField:
     parameter: str  # the pipeline parameter's name
     key: str  # the config key it sets
-    type: type  # str, int or float; its empty value ("", 0, 0.0) keeps the config's
+    type: type  # str, int or float; the pipeline parameter is Optional[type] = None
     help: str
+    choices: tuple[str, ...] = ()  # the values a str field accepts, where the config has a fixed list
 
 
 RUN_FORM = (
+    FormField("task", "task", str, "What kind of fine-tuning: " + ", ".join(KINDS) + " (sets task).",
+              choices=tuple(KINDS)),
     FormField("base_model", "model.name_or_path", str,
               "Base model: a hub id, an s3:// snapshot or package:<name> (sets model.name_or_path)."),
+    FormField("quantization", "model.quantization", str,
+              "How the frozen base weights load: none, 8bit or 4bit (sets model.quantization).",
+              choices=("none", "8bit", "4bit")),
     FormField("train_data", "data.path", str,
-              "Training data: an s3:// file or folder of .json/.jsonl/.csv/.tsv/.txt (sets data.path)."),
+              "Training data: an s3:// file or folder of .json/.jsonl/.csv/.tsv/.txt/.parquet (sets data.path)."),
+    FormField("text_field", "data.text_field", str, "Record field with the text to learn (sets data.text_field)."),
+    FormField("label_field", "data.label_field", str,
+              "Record field with the label (classification) or the answer (instruction, multitask) "
+              "(sets data.label_field)."),
+    FormField("instruction_field", "data.instruction_field", str,
+              "Record field with the instruction (instruction, multitask) (sets data.instruction_field)."),
+    FormField("input_field", "data.input_field", str,
+              "Record field with the instruction's input text (sets data.input_field)."),
+    FormField("messages_field", "data.messages_field", str,
+              "Record field with the conversation (chat) (sets data.messages_field)."),
+    FormField("epochs", "train.epochs", float,
+              "Passes over the training data, may be fractional; sizes the run instead of max_steps, which "
+              "it sets to null (sets train.epochs)."),
     FormField("max_steps", "train.max_steps", int, "Optimizer steps to run (sets train.max_steps)."),
     FormField("learning_rate", "train.learning_rate", float, "Peak learning rate of AdamW (sets train.learning_rate)."),
     FormField("lora_r", "model.lora.r", int, "LoRA rank (sets model.lora.r; alpha stays as configured)."),
     FormField("lora_alpha", "model.lora.alpha", int, "LoRA scaling numerator, usually 2 * rank (sets model.lora.alpha)."),
+    FormField("eval_samples", "evaluate.max_samples", int,
+              "Held-out examples scored for loss, perplexity and task metrics (sets evaluate.max_samples)."),
     FormField("model_name", "register.model_name", str,
               "Registered model in MLflow that gets the new version (sets register.model_name)."),
     FormField("experiment", "tracking.experiment", str,
@@ -51,26 +81,42 @@ RUN_FORM = (
               "s3://bucket/prefix for checkpoints and adapters, required on a cluster (sets storage.uri)."),
 )
 _BY_KEY = {field.key: field for field in RUN_FORM}
+FORM_PARAMETERS = tuple(field.parameter for field in RUN_FORM)
 
-EMPTY_HELP = 'Empty ("" or 0) keeps the value in config_json.'
+EMPTY_HELP = "Leave empty to keep the value in config_json."
+
+
+def is_empty(value: Any) -> bool:
+    """A form value left empty: not given, None, or blank text."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _checked_value(field: FormField, value: Any) -> Any:
+    wanted = (int, float) if field.type is float else field.type
+    if isinstance(value, bool) or not isinstance(value, wanted):
+        raise ConfigError(field.parameter, value, f"must be {field.type.__name__}: {field.help}")
+    if isinstance(value, str):
+        value = value.strip()
+        if field.choices and value not in field.choices:
+            raise ConfigError(field.parameter, value, f"use one of {', '.join(field.choices)} ({field.help})")
+    return value
 
 
 def apply(config: dict[str, Any], values: dict[str, Any]) -> RunConfig:
     """config_json with the run form's non-empty values on top, validated. Errors in a value the form
     set name the form's parameter."""
-    unknown = sorted(set(values) - {field.parameter for field in RUN_FORM})
+    unknown = sorted(set(values) - set(FORM_PARAMETERS))
     if unknown:
         raise ConfigError(unknown[0], values[unknown[0]], "not a run-form parameter; use one of "
-                          + ", ".join(field.parameter for field in RUN_FORM))
+                          + ", ".join(FORM_PARAMETERS))
     data = copy.deepcopy(config)
     applied: dict[str, FormField] = {}
     set_values: dict[str, Any] = {}  # what the form set, as set: the run's name says it
     for field in RUN_FORM:
         value = values.get(field.parameter)
-        if value in (None, "", 0):
+        if is_empty(value):
             continue
-        if isinstance(value, bool) or not isinstance(value, (field.type, int) if field.type is float else field.type):
-            raise ConfigError(field.parameter, value, f"must be {field.type.__name__}: {field.help}")
+        value = _checked_value(field, value)
         node = data
         *sections, last = field.key.split(".")
         for section in sections:
@@ -79,9 +125,11 @@ def apply(config: dict[str, Any], values: dict[str, Any]) -> RunConfig:
                                   f"nothing for {field.parameter} to set; leave it empty or give config_json a "
                                   f"{'.'.join(sections)} section")
             node = node[section]
-        node[last] = value.strip() if isinstance(value, str) else value
+        node[last] = value
         applied[field.key] = field
-        set_values[field.key] = node[last]
+        set_values[field.key] = value
+    if "train.epochs" in applied and "train.max_steps" not in applied:
+        data["train"]["max_steps"] = None  # epochs size the run (config: one of the two)
     tracking = data.setdefault("tracking", {})
     if applied and not tracking.get("run_name"):  # the name says what this run's form changed
         tracking["run_name"] = run_name(data.get("register", {}).get("model_name", "run"), set_values)
@@ -119,6 +167,10 @@ def check_for_cluster(cfg: RunConfig) -> RunConfig:
     if cfg.storage.uri is None or not cfg.storage.uri.startswith("s3://"):
         problems.append(("storage.uri", cfg.storage.uri, "on a cluster checkpoints and adapters must outlive the "
                          "pods: give s3://bucket/prefix"))
+    if cfg.notify.webhook_url is not None:
+        problems.append(("notify.webhook_url", webhook_shown(cfg.notify.webhook_url), "a URL in the config is "
+                         "visible in the KFP run's parameters: put it in the kubetune-notify Secret (key "
+                         f"{WEBHOOK_ENV}) and set notify.webhook_url to null"))
     uri = cfg.tracking.mlflow_uri
     if uri is not None and not uri.startswith(("http://", "https://")):
         problems.append(("tracking.mlflow_uri", uri, "pods need an MLflow server: give its http(s):// URL, or null "
@@ -141,3 +193,8 @@ def cluster_defaults(config: dict[str, Any]) -> dict[str, Any]:
     data = copy.deepcopy(config)
     data["evaluate"]["retention_path"] = None
     return data
+
+
+#: The preflight task's verdict, which the pipeline's dsl.If reads: train, or skip (when_data_changes
+#: and the data is what the champion was trained on).
+TRAIN, SKIP = "train", "skip"

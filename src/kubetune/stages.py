@@ -15,18 +15,19 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from kubetune import __version__, artifacts, console, data, distributed, evaluation, faults, modeling, registry, tracking
 from kubetune import preflight as checks
-from kubetune import headline, report, run_form, tokenization, training
+from kubetune import headline, notify, report, run_form, tokenization, training
 from kubetune.config import RunConfig
+from kubetune.config_outputs import NotifyConfig
 from kubetune.errors import ConfigError, DataError
 from kubetune.model_source import describe_source, fingerprint, resolve_model
 from kubetune.run_config import from_dict as config_from
 from kubetune.build_cache import reuse_or_build
 from kubetune.storage import open_store
-from kubetune.tasks import get_task
+from kubetune.tasks import KINDS, get_task
 from kubetune.tracking import lifecycle
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,11 @@ def run_prefix(run_id: str) -> str:
     return f"runs/{run_id}"
 
 
+def run_form_values(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The run form's values among the preflight task's parameters (kubetune.run_form.RUN_FORM)."""
+    return {name: parameters.get(name) for name in run_form.FORM_PARAMETERS}
+
+
 def run_config(config: str, form: dict[str, Any]) -> str:
     """The config this pipeline run trains with: config_json with the run form's values on top
     (kubetune.run_form), validated and, in a pod, checked for places a pod cannot reach. Every
@@ -81,19 +87,24 @@ def run_config(config: str, form: dict[str, Any]) -> str:
 
 
 def preflight(config: Config, lineage_path: str, accelerator_count: Optional[int] = None,
-              resume_run_id: str = "", pipeline_run: str = "", accelerator_type: str = "") -> str:
+              resume_run_id: str = "", pipeline_run: str = "", accelerator_type: str = "",
+              when_data_changes: bool = False) -> tuple[str, str]:
     """Checks everything, then opens the pipeline's MLflow run (or reopens resume_run_id: a run
-    with this config that did not finish); returns its id and writes the run's lineage (what
-    register tags the model version with). accelerator_count: the GPUs the pipeline grants its GPU
-    stages (train gets GPUs when it is above 0); None checks this machine. pipeline_run: the KFP
-    run's id, tagged on the MLflow run so the exit handler (finish_run) finds it. accelerator_type:
-    the GPU resource the pipeline asks for, tagged with the count (what hardware the run was given)."""
+    with this config that did not finish); returns its id and the verdict (run_form.TRAIN or SKIP),
+    and writes the run's lineage (what register tags the model version with). accelerator_count: the
+    GPUs the pipeline grants its GPU stages (train gets GPUs when it is above 0); None checks this
+    machine. pipeline_run: the KFP run's id, tagged on the MLflow run so the exit handler (finish_run)
+    finds it. accelerator_type: the GPU resource the pipeline asks for, tagged with the count (what
+    hardware the run was given). when_data_changes: when the champion was trained on this very data,
+    the run is recorded as skipped (FINISHED, tag kubetune.skipped) and the verdict is SKIP."""
     started = console.stage_started()
     cfg = _start(config)
     train_gpus = None if accelerator_count is None else accelerator_count > 0
-    report = checks.passed_earlier(cfg, train_gpus) or checks.preflight(cfg, train_gpus)
+    skip_when = _unchanged_data(cfg) if when_data_changes and not resume_run_id else None
+    report = checks.passed_earlier(cfg, train_gpus) or checks.preflight(cfg, train_gpus, skip_when)
+    skipped = skip_when(report.tracking_uri, report.data["sha256"]) if skip_when else ""
     lineage = {"kubetune.task": cfg.task, "kubetune.base_model": cfg.model.name_or_path,
-               "kubetune.data_sha256": report.data["sha256"], "kubetune.version": __version__,
+               registry.DATA_TAG: report.data["sha256"], "kubetune.version": __version__,
                "kubetune.storage": report.storage_uri, "kubetune.technique": cfg.model.technique()}
     launch = os.environ.get(tracking.LAUNCH_ENV)  # set by `kubetune run`, which finds its run by it
     if resume_run_id:
@@ -114,8 +125,20 @@ def preflight(config: Config, lineage_path: str, accelerator_count: Optional[int
     artifacts.write_lineage(Path(lineage_path), lineage)
     logger.metrics({"timing/preflight_seconds": round(time.monotonic() - started, 2)})
     log.info("MLflow run %s in experiment %s at %s", run_id, cfg.tracking.experiment, report.tracking_uri)
+    if skipped:
+        logger.tags({tracking.SKIPPED_TAG: skipped})
+        logger.describe(headline.skipped_description(cfg.register.model_name, skipped, report.data))
+        logger.finish()
+        console.summary(f"MLflow run {run_id}: {skipped}")
+        return run_id, run_form.SKIP
     console.summary(f"MLflow run {run_id} (experiment {cfg.tracking.experiment})")
-    return run_id
+    return run_id, run_form.TRAIN
+
+
+def _unchanged_data(cfg: RunConfig) -> Callable[[str, str], str]:
+    """when_data_changes: why not to train (the champion of register.model_name was trained on data
+    with this content hash), else ""."""
+    return lambda tracking_uri, data_sha256: registry.skip_reason(tracking_uri, cfg.register.model_name, data_sha256)
 
 
 def _accelerators(count: Optional[int], resource: str) -> str:
@@ -129,22 +152,56 @@ def _accelerators(count: Optional[int], resource: str) -> str:
 def finish_run(config: str, pipeline_run: str, state: str, error: str = "") -> str:
     """The pipeline's exit handler: when a pipeline run did not succeed (a task failed, was killed,
     evicted or timed out), its MLflow run is marked FAILED and names the stage it was in; a stage
-    that failed on its own has done that already. Returns what it did, for the task's log."""
+    that failed on its own has done that already. Then the webhook hears how the run ended
+    (kubetune.notify). Returns what it did, for the task's log."""
     console.setup_stage()
-    if state == "SUCCEEDED" or not pipeline_run:  # the task's log says so; the console has nothing to show
-        log.info("pipeline run %s: no MLflow run to mark", state)
-        return f"pipeline run {state}: no MLflow run to mark"
     try:  # the exit handler must work even when config_json is what made preflight fail
-        configured = (json.loads(config).get("tracking") or {}).get("mlflow_uri")
-    except (ValueError, AttributeError):
-        configured = None
-    uri = tracking.resolve_uri(configured)
-    marked = lifecycle.fail_unfinished(uri, pipeline_run, f"the pipeline run ended {state}"
-                                      + (f" ({error})" if error else ""))
-    said = f"pipeline run {state}: " + (f"marked MLflow run {', '.join(marked)} FAILED" if marked else
-                                        "no unfinished MLflow run of it")
-    console.summary(said)
-    return said
+        data = json.loads(config)
+        settings = data if isinstance(data, dict) else {}
+    except ValueError:
+        settings = {}
+    uri = tracking.resolve_uri((settings.get("tracking") or {}).get("mlflow_uri"))
+    said = f"pipeline run {state}: no MLflow run to mark"
+    if state != "SUCCEEDED" and pipeline_run:
+        marked = lifecycle.fail_unfinished(uri, pipeline_run, f"the pipeline run ended {state}"
+                                          + (f" ({error})" if error else ""))
+        said = f"pipeline run {state}: " + (f"marked MLflow run {', '.join(marked)} FAILED" if marked else
+                                            "no unfinished MLflow run of it")
+        console.summary(said)
+    else:
+        log.info("%s", said)
+    sent = _notify(settings, uri, pipeline_run, state, error)
+    return "; ".join([said, *sent])
+
+
+def _notify(settings: dict[str, Any], uri: str, pipeline_run: str, state: str, error: str) -> list[str]:
+    """The events of this run's end, sent as notify says (defaults where config_json did not parse).
+    Nothing here may fail the exit handler: what went wrong is a line in its log."""
+    try:
+        notify_config = NotifyConfig(**{key: value for key, value in (settings.get("notify") or {}).items()
+                                        if key in NotifyConfig.__dataclass_fields__})
+        notify_config.validate()
+        if not notify.webhook(notify_config):
+            return []
+        facts = lifecycle.run_of_pipeline_run(uri, pipeline_run) if pipeline_run else None
+        task = settings.get("task") if isinstance(settings.get("task"), str) else "causal_lm"
+        tags = facts.tags if facts else {}
+        previous = tags.get("kubetune.previous_champion")
+        outcome = notify.Outcome(
+            model_name=(settings.get("register") or {}).get("model_name", "kubetune"), state=state, error=error,
+            pipeline_run=pipeline_run, tags=tags, metrics=facts.metrics if facts else {},
+            headline=headline.headline_keys(get_task(task).headline_metrics) if task in KINDS else (),
+            mlflow_page=facts.page if facts else "",
+            kfp_page=f"{notify_config.kfp_ui_url.rstrip('/')}/#/runs/details/{pipeline_run}"
+            if notify_config.kfp_ui_url and pipeline_run else "",
+            previous_figures=registry.version_figures(uri, tags["kubetune.registered_model"], previous)
+            if previous else {})
+        sent = notify.send(notify_config, notify.events(outcome))
+    except Exception as exc:  # a broken store or config: the run's end is still what KFP says
+        sent = [f"no notification: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"]
+    for line in sent:
+        log.info("notify: %s", line)
+    return sent
 
 
 def train_accelerators(config: Config, accelerator_count: int) -> int:
@@ -195,8 +252,17 @@ def tokenize(config: Config, run_id: str, data_dir: str, out_dir: str) -> dict[s
     return stats
 
 
-def prepare_model(config: Config, run_id: str, tokenized_dir: str, out_dir: str) -> dict[str, Any]:
+def _check_granted(accelerators: int, accelerator_type: str) -> None:
+    """A GPU stage on a cluster first checks that its pod sees the GPUs the pipeline granted it
+    (kfp.local ignores GPU settings: not under `kubetune run`)."""
+    if accelerators and run_form.on_cluster():
+        modeling.check_granted_gpus(accelerators, accelerator_type)
+
+
+def prepare_model(config: Config, run_id: str, tokenized_dir: str, out_dir: str, accelerators: int = 0,
+                  accelerator_type: str = "") -> dict[str, Any]:
     cfg = _start(config)
+    _check_granted(accelerators, accelerator_type)
     with _stage(cfg, run_id, "prepare_model", out_dir) as logger:
         source = describe_source(cfg.model.name_or_path, endpoint_url=cfg.storage.endpoint_url)
         plan = modeling.prepare_model(_model_dir(cfg), cfg.model, Path(out_dir), cfg.train.seed, source, cfg.task,
@@ -212,10 +278,12 @@ def prepare_model(config: Config, run_id: str, tokenized_dir: str, out_dir: str)
     return plan
 
 
-def train(config: Config, run_id: str, tokenized_dir: str, prepared_dir: str, out_dir: str) -> dict:
+def train(config: Config, run_id: str, tokenized_dir: str, prepared_dir: str, out_dir: str,
+          accelerators: int = 0, accelerator_type: str = "") -> dict:
     """Trains in this process, or with train.processes > 1 in that many data-parallel worker
     processes (kubetune.distributed, each running train_worker)."""
     cfg = _start(config)
+    _check_granted(accelerators, accelerator_type)
     with _stage(cfg, run_id, "train", out_dir) as logger, logger.system_metrics():
         if cfg.train.processes > 1:
             arguments = {"config": config if isinstance(config, str) else json.dumps(config), "run_id": run_id,
@@ -255,10 +323,12 @@ def train_worker(config: Config, run_id: str, tokenized_dir: str, prepared_dir: 
                           eval_dataset=validation, compute_metrics=kind.training_metrics())
 
 
-def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, out_dir: str) -> dict:
+def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, out_dir: str, accelerators: int = 0,
+             accelerator_type: str = "") -> dict:
     import matplotlib.pyplot as plt
 
     cfg = _start(config)
+    _check_granted(accelerators, accelerator_type)
     kind = get_task(cfg.task)
     with _stage(cfg, run_id, "evaluate", out_dir) as logger, logger.system_metrics():
         model_dir = _model_dir(cfg)
@@ -348,7 +418,9 @@ def register(config: Config, run_id: str, lineage_path: str, tokenized_dir: str,
         logger.tags({"kubetune.registered_model": cfg.register.model_name,
                      "kubetune.registered_version": result["version"],
                      "kubetune.champion": "yes" if result["champion"] else "no",
-                     "kubetune.champion_decision": result["decision"]})
+                     "kubetune.champion_decision": result["decision"],
+                     **({"kubetune.previous_champion": result["previous_champion"]}
+                        if result["champion"] and result["previous_champion"] else {})})
         version_link = logger.version_link(cfg.register.model_name, result["version"])
         logger.describe(headline.run_description(summary, result["decision"], [REPORT_WHERE, version_link]))
         console.summary(result["decision"])

@@ -36,7 +36,7 @@ KUBERNETES_VERSION = "1.30.0"
 # Custom resources: kubernetes-validate has no schema for them (they come with the operator).
 CRD_KINDS = {("external-secrets.io/v1", "ExternalSecret"), ("external-secrets.io/v1", "SecretStore")}
 # The Secrets workloads and pipeline pods may reference; each has a template in kustomize/secrets/.
-SECRET_NAMES = {"kubetune-s3", "kubetune-mlflow-db", "kubetune-mlflow", "kubetune-hub-token"}
+SECRET_NAMES = {"kubetune-s3", "kubetune-mlflow-db", "kubetune-mlflow", "kubetune-hub-token", "kubetune-notify"}
 PLACEHOLDER = "REPLACE_ME"
 ENV_REF = re.compile(r"(?<!\$)\$\(([A-Za-z_][A-Za-z0-9_]*)\)")  # $(VAR) in env values, command and args
 

@@ -11,7 +11,8 @@ from kubetune.pipelines.pipeline import COMPILED, STAGES
 from kubetune.run_form import RUN_FORM
 
 TASKS = ["preflight", "prepare-data", "tokenize", "prepare-model", "train", "evaluate", "register", "finish-run"]
-EXIT_HANDLER = "comp-exit-handler-1"  # the group that holds the seven stages; finish-run is its exit task
+EXIT_HANDLER = "comp-exit-handler-1"  # the group that holds preflight and the rest; finish-run is its exit task
+TRAINING = "comp-condition-2"  # inside it, the dsl.If that holds the six stages after preflight
 # Where each GPU task's accelerator count comes from: a pipeline parameter, or preflight's output
 # (train: one per train.processes).
 GPU_TASKS = {"prepare-model": "accelerator_count", "train": "preflight-train_accelerators",
@@ -26,8 +27,10 @@ def compiled():
 
 
 def task_spec(compiled, task):
-    root = compiled[0]["root"]["dag"]["tasks"]
-    return root[task] if task in root else compiled[0]["components"][EXIT_HANDLER]["dag"]["tasks"][task]
+    for dag in (compiled[0]["root"]["dag"], *(compiled[0]["components"][group]["dag"] for group in (EXIT_HANDLER, TRAINING))):
+        if task in dag["tasks"]:
+            return dag["tasks"][task]
+    raise KeyError(task)
 
 
 def executor_label(compiled, task):
@@ -57,7 +60,8 @@ def test_cluster_parameters_and_their_defaults(compiled):
     parameters = {name: {k: v for k, v in spec.items() if k != "description"}  # test_compile checks those
                   for name, spec in compiled[0]["root"]["inputDefinitions"]["parameters"].items()}
     assert set(parameters) == {"config_json", "accelerator_type", "accelerator_count", "gpu_node_selector",
-                               "resume_run_id", *(field.parameter for field in RUN_FORM)}
+                               "resume_run_id", "when_data_changes", *(field.parameter for field in RUN_FORM)}
+    assert parameters["when_data_changes"] == {"defaultValue": False, "isOptional": True, "parameterType": "BOOLEAN"}
     assert parameters["resume_run_id"] == {"defaultValue": "", "isOptional": True, "parameterType": "STRING"}
     assert parameters["accelerator_type"] == {"defaultValue": "nvidia.com/gpu", "isOptional": True,
                                               "parameterType": "STRING"}
@@ -81,8 +85,11 @@ def test_accelerators_come_from_the_parameters_on_gpu_stages_only(compiled, task
     if GPU_TASKS[task] == "accelerator_count":
         assert inputs["pipelinechannel--accelerator_count"] == {
             "componentInputParameter": "pipelinechannel--accelerator_count"}
-    else:
+    else:  # preflight's output, handed into the dsl.If's group by the group's task
         assert inputs[f"pipelinechannel--{GPU_TASKS[task]}"] == {
+            "componentInputParameter": f"pipelinechannel--{GPU_TASKS[task]}"}
+        gate = compiled[0]["components"][EXIT_HANDLER]["dag"]["tasks"]["condition-2"]["inputs"]["parameters"]
+        assert gate[f"pipelinechannel--{GPU_TASKS[task]}"] == {
             "taskOutputParameter": {"producerTask": "preflight", "outputParameterKey": "train_accelerators"}}
 
 
@@ -132,6 +139,8 @@ def test_credentials_and_endpoints_arrive_as_env_from_secrets_and_a_config_map(c
         "kubetune-mlflow": ({"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
                              "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}, True),
         "kubetune-hub-token": ({"HF_TOKEN": "HF_TOKEN"}, True),
+        # the webhook's URL: only the exit handler sends notifications
+        **({"kubetune-notify": ({"KUBETUNE_WEBHOOK_URL": "KUBETUNE_WEBHOOK_URL"}, True)} if task == "finish-run" else {}),
     }
     (config_map,) = settings["configMapAsEnv"]
     assert config_map["configMapName"] == "kubetune-endpoints" and config_map["optional"] is False

@@ -143,3 +143,27 @@ def test_s3_holds_checkpoints_and_adapter(finished):
     assert {"checkpoints/checkpoint-6/trainer_state.json", "checkpoints/checkpoint-12/trainer_state.json"} <= keys
     body = finished["s3"].get_object(Bucket=finished["bucket"], Key=f"kubetune/runs/{run_id}/adapter/adapter_config.json")
     assert json.load(io.BytesIO(body["Body"].read()))["r"] == 8
+
+
+def test_when_data_changes_skips_data_the_champion_has_seen_and_trains_on_new_data(finished):
+    """The same pipeline's dsl.If: on the champion's data only preflight runs (no model is loaded),
+    the MLflow run says why; one changed record makes it train and register again."""
+    config, client = finished["config"], finished["client"]
+    logs = state_dir() / "logs"
+    before = {path.name for path in logs.glob("*.log")}
+    skipped = run_pipeline(RunConfig.from_dict(config), progress=False, when_data_changes=True)
+    assert skipped["skipped"].startswith("skipped: data unchanged since version 1 (tiny-dag/1, the champion")
+    run = client.get_run(skipped["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["kubetune.skipped"] == skipped["skipped"]
+    assert skipped["skipped"] in run.data.tags["mlflow.note.content"]
+    assert [v.version for v in client.search_model_versions("name='tiny-dag'")] == ["1"]
+    started = sorted(name.split("-")[-1] for name in {path.name for path in logs.glob("*.log")} - before
+                     if name.endswith(("-preflight.log", "-finish_run.log", "-train.log", "-prepare_model.log")))
+    assert started == ["finish_run.log", "preflight.log"]
+
+    changed = finished["data"].with_name("quotes-changed.json")
+    records = json.loads(finished["data"].read_text())
+    changed.write_text(json.dumps(records + [{**records[0], "content": "A record the champion never saw."}]))
+    trained = run_pipeline(RunConfig.from_dict({**config, "data": {**config["data"], "path": str(changed)}}),
+                           progress=False, when_data_changes=True)
+    assert "skipped" not in trained and trained["registered"] == "tiny-dag/2"

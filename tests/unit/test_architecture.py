@@ -24,7 +24,7 @@ OURS = ("kubetune", "kubetune_serving")
 LAYERS = [
     # What a registered version runs where kubetune is not installed: it imports no kubetune module.
     ("serving", ["kubetune_serving*"]),
-    ("foundation", ["kubetune", "kubetune.errors", "kubetune.faults", "kubetune.paths", "kubetune.strict", "kubetune.overrides", "kubetune.config", "kubetune.config_reference",
+    ("foundation", ["kubetune", "kubetune.errors", "kubetune.faults", "kubetune.paths", "kubetune.strict", "kubetune.overrides", "kubetune.config_fields", "kubetune.config_outputs", "kubetune.config", "kubetune.config_reference",
                     "kubetune.images"]),
     ("I/O", ["kubetune.storage", "kubetune.build_cache", "kubetune.tracking*", "kubetune.model_source", "kubetune.shards", "kubetune.sources", "kubetune.disk_shuffle",
              "kubetune.artifacts", "kubetune.console", "kubetune.containers", "kubetune.services"]),
@@ -33,7 +33,7 @@ LAYERS = [
     ("model", ["kubetune.modeling"]),
     ("scoring, evaluation, training", ["kubetune.headline", "kubetune.scoring", "kubetune.evaluation", "kubetune.training", "kubetune.report", "kubetune.best_checkpoint",
                                        "kubetune.distributed"]),
-    ("preflight, registry and export", ["kubetune.preflight", "kubetune.registry", "kubetune.export"]),
+    ("preflight, registry and export", ["kubetune.preflight", "kubetune.registry", "kubetune.export", "kubetune.notify"]),
     ("stages", ["kubetune.stages", "kubetune.train_worker"]),
     ("KFP", ["kubetune.components*", "kubetune.pipelines*"]),
     ("launch", ["kubetune.launch*"]),

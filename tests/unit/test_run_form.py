@@ -13,8 +13,10 @@ CLUSTER_READY = {"train_data": "s3://team/data/quotes.jsonl", "storage_uri": "s3
 
 
 def test_empty_values_keep_the_config_and_set_values_win():
-    kept = apply(default_config(), {field.parameter: field.type() for field in RUN_FORM})
+    kept = apply(default_config(), {field.parameter: None for field in RUN_FORM})
     assert kept.to_dict() == apply(default_config(), {}).to_dict()
+    blank = apply(default_config(), {field.parameter: "  " for field in RUN_FORM if field.type is str})
+    assert blank.to_dict() == kept.to_dict()  # the UI may send an emptied text field as ""
     cfg = apply(default_config(), {"base_model": " org/model ", "max_steps": 7, "learning_rate": 1e-3, "lora_r": 4,
                                    "lora_alpha": 8, "model_name": "sentiment", "storage_uri": "s3://b/p"})
     assert (cfg.model.name_or_path, cfg.train.max_steps, cfg.train.learning_rate) == ("org/model", 7, 1e-3)
@@ -36,7 +38,13 @@ def test_the_experiment_defaults_to_the_registered_model_and_an_explicit_one_win
     ({"max_steps": "20"}, "max_steps = '20': must be int"),
     ({"learning_rate": True}, "learning_rate = True: must be float"),
     ({"model_name": "a/b"}, "model_name = 'a/b': give a name without slashes"),
-    ({"steps": 3}, "steps = 3: not a run-form parameter; use one of base_model"),
+    ({"steps": 3}, "steps = 3: not a run-form parameter; use one of task, base_model"),
+    ({"lora_r": 0}, "lora_r = 0: the LoRA rank must be a positive integer"),  # 0 is a value, not "keep"
+    ({"max_steps": 0}, "max_steps = 0: must be a positive integer"),
+    ({"task": "summarize"}, "task = 'summarize': use one of causal_lm"),
+    ({"quantization": "3bit"}, "quantization = '3bit': use one of none, 8bit, 4bit"),
+    ({"epochs": "2"}, "epochs = '2': must be float"),
+    ({"eval_samples": -1}, "eval_samples = -1:"),
 ])
 def test_bad_values_name_the_parameter(values, message):
     with pytest.raises(ConfigError) as caught:
@@ -90,3 +98,27 @@ def test_a_run_is_named_after_the_model_and_what_its_form_set():
     named = default_config()
     named["tracking"]["run_name"] = "nightly"
     assert apply(named, {"lora_r": 8}).tracking.run_name == "nightly"
+
+
+def test_the_new_fields_set_their_keys_and_epochs_size_the_run_instead_of_max_steps():
+    cfg = apply(default_config(), {"task": "instruction", "quantization": "4bit", "text_field": "body",
+                                   "label_field": "answer", "instruction_field": "question", "input_field": "context",
+                                   "epochs": 2, "eval_samples": 12})
+    assert (cfg.task, cfg.model.quantization, cfg.evaluate.max_samples) == ("instruction", "4bit", 12)
+    assert (cfg.data.text_field, cfg.data.label_field, cfg.data.instruction_field, cfg.data.input_field) == (
+        "body", "answer", "question", "context")
+    assert cfg.train.epochs == 2 and cfg.train.max_steps is None
+    with pytest.raises(ConfigError, match=r"^epochs = 1.5: a run is sized by steps or by epochs, not both"):
+        apply(default_config(), {"epochs": 1.5, "max_steps": 30})
+    chat = apply(default_config(), {"task": "chat", "messages_field": "conversation"})
+    assert chat.data.messages_field == "conversation"
+
+
+def test_a_webhook_url_in_the_config_is_refused_on_a_cluster_without_showing_it():
+    data = {**cluster_defaults(default_config()), "notify": {**default_config()["notify"],
+                                                            "webhook_url": "https://hooks.slack.com/services/T0/B0/s3cr3t"}}
+    with pytest.raises(ConfigError) as caught:
+        check_for_cluster(apply(data, CLUSTER_READY))
+    message = str(caught.value)
+    assert message.startswith("notify.webhook_url = 'https://hooks.slack.com/***': a URL in the config is visible")
+    assert "s3cr3t" not in message and "kubetune-notify Secret" in message

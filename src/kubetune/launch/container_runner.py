@@ -398,7 +398,8 @@ def artifact_folder(tracking_uri: str, experiment: str) -> Optional[Path]:
 
 
 def run(cfg: RunConfig, podman: containers.Podman, gpu: bool, state: Path, progress: bool,
-        pipeline_root: Path, workspace_root: Path, resume: str = "", lines=None, run_log=None) -> None:
+        pipeline_root: Path, workspace_root: Path, resume: str = "", lines=None, run_log=None,
+        when_data_changes: bool = False) -> None:
     """Run the DAG in containers. lines: the quiet console (console.StageLines), None to print every
     line; run_log: where every line is kept."""
     from kfp import local
@@ -426,7 +427,8 @@ def run(cfg: RunConfig, podman: containers.Podman, gpu: bool, state: Path, progr
         local.init(runner=local.DockerRunner(**docker_run_args(container_plan)), pipeline_root=str(pipeline_root),
                    workspace_root=str(workspace_root), raise_on_error=True)
         try:
-            kubetune_pipeline(config_json=json.dumps(cfg.to_dict()), resume_run_id=resume)
+            kubetune_pipeline(config_json=json.dumps(cfg.to_dict()), resume_run_id=resume,
+                              when_data_changes=when_data_changes)
         except RuntimeError:
             if runner.failures:
                 raise runner.first_failure() from None

@@ -3,7 +3,8 @@
 `kubetune run` executes the pipeline under kfp.local, which has no hooks for what a local run of a
 training pipeline needs (a task's output on the console and in a log file, its last error line,
 warm-started processes, containers with limits, a quiet console). So five private functions are
-replaced for the length of a run, and the shell script kfp writes to start a lightweight
+replaced for the length of a run (nine: four of them fill gaps where kfp.local's DAG runs
+differently from KFP's backend: optional inputs left unset, and dsl.If on a named output), and the shell script kfp writes to start a lightweight
 component is parsed. They are all here, written against kfp SUPPORTED (the version requirements.lock
 pins) and checked on first use: under another kfp, `kubetune run` stops with one line instead of
 failing somewhere inside kfp. tests/unit/test_kfp_local_seam.py holds one contract test per
@@ -45,6 +46,101 @@ def check_version(version: Optional[str] = None) -> None:
 
 
 @contextlib.contextmanager
+def optional_inputs() -> Iterator[None]:
+    """Optional pipeline inputs left unset (the run form's `Optional[T] = None` parameters) stay unset
+    under kfp.local, as KFP's backend treats them: the task gets no value and its own default applies.
+    kfp.local (OrchestratorUtils.join_user_inputs_and_defaults) instead fails on an optional input
+    without a default ("Unknown value type"), cannot pass None to a task, and would hand the task an
+    empty value (executor_input_utils.construct_executor_input); so such an input is left out of the
+    DAG's arguments, a task input that refers to it is dropped (make_task_arguments), and a task's
+    executor input carries no value for it."""
+    check_version()
+    from kfp.local import executor_input_utils, executor_output_utils
+    from kfp.local.orchestrator.orchestrator_utils import OrchestratorUtils
+
+    originals = OrchestratorUtils.join_user_inputs_and_defaults, OrchestratorUtils.make_task_arguments
+    construct = executor_input_utils.construct_executor_input
+
+    def construct_executor_input(*args, **kwargs):
+        executor_input = construct(*args, **kwargs)
+        values = executor_input.inputs.parameter_values
+        for name in [name for name, value in values.items() if value.WhichOneof("kind") is None]:
+            del values[name]
+        return executor_input
+
+    def join_user_inputs_and_defaults(cls, dag_arguments, dag_inputs_spec):
+        joined = dict(dag_arguments)
+        for name, spec in dag_inputs_spec.parameters.items():
+            # A nested DAG's inputs (pipelinechannel--...) are not marked optional: no default is the sign.
+            if name not in joined and spec.HasField("default_value"):
+                joined[name] = executor_output_utils.pb2_value_to_python(spec.default_value)
+        return joined
+
+    def make_task_arguments(cls, task_inputs_spec, io_store):
+        unset = [name for name, spec in task_inputs_spec.parameters.items()
+                 if spec.HasField("component_input_parameter") and not _has_parent_input(io_store,
+                                                                                          spec.component_input_parameter)]
+        if unset:
+            task_inputs_spec = type(task_inputs_spec).FromString(task_inputs_spec.SerializeToString())
+            for name in unset:
+                del task_inputs_spec.parameters[name]
+        return originals[1].__func__(cls, task_inputs_spec, io_store)
+
+    OrchestratorUtils.join_user_inputs_and_defaults = classmethod(join_user_inputs_and_defaults)
+    OrchestratorUtils.make_task_arguments = classmethod(make_task_arguments)
+    executor_input_utils.construct_executor_input = construct_executor_input
+    try:
+        yield
+    finally:
+        OrchestratorUtils.join_user_inputs_and_defaults, OrchestratorUtils.make_task_arguments = originals
+        executor_input_utils.construct_executor_input = construct
+
+
+@contextlib.contextmanager
+def named_output_conditions() -> Iterator[None]:
+    """A dsl.If on a named output of a task (`preflight.outputs["verdict"] == ...`, channel
+    `pipelinechannel--preflight-verdict`) is resolved as KFP's backend resolves it. kfp.local's
+    ConditionEvaluator._resolve_pipeline_channel reads only `<task>-Output` and `<task>--<name>`
+    channels as task outputs, looks `<task>-<name>` up as a pipeline input, finds none and evaluates
+    the condition as false: every task under the dsl.If would be skipped, silently."""
+    check_version()
+    from kfp.local.orchestrator.enhanced_dag_orchestrator import ConditionEvaluator
+
+    original = ConditionEvaluator._resolve_pipeline_channel
+
+    def resolve(channel_ref: str, io_store):
+        reference = channel_ref.replace("pipelinechannel--", "")
+        if "-Output" not in reference and "--" not in reference:
+            for at in [i for i, char in enumerate(reference) if char == "-"]:
+                try:
+                    return io_store.get_task_output(reference[:at], reference[at + 1:])
+                except (KeyError, ValueError):
+                    continue
+        return original(channel_ref, io_store)
+
+    ConditionEvaluator._resolve_pipeline_channel = staticmethod(resolve)
+    try:
+        yield
+    finally:
+        ConditionEvaluator._resolve_pipeline_channel = staticmethod(original)
+
+
+@contextlib.contextmanager
+def backend_semantics() -> Iterator[None]:
+    """Both gaps above filled, for as long as the block runs."""
+    with optional_inputs(), named_output_conditions():
+        yield
+
+
+def _has_parent_input(io_store, key: str) -> bool:
+    try:
+        io_store.get_parent_input(key)
+    except ValueError:  # kfp.local.io.IOStore: "Parent pipeline input argument ... not found."
+        return False
+    return True
+
+
+@contextlib.contextmanager
 def subprocess_tasks(run: Callable[..., int]) -> Iterator[None]:
     """Under SubprocessRunner, `run(full_command, env_vars)` starts each task and returns its exit
     code (kfp: subprocess_task_handler.run_local_subprocess). kfp also swaps the string `python3` for
@@ -63,7 +159,8 @@ def subprocess_tasks(run: Callable[..., int]) -> Iterator[None]:
 
     handler.replace_python_executable, handler.run_local_subprocess = script_only, run
     try:
-        yield
+        with backend_semantics():
+            yield
     finally:
         handler.replace_python_executable, handler.run_local_subprocess = originals
 
@@ -78,7 +175,8 @@ def docker_tasks(run: Callable[..., int]) -> Iterator[None]:
     original = docker_task_handler.run_docker_container
     docker_task_handler.run_docker_container = run
     try:
-        yield
+        with backend_semantics():
+            yield
     finally:
         docker_task_handler.run_docker_container = original
 

@@ -34,6 +34,7 @@ from kubetune.launch import warm as warm_start
 from kubetune.paths import STATE_ENV, checkout_root, state_dir
 from kubetune.pipelines.pipeline import kubetune_pipeline
 from kubetune.preflight import PASSED_ENV, passed_record, preflight
+from kubetune.registry import skip_reason
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def new_launch_id() -> str:
 
 
 def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process", resume: str = "",
-                 verbose: bool = False) -> dict[str, Any]:
+                 verbose: bool = False, when_data_changes: bool = False) -> dict[str, Any]:
     """Preflight in this process (so bad input fails fast with one message), then the whole DAG
     under kfp.local: each task a subprocess in this virtualenv (runner "process") or a container
     of its component's image (runner "container", kubetune.launch.container_runner). Returns what the run
@@ -211,7 +212,9 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process",
     stored checkpoints (same config). Unless verbose, the console shows one line per stage start
     and end, progress bars and warnings; the whole log goes to logs/<launch>-run.log under the state
     folder and, as logs/run.log, to the MLflow run. Interrupted (Ctrl-C, SIGTERM), its stage is
-    stopped and its MLflow run marked KILLED (errors.Interrupted)."""
+    stopped and its MLflow run marked KILLED (errors.Interrupted). when_data_changes: the pipeline's
+    parameter; on data the champion was trained on only preflight runs, and the result says
+    "skipped" instead of what was registered."""
     if runner not in RUNNERS:
         raise ConfigError("--runner", runner, f"use one of {', '.join(RUNNERS)}")
     kfp_local.check_version()  # before anything runs: kfp.local's private parts are replaced below
@@ -232,15 +235,15 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process",
     report = None
     with _run_log(run_log_path, verbose) as run_log, _terminate_as_interrupt():
         try:
-            report = preflight(cfg)
+            report = preflight(cfg, skip_when=_unchanged_data(cfg) if when_data_changes and not resume else None)
             if resume:
                 lifecycle.check_resumable(report.tracking_uri, cfg.tracking.experiment, resume, cfg.to_dict())
             os.environ[PASSED_ENV] = passed_record(cfg, report)  # the preflight task need not check it all again
-            if warm is not None:
+            if warm is not None and not report.skipped:
                 warm.preload(warm_start.model_modules(Path(report.model["path"])))
             started_warm = _run_dag(cfg, home, runner, resume, warm, *(
                 (podman, gpu) if runner == "container" else (None, False)), launch, verbose=verbose, run_log=run_log,
-                progress=progress)
+                progress=progress, when_data_changes=when_data_changes)
         except KeyboardInterrupt:
             if warm is not None:
                 warm.close()  # its task (a child of the zygote) dies with it
@@ -255,8 +258,18 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process",
                 _keep_log(cfg, run_log_path, run_log, launch, resume)
     wall = time.monotonic() - started
     run = lifecycle.run_of_launch(cfg.tracking.mlflow_uri, cfg.tracking.experiment, launch, resume)
+    if report.skipped:
+        return {"skipped": run.data.tags.get(tracking.SKIPPED_TAG, report.skipped), "run_id": run.info.run_id,
+                "experiment_id": run.info.experiment_id, "tracking_uri": cfg.tracking.mlflow_uri,
+                "wall_seconds": round(wall, 1), "log": str(run_log_path)}
     return {**summarize(cfg, lifecycle.registered_by(cfg.tracking.mlflow_uri, run), wall),
             "started_warm": started_warm, "log": str(run_log_path)}
+
+
+def _unchanged_data(cfg: RunConfig):
+    """when_data_changes, asked by this process's preflight before the model is checked: the same
+    question the pipeline's preflight task asks (kubetune.registry.skip_reason)."""
+    return lambda tracking_uri, data_sha256: skip_reason(tracking_uri, cfg.register.model_name, data_sha256)
 
 
 @contextlib.contextmanager
@@ -336,7 +349,7 @@ def _keep_log(cfg: RunConfig, path: Path, log_file, launch: str, resume: str) ->
 
 def _run_dag(cfg: RunConfig, home: Path, runner: str, resume: str, warm: Optional[warm_start.WarmStarter],
              podman: Any, gpu: bool, launch: str, verbose: bool = True, run_log=None,
-             progress: bool = True) -> list[str]:
+             progress: bool = True, when_data_changes: bool = False) -> list[str]:
     """The DAG under kfp.local; returns the tasks that started warm."""
     from kfp import local
 
@@ -348,13 +361,14 @@ def _run_dag(cfg: RunConfig, home: Path, runner: str, resume: str, warm: Optiona
         with quiet_kfp(lines is not None, run_log):
             container_runner.run(cfg, podman, gpu, home, os.environ[PROGRESS_ENV] == "1",
                                  pipeline_root=home / "kfp", workspace_root=home / "kfp-workspace",
-                                 resume=resume, lines=lines, run_log=run_log)
+                                 resume=resume, lines=lines, run_log=run_log, when_data_changes=when_data_changes)
         return []
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
                workspace_root=str(home / "kfp-workspace"), raise_on_error=True)
     with ProcessTasks(home, launch, warm, verbose=verbose, run_log=run_log, progress=progress).installed() as tasks:
         try:
-            kubetune_pipeline(config_json=json.dumps(cfg.to_dict()), resume_run_id=resume)
+            kubetune_pipeline(config_json=json.dumps(cfg.to_dict()), resume_run_id=resume,
+                              when_data_changes=when_data_changes)
             return tasks.started_warm
         except RuntimeError:
             if tasks.failures:

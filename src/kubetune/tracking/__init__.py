@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from kubetune import console, errors
 from kubetune.errors import ServiceError
+from kubetune.config_outputs import SECRET_KEYS
 from kubetune.paths import state_dir
 
 # There is no outside network on the machines this runs on; telemetry would only time out.
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 #: Tag on the MLflow run with the id of the KFP pipeline run it belongs to.
 PIPELINE_RUN_TAG = "kubetune.pipeline_run"
+SKIPPED_TAG = "kubetune.skipped"  # why a run trained nothing (when_data_changes on data the champion has seen)
 
 #: Set by `kubetune run` for its stages: an id of its own (time, pid, random), which preflight tags
 #: the MLflow run with (LAUNCH_TAG), so the launcher finds its own run among any number started at once.
@@ -197,7 +199,7 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict) and value:
             out.update(flatten(value, name))
         elif value is not None:  # a null is the default's absence: no param, so compare views show what was set
-            out[name] = param_value(value)
+            out[name] = param_value(SECRET_KEYS[name](value) if name in SECRET_KEYS else value)
     return out
 
 

@@ -3,10 +3,12 @@ failed by the pipeline's exit handler, marked KILLED when interrupted."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from kubetune.errors import ConfigError, ServiceError
-from kubetune.tracking import INTERRUPTED, LAUNCH_TAG, PIPELINE_RUN_TAG, RunLogger, client, flatten
+from kubetune.tracking import (INTERRUPTED, LAUNCH_TAG, PIPELINE_RUN_TAG, RunLogger, check_reachable, client, flatten,
+                               local_path)
 
 def check_resumable(uri: str, experiment: str, run_id: str, config: dict[str, Any]):
     """The run `kubetune run --resume` continues: it must exist in this experiment, not have
@@ -103,3 +105,60 @@ def mark_interrupted(uri: str, run_id: str) -> str:
         RunLogger(uri, run_id).tags({"kubetune.failed_stage": stage, "kubetune.error": INTERRUPTED})
         mlflow_client.set_terminated(run_id, status="KILLED")
     return stage
+
+
+def pipeline_run_facts(uri: str, pipeline_runs: list[str]) -> dict[str, dict[str, str]]:
+    """What MLflow holds on these KFP runs, for `kubetune runs` and `--wait`: {KFP run id:
+    {run_id, registered (name/version), champion (yes/no at registration), failed_stage, error}}
+    from the MLflow run tagged with it (PIPELINE_RUN_TAG); a KFP run without one is left out.
+    ServiceError when the store does not answer: a server is asked /health first (a few seconds,
+    not the client's minutes of retries), a local store must exist (never created by a listing)."""
+    if uri.startswith(("http://", "https://")):
+        check_reachable(uri)
+    elif local_path(uri) is not None and not local_path(uri).exists():
+        raise ServiceError("tracking.mlflow_uri", uri, "no MLflow store there; give the one the pipeline logs to")
+    mlflow_client = client(uri)
+    experiments = [e.experiment_id for e in mlflow_client.search_experiments(max_results=1000)]
+    facts = {}
+    for pipeline_run in pipeline_runs:  # one search each: MLflow's filter has no IN for tags
+        if not experiments or "'" in pipeline_run:
+            continue
+        found = mlflow_client.search_runs(experiments, f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run}'",
+                                          max_results=1, order_by=["attributes.start_time DESC"])
+        if found:
+            tags = found[0].data.tags
+            registered = (f"{tags['kubetune.registered_model']}/{tags['kubetune.registered_version']}"
+                          if "kubetune.registered_version" in tags else "")
+            facts[pipeline_run] = {"run_id": found[0].info.run_id, "registered": registered,
+                                   "champion": tags.get("kubetune.champion", ""),
+                                   "failed_stage": tags.get("kubetune.failed_stage", ""),
+                                   "error": tags.get("kubetune.error", "")}
+    return facts
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the exit handler reads of a pipeline run's MLflow run (kubetune.notify)."""
+
+    run_id: str
+    experiment_id: str
+    status: str
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    page: str  # the run's page where the store is a server a person can open, else ""
+
+
+def run_of_pipeline_run(uri: str, pipeline_run: str) -> Optional[RunFacts]:
+    """The MLflow run tagged with this KFP pipeline run (the newest, should a retried run have
+    opened two), or None when preflight never opened one."""
+    mlflow_client = client(uri)
+    experiments = [e.experiment_id for e in mlflow_client.search_experiments(max_results=1000)]
+    runs = mlflow_client.search_runs(experiments, f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run}'",
+                                     order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
+    if not runs:
+        return None
+    run = runs[0]
+    page = (f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+            if uri.startswith(("http://", "https://")) else "")
+    return RunFacts(run.info.run_id, run.info.experiment_id, run.info.status, dict(run.data.tags),
+                    dict(run.data.metrics), page)
