@@ -259,3 +259,13 @@ def cpu_image(tmp_path_factory) -> str:
         pytest.skip(done.stderr.strip())
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     return CPU_IMAGE
+
+
+@pytest.fixture
+def webhook():
+    """A real HTTP receiver on loopback standing in for a Slack/Teams incoming webhook (tiny.WebhookReceiver)."""
+    from tiny import WebhookReceiver
+
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()

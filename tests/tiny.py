@@ -12,6 +12,7 @@ import json
 import random
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
@@ -375,3 +376,47 @@ def chat_rows(count: int, seed: int = 0, sharegpt: bool = False) -> list[dict]:
         else:
             out.append({"messages": [{"role": role, "content": text} for role, text in turns]})
     return out
+
+
+# ---- a webhook receiver: a real HTTP server on loopback that records what it is sent -------------------
+
+
+class WebhookReceiver:
+    """Answers POSTs on 127.0.0.1 as an incoming webhook does and keeps each JSON body. `answers`:
+    the HTTP statuses of the next replies, in order (then 200); `delay`: seconds before each reply."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.received: list[dict] = []
+        self.headers: list[dict] = []
+        self.answers: list[int] = []
+        self.delay = 0.0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.received.append(json.loads(body))
+                receiver.headers.append({k.lower(): v for k, v in self.headers.items()})
+                time.sleep(receiver.delay)
+                status = receiver.answers.pop(0) if receiver.answers else 200
+                self.send_response(status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/services/T0/B0/webhook-s3cr3t"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def events(self) -> list[str]:
+        return [body["kubetune"]["event"] for body in self.received]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

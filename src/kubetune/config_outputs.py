@@ -91,7 +91,8 @@ class NotifyConfig:
 
     def validate(self) -> None:
         for name, url in (("notify.webhook_url", self.webhook_url), ("notify.kfp_ui_url", self.kfp_ui_url)):
-            _require(url is None or url.startswith(("http://", "https://")), name, url,
+            shown = webhook_shown(url) if name == "notify.webhook_url" and url else url  # its path is the secret
+            _require(url is None or url.startswith(("http://", "https://")), name, shown,
                      "give an http(s):// URL, or null")
         unknown = [event for event in self.events if event not in EVENTS]
         _require(not unknown, "notify.events", self.events, f"choose from {', '.join(EVENTS)}")

@@ -14,9 +14,9 @@ for places a pod cannot reach: the compiled defaults name the demo's local data,
 with them as they are stops with "train_data = '../shared/data/...': a pod cannot read this
 machine's files ...".
 
-KFP's backend resolves optional inputs left unset since 2.5 (kubeflow/pipelines PR #11788, the root
-DAG) and inside nested DAGs such as the exit handler's since PR #11980; kfp.local does neither, so
-kubetune.launch.kfp_local fills that gap for `kubetune run`.
+KFP's backend resolves optional inputs left unset once it has kubeflow/pipelines PR #11788 (the root
+DAG, merged April 2025) and PR #11980 (nested DAGs such as the exit handler's, merged mid-2025);
+kfp.local does neither, so kubetune.launch.kfp_local fills that gap for `kubetune run`.
 """
 
 from __future__ import annotations

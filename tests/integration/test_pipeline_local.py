@@ -145,9 +145,11 @@ def test_s3_holds_checkpoints_and_adapter(finished):
     assert json.load(io.BytesIO(body["Body"].read()))["r"] == 8
 
 
-def test_when_data_changes_skips_data_the_champion_has_seen_and_trains_on_new_data(finished):
+def test_when_data_changes_skips_data_the_champion_has_seen_and_trains_on_new_data(finished, webhook, monkeypatch):
     """The same pipeline's dsl.If: on the champion's data only preflight runs (no model is loaded),
-    the MLflow run says why; one changed record makes it train and register again."""
+    the MLflow run says why; one changed record makes it train and register again. The exit handler
+    tells a webhook each time."""
+    monkeypatch.setenv("KUBETUNE_WEBHOOK_URL", webhook.url)
     config, client = finished["config"], finished["client"]
     logs = state_dir() / "logs"
     before = {path.name for path in logs.glob("*.log")}
@@ -160,6 +162,10 @@ def test_when_data_changes_skips_data_the_champion_has_seen_and_trains_on_new_da
     started = sorted(name.split("-")[-1] for name in {path.name for path in logs.glob("*.log")} - before
                      if name.endswith(("-preflight.log", "-finish_run.log", "-train.log", "-prepare_model.log")))
     assert started == ["finish_run.log", "preflight.log"]
+    assert webhook.events() == ["skipped"]
+    assert webhook.received[0]["text"] == (f"kubetune: tiny-dag {skipped['skipped']} — MLflow: "
+                                           f"{config['tracking']['mlflow_uri']}/#/experiments/{skipped['experiment_id']}"
+                                           f"/runs/{skipped['run_id']}")
 
     changed = finished["data"].with_name("quotes-changed.json")
     records = json.loads(finished["data"].read_text())
@@ -167,3 +173,4 @@ def test_when_data_changes_skips_data_the_champion_has_seen_and_trains_on_new_da
     trained = run_pipeline(RunConfig.from_dict({**config, "data": {**config["data"], "path": str(changed)}}),
                            progress=False, when_data_changes=True)
     assert "skipped" not in trained and trained["registered"] == "tiny-dag/2"
+    assert webhook.events()[1] == "succeeded" and "registered tiny-dag/2" in webhook.received[1]["text"]
