@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -13,7 +14,7 @@ import yaml
 
 from kubetune import __version__, console, services
 from kubetune.config_reference import describe, reference_markdown
-from kubetune.errors import Interrupted, StageFailed, UserError
+from kubetune.errors import Interrupted, StageFailed, UserError, redacted
 from kubetune.export import export
 from kubetune.preflight import preflight
 from kubetune.headline import headline_keys, number
@@ -116,10 +117,11 @@ def _cluster_command(args: argparse.Namespace) -> int:
     accelerators = cluster.Accelerators(args.accelerator_type, args.accelerator_count,
                                         cluster.parse_node_selector(args.gpu_node_selector))
     experiment = args.experiment or cfg.tracking.experiment
+    patience = _patience(args) if getattr(args, "wait", False) else None
     if args.command == "schedule":
         done = cluster.schedule(connection, cfg, args.name, args.cron, accelerators, experiment, args.max_concurrency,
                                 args.service_account)
-        what = f"recurring run {args.name!r} ({args.cron})" + (
+        what = f"recurring run {args.name!r} ({cluster.check_cron(args.cron)})" + (
             f", replacing {', '.join(done.replaced)}" if done.replaced else "")
     else:
         done = cluster.submit(connection, cfg, accelerators, experiment, getattr(args, "run_name", None),
@@ -128,7 +130,70 @@ def _cluster_command(args: argparse.Namespace) -> int:
         what = f"run {done.run_name}"
     print(f"kubetune: pipeline version {done.version_name} " + ("uploaded" if done.uploaded else "already there"))
     print(f"kubetune: {what} in experiment {experiment!r}")
-    print(done.url)
+    print(done.url, flush=True)
+    if patience is None:
+        return 0
+    from kubetune.launch.follow import follow
+
+    return follow(cluster.client(connection), connection, done.run_id, patience,
+                  _mlflow_uri(cfg.tracking.mlflow_uri))
+
+
+def _patience(args: argparse.Namespace):
+    from kubetune.launch.follow import Patience, seconds
+
+    return Patience(poll_seconds=args.poll_seconds, wait_timeout=seconds("--wait-timeout", args.wait_timeout),
+                    outage=seconds("--outage-patience", args.outage_patience))
+
+
+def _mlflow_uri(configured: Optional[str]) -> Optional[str]:
+    """The MLflow store of cluster runs: the config's, else $MLFLOW_TRACKING_URI; never the embedded
+    store of this machine, which holds no cluster run."""
+    return resolve_uri(configured) if configured or os.environ.get("MLFLOW_TRACKING_URI") else None
+
+
+def _configured_mlflow(args: argparse.Namespace) -> Optional[str]:
+    return _mlflow_uri(load_config(args.config, args.set).tracking.mlflow_uri if args.config or args.set else None)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """wait, runs, logs and cancel: runs already on the cluster (kubetune.launch.kfp_runs, .follow)."""
+    from kubetune.launch import cluster, kfp_runs
+    from kubetune.launch.follow import follow
+
+    connection = cluster.Connection.resolve(args.host, args.token, args.namespace)
+    if args.command == "wait":
+        patience, mlflow_uri = _patience(args), _configured_mlflow(args)  # bad input ends here
+        return follow(cluster.client(connection), connection, args.run_id, patience, mlflow_uri)
+    if args.command == "runs":
+        from kubetune.pipelines.pipeline import PIPELINE_NAME
+
+        mlflow_uri = _configured_mlflow(args)
+        runs = kfp_runs.recent_runs(cluster.client(connection), connection, args.limit, args.experiment)
+        if not runs:
+            print(f"kubetune: no runs of the pipeline {PIPELINE_NAME!r} at {connection.host}"
+                  + (f" in experiment {args.experiment!r}" if args.experiment else ""))
+            return 0
+        facts, why = kfp_runs.mlflow_facts(mlflow_uri, [r.run_id for r in runs]) if mlflow_uri else ({}, "")
+        kfp_runs.print_runs(runs, facts)
+        if not mlflow_uri:
+            print("kubetune: MLflow columns empty: name the store with --set tracking.mlflow_uri=URI, a --config "
+                  "that names it, or $MLFLOW_TRACKING_URI", file=sys.stderr)
+        elif why:
+            print(f"kubetune: MLflow at {redacted(mlflow_uri)} was not reachable, its columns are empty: {why}",
+                  file=sys.stderr)
+        return 0
+    kfp_client = cluster.client(connection)
+    if args.command == "cancel":
+        state, sent = kfp_runs.cancel(kfp_client, connection, args.run_id)
+        print(f"kubetune: run {args.run_id} is being canceled ({state}); `kubetune wait {args.run_id}` follows it"
+              if sent else f"kubetune: run {args.run_id} has already ended or is ending ({state}): nothing to cancel")
+        return 0
+    run = kfp_runs.get_run(kfp_client, connection, args.run_id)
+    if args.stage is None:
+        kfp_runs.print_stages(run, args.run_id)
+        return 0
+    kfp_runs.print_log(kfp_client, connection, args.run_id, kfp_runs.stage_named(run, args.run_id, args.stage))
     return 0
 
 
@@ -171,12 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--output", help="where to write it (default: pipelines/kubetune_pipeline.yaml)")
     compile_.set_defaults(func=_compile)
 
-    def cluster_args(sub: argparse.ArgumentParser) -> None:
-        config_args(sub)
+    def connection_args(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--host", help="Kubeflow Pipelines URL, e.g. https://kubeflow.example.com/pipeline "
                                         "(default: $KF_PIPELINES_ENDPOINT)")
         sub.add_argument("--token", help="bearer token for the KFP API (default: $KF_PIPELINES_TOKEN)")
         sub.add_argument("--namespace", help="your profile namespace on a multi-user Kubeflow")
+
+    def follow_args(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--poll-seconds", type=float, default=10.0,
+                         help="seconds between looks at the run (default: 10)")
+        sub.add_argument("--wait-timeout", metavar="DURATION",
+                         help="stop following after this long, exit 4: 90, 90s, 30m, 6h, 2d (default: until it ends)")
+        sub.add_argument("--outage-patience", metavar="DURATION", default="15m",
+                         help="how long the KFP API may not answer before giving up with exit 4; retried with backoff "
+                              "meanwhile (default: 15m)")
+
+    def cluster_args(sub: argparse.ArgumentParser) -> None:
+        config_args(sub)
+        connection_args(sub)
         sub.add_argument("--experiment", help="KFP experiment (default: tracking.experiment)")
         sub.add_argument("--service-account", help="Kubernetes service account of the run's pods, e.g. "
                                                    "kubetune-pipeline (default: KFP's own)")
@@ -187,21 +264,57 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--gpu-node-selector", action="append", default=[], metavar="KEY=VALUE",
                          help="node label the GPU stages need; repeatable (default: nvidia.com/gpu.present=true)")
 
+    def wait_args(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--wait", action="store_true",
+                         help="follow the run: print each stage's state changes, exit with the outcome (0 succeeded, "
+                              "1 failed, 3 canceled, 4 not seen to finish)")
+        follow_args(sub)
+
     submit = commands.add_parser("submit", help="run the pipeline on a Kubeflow Pipelines cluster")
     cluster_args(submit)
     submit.add_argument("--run-name", help="name of the run (default: <register.model_name>-<UTC time>)")
+    wait_args(submit)
     submit.set_defaults(func=_cluster_command)
 
     retrain = commands.add_parser("retrain", help="a one-off cluster run with overrides (run name retrain-...)")
     cluster_args(retrain)
+    wait_args(retrain)
     retrain.set_defaults(func=_cluster_command)
 
     schedule = commands.add_parser("schedule", help="a recurring cluster run; the same --name replaces it")
     cluster_args(schedule)
-    schedule.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 3 * * *' = 03:00 daily")
+    schedule.add_argument("--cron", required=True,
+                          help="standard 5-field cron, as a Kubernetes CronJob reads it (minute hour day-of-month "
+                               "month day-of-week): '0 3 * * *' = 03:00 daily, '0 3 * * mon'; or @hourly, @daily, "
+                               "@weekly, @monthly, @yearly")
     schedule.add_argument("--name", required=True, help="name of the recurring run")
     schedule.add_argument("--max-concurrency", type=int, default=1, help="runs of it at the same time (default: 1)")
     schedule.set_defaults(func=_cluster_command)
+
+    wait = commands.add_parser("wait", help="follow a cluster run to its end; the exit code is its outcome")
+    wait.add_argument("run_id", metavar="RUN_ID")
+    connection_args(wait)
+    follow_args(wait)
+    config_args(wait)  # only for tracking.mlflow_uri: a failed run's error line from MLflow
+    wait.set_defaults(func=_run_command)
+
+    runs = commands.add_parser("runs", help="recent cluster runs of the pipeline, with their MLflow run and version")
+    connection_args(runs)
+    runs.add_argument("--limit", type=int, default=20, help="how many runs, newest first (default: 20)")
+    runs.add_argument("--experiment", help="only this KFP experiment's runs (default: every experiment)")
+    config_args(runs)  # only for tracking.mlflow_uri (else $MLFLOW_TRACKING_URI)
+    runs.set_defaults(func=_run_command)
+
+    logs = commands.add_parser("logs", help="a stage's log of a cluster run (without --stage: its stages)")
+    logs.add_argument("run_id", metavar="RUN_ID")
+    logs.add_argument("--stage", help="the stage, e.g. train or prepare-data")
+    connection_args(logs)
+    logs.set_defaults(func=_run_command)
+
+    cancel = commands.add_parser("cancel", help="stop a cluster run (KFP terminate)")
+    cancel.add_argument("run_id", metavar="RUN_ID")
+    connection_args(cancel)
+    cancel.set_defaults(func=_run_command)
 
     export = commands.add_parser("export", help="merge a registered adapter into its base: a standalone model folder")
     export.add_argument("--model", required=True, metavar="NAME/VERSION",

@@ -2,7 +2,8 @@
 
 Everything the command can check is checked here before one request is sent: the run config
 (load_config, the same validation as `kubetune run`), that a pod can reach every location it names,
-the accelerator parameters and the cron expression. Then kfp.Client speaks KFP's REST API (v2beta1):
+the accelerator parameters and the cron expression (5 fields, as the retrain CronJob's: cron.py).
+Then kfp.Client speaks KFP's REST API (v2beta1):
 
 - the pipeline is compiled from this installed version and uploaded under the stable name
   `kubetune`: the first time as the pipeline, later as a new version of it. A version is named after
@@ -34,6 +35,7 @@ from typing import Any, Callable, Iterator, Optional
 from kubetune import __version__
 from kubetune.config import RunConfig
 from kubetune.errors import ConfigError, ServiceError
+from kubetune.launch.cron import check_cron, kfp_cron
 from kubetune.pipelines import pipeline
 from kubetune.run_form import check_for_cluster
 
@@ -121,20 +123,6 @@ def parse_node_selector(items: list[str]) -> Optional[dict[str, str]]:
 # Checks before anything is sent.
 
 
-def check_cron(cron: str) -> str:
-    """KFP's scheduler reads 6 fields, seconds first (robfig/cron), or a descriptor like @daily."""
-    cron = " ".join(cron.split())
-    if cron.startswith("@"):
-        return cron
-    fields = cron.split(" ")
-    if len(fields) == 5:
-        raise ConfigError("--cron", cron, f"KFP's cron has 6 fields, seconds first: use '0 {cron}'")
-    if len(fields) != 6:
-        raise ConfigError("--cron", cron, "give 6 fields (second minute hour day-of-month month day-of-week), "
-                                          "e.g. '0 0 3 * * *' for 03:00 every day, or @daily")
-    return cron
-
-
 def run_parameters(cfg: RunConfig, accelerators: Accelerators) -> dict[str, Any]:
     """The pipeline parameters of a run: the validated config as one JSON string, plus the GPUs."""
     return {"config_json": json.dumps(cfg.to_dict()), **accelerators.parameters()}
@@ -176,7 +164,7 @@ def _kfp_output(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _api_errors(connection: Connection, doing: str) -> Iterator[None]:
+def api_errors(connection: Connection, doing: str) -> Iterator[None]:
     """HTTP failures as one-line errors that say what to do."""
     import kfp_server_api
     import urllib3
@@ -199,6 +187,19 @@ def _api_errors(connection: Connection, doing: str) -> Iterator[None]:
                                                       "check the URL and that the API is reachable from here") from None
 
 
+@contextlib.contextmanager
+def quiet_retries() -> Iterator[None]:
+    """urllib3 logs a WARNING for each connection retry, three per request to a server that is away,
+    before the one-line error (or follow's one line per outage) that says so."""
+    logger = logging.getLogger("urllib3.connectionpool")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def client(connection: Connection):
     """A kfp.Client for the connection. Without --namespace it asks /healthz whether KFP is multi-user."""
     import kfp
@@ -212,13 +213,13 @@ def client(connection: Connection):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "This client only works with ... v2.0.0-beta.2 and later"
-        with _api_errors(connection, "answer /apis/v2beta1/healthz"):
+        with api_errors(connection, "answer /apis/v2beta1/healthz"), quiet_retries():
             credentials = ServiceAccountTokenVolumeCredentials(connection.token_file) if connection.token_file else None
             return _kfp_output(Client, host=connection.host, existing_token=connection.token, credentials=credentials,
                                namespace=connection.namespace or "kubeflow")
 
 
-def _name_filter(name: str) -> str:
+def name_filter(name: str) -> str:
     return json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
 
 
@@ -231,7 +232,7 @@ def _compiled(directory: Path) -> tuple[Path, str]:
 
 def _pipeline_version(kfp_client, connection: Connection, package: Path, version_name: str) -> tuple[str, str, str, bool]:
     """(pipeline id, version id, version name, uploaded?) of the compiled pipeline on the cluster."""
-    found = kfp_client.list_pipelines(filter=_name_filter(pipeline.PIPELINE_NAME), namespace=connection.namespace)
+    found = kfp_client.list_pipelines(filter=name_filter(pipeline.PIPELINE_NAME), namespace=connection.namespace)
     if not found.pipelines:
         created = _kfp_output(kfp_client.upload_pipeline, str(package), pipeline_name=pipeline.PIPELINE_NAME,
                               description="kubetune: fine-tune a language model (uploaded by kubetune submit)",
@@ -241,7 +242,7 @@ def _pipeline_version(kfp_client, connection: Connection, package: Path, version
         version = versions.pipeline_versions[0]
         return created.pipeline_id, version.pipeline_version_id, version.display_name or pipeline.PIPELINE_NAME, True
     pipeline_id = found.pipelines[0].pipeline_id
-    existing = kfp_client.list_pipeline_versions(pipeline_id, filter=_name_filter(version_name))
+    existing = kfp_client.list_pipeline_versions(pipeline_id, filter=name_filter(version_name))
     if existing.pipeline_versions:
         return pipeline_id, existing.pipeline_versions[0].pipeline_version_id, version_name, False
     version = _kfp_output(kfp_client.upload_pipeline_version, str(package), pipeline_version_name=version_name,
@@ -254,10 +255,10 @@ def _prepare(connection: Connection, experiment: str):
     with tempfile.TemporaryDirectory(prefix="kubetune-submit-") as tmp:
         package, version_name = _compiled(Path(tmp))
         kfp_client = client(connection)
-        with _api_errors(connection, "upload the pipeline"):
+        with api_errors(connection, "upload the pipeline"):
             pipeline_id, version_id, version_name, uploaded = _pipeline_version(kfp_client, connection, package,
                                                                                version_name)
-    with _api_errors(connection, f"find or create the experiment {experiment!r}"):
+    with api_errors(connection, f"find or create the experiment {experiment!r}"):
         experiment_id = _kfp_output(kfp_client.create_experiment, experiment,
                                     namespace=connection.namespace).experiment_id
     return kfp_client, experiment_id, pipeline_id, version_id, version_name, uploaded
@@ -272,7 +273,7 @@ def submit(connection: Connection, cfg: RunConfig, accelerators: Accelerators = 
     name = name or run_name(cfg, prefix)
     kfp_client, experiment_id, pipeline_id, version_id, version_name, uploaded = _prepare(
         connection, experiment or cfg.tracking.experiment)
-    with _api_errors(connection, "create the run"):
+    with api_errors(connection, "create the run"):
         # enable_caching=None keeps each task's own caching setting from the compiled pipeline.
         run = _kfp_output(kfp_client.run_pipeline, experiment_id=experiment_id, job_name=name, params=parameters,
                           pipeline_id=pipeline_id, version_id=version_id, enable_caching=None,
@@ -306,15 +307,15 @@ def schedule(connection: Connection, cfg: RunConfig, name: str, cron: str,
     parameters = run_parameters(cfg, accelerators)
     kfp_client, experiment_id, pipeline_id, version_id, version_name, uploaded = _prepare(
         connection, experiment or cfg.tracking.experiment)
-    with _api_errors(connection, f"list the recurring runs named {name!r}"):
+    with api_errors(connection, f"list the recurring runs named {name!r}"):
         previous = _recurring_runs_named(kfp_client, connection, name)
-    with _api_errors(connection, f"create the recurring run {name!r}"):
+    with api_errors(connection, f"create the recurring run {name!r}"):
         recurring = kfp_client.create_recurring_run(
-            experiment_id=experiment_id, job_name=name, cron_expression=cron, params=parameters,
+            experiment_id=experiment_id, job_name=name, cron_expression=kfp_cron(cron), params=parameters,
             pipeline_id=pipeline_id, version_id=version_id, max_concurrency=max_concurrency, no_catchup=True,
             enabled=True, enable_caching=None, service_account=service_account,
             description=f"kubetune schedule {cron!r}; `kubetune schedule --name {name}` replaces it")
-    with _api_errors(connection, f"delete the replaced recurring run(s) named {name!r}"):
+    with api_errors(connection, f"delete the replaced recurring run(s) named {name!r}"):
         for old in previous:
             kfp_client.delete_recurring_run(old.recurring_run_id)
     return Submitted(url=f"{connection.ui}/#/recurringrun/details/{recurring.recurring_run_id}",
