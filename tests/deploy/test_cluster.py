@@ -234,3 +234,12 @@ def test_a_bad_cron_names_the_field_and_the_fix(cron, says):
     with pytest.raises(ConfigError) as raised:
         check_cron(cron)
     assert str(raised.value).startswith(f"--cron = {cron!r}: ") and says in str(raised.value), str(raised.value)
+
+
+def test_the_retrain_cronjob_and_kubetune_schedule_read_one_cron_dialect():
+    from pathlib import Path
+
+    from kubetune.launch.cron import check_cron
+
+    cronjob = yaml.safe_load((Path(__file__).parents[2] / "kustomize/components/retrain/cronjob.yaml").read_text())
+    assert check_cron(cronjob["spec"]["schedule"]) == cronjob["spec"]["schedule"]
