@@ -291,14 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--max-concurrency", type=int, default=1, help="runs of it at the same time (default: 1)")
     schedule.set_defaults(func=_cluster_command)
 
-    wait = commands.add_parser("wait", help="follow a cluster run to its end; the exit code is its outcome")
+    wait = commands.add_parser("wait", help="follow a cluster run to its end; the exit code is its outcome",
+                               description="Exit code: 0 succeeded, 1 failed, 3 canceled, 4 not seen to finish, 2 bad "
+                                           "input. --config/--set only name the MLflow store (tracking.mlflow_uri), "
+                                           "where a failed run's error line is read when KFP has none.")
     wait.add_argument("run_id", metavar="RUN_ID")
     connection_args(wait)
     follow_args(wait)
     config_args(wait)  # only for tracking.mlflow_uri: a failed run's error line from MLflow
     wait.set_defaults(func=_run_command)
 
-    runs = commands.add_parser("runs", help="recent cluster runs of the pipeline, with their MLflow run and version")
+    runs = commands.add_parser("runs", help="recent cluster runs of the pipeline, with their MLflow run and version",
+                               description="--config/--set only name the MLflow store (tracking.mlflow_uri), else "
+                                           "$MLFLOW_TRACKING_URI.")
     connection_args(runs)
     runs.add_argument("--limit", type=int, default=20, help="how many runs, newest first (default: 20)")
     runs.add_argument("--experiment", help="only this KFP experiment's runs (default: every experiment)")

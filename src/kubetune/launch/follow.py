@@ -128,7 +128,7 @@ def _poll(kfp_client, connection: Connection, run_id: str):
         try:
             return kfp_runs.read_run(kfp_client, run_id), ""
         except kfp_server_api.ApiException as exc:
-            if exc.status in OUTAGE_STATUSES or exc.status == 0:
+            if exc.status in OUTAGE_STATUSES:  # not 0, kfp_server_api's TLS failure: no retry fixes a certificate
                 return None, f"HTTP {exc.status} {exc.reason or ''}".strip()
             raise
         except (urllib3.exceptions.HTTPError, TimeoutError, OSError) as exc:
