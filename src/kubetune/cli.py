@@ -34,8 +34,13 @@ def _run(args: argparse.Namespace) -> int:
     print(f"kubetune: {cfg.tracking.run_name or cfg.register.model_name}: {cfg.task} on {cfg.model.name_or_path} "
           f"({cfg.model.technique()}); preflight checks the config, the data and the model first", flush=True)
     result = run_pipeline(cfg, progress=not args.no_progress, runner=args.runner, resume=args.resume or "",
-                          verbose=args.verbose)
+                          verbose=args.verbose, when_data_changes=args.when_data_changes)
     print()
+    if "skipped" in result:
+        print(f"kubetune: {result['skipped']} ({result['wall_seconds']:.0f} s)")
+        print(f"MLflow run {result['run_id']} in {result['tracking_uri']}")
+        print(f"  {browse_hint(result['tracking_uri'], result['experiment_id'], result['run_id'])}")
+        return 0
     print(f"kubetune: run finished in {result['wall_seconds']:.0f} s")
     for stage, seconds in result["stage_seconds"].items():
         print(f"  {stage:<14} {seconds:7.1f} s")
@@ -120,13 +125,13 @@ def _cluster_command(args: argparse.Namespace) -> int:
     patience = _patience(args) if getattr(args, "wait", False) else None
     if args.command == "schedule":
         done = cluster.schedule(connection, cfg, args.name, args.cron, accelerators, experiment, args.max_concurrency,
-                                args.service_account)
+                                args.service_account, args.when_data_changes)
         what = f"recurring run {args.name!r} ({cluster.check_cron(args.cron)})" + (
             f", replacing {', '.join(done.replaced)}" if done.replaced else "")
     else:
         done = cluster.submit(connection, cfg, accelerators, experiment, getattr(args, "run_name", None),
                               prefix="retrain-" if args.command == "retrain" else "",
-                              service_account=args.service_account)
+                              service_account=args.service_account, when_data_changes=args.when_data_changes)
         what = f"run {done.run_name}"
     print(f"kubetune: pipeline version {done.version_name} " + ("uploaded" if done.uploaded else "already there"))
     print(f"kubetune: {what} in experiment {experiment!r}")
@@ -217,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "stages run again, training from the run's last stored checkpoint")
     run.add_argument("--run-name", help="the MLflow run's name, what chart legends show (default: the model name "
                                         "and the --set values, else the start time)")
+    run.add_argument("--when-data-changes", action="store_true",
+                     help="train only when the data differs (sha256 of its content) from what the current champion "
+                          "was trained on; otherwise end after preflight, recorded as skipped")
     run.add_argument("--runner", choices=["process", "container"], default="process",
                      help="process: each stage a Python process in this environment (default); container: each "
                           "stage in its component's image, through podman (build them with make images-local)")
@@ -263,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "train gets one per training process: train.processes in the config")
         sub.add_argument("--gpu-node-selector", action="append", default=[], metavar="KEY=VALUE",
                          help="node label the GPU stages need; repeatable (default: nvidia.com/gpu.present=true)")
+        sub.add_argument("--when-data-changes", action="store_true",
+                         help="train only when the data differs (sha256 of its content) from what the current "
+                              "champion was trained on; otherwise the run ends after preflight as skipped, no GPU asked")
 
     def wait_args(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--wait", action="store_true",

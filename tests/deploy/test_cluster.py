@@ -134,6 +134,21 @@ def test_retrain_sends_the_overrides_in_config_json(kfp_api, cluster_config, cap
     assert out[-1] == f"{kfp_api.url}/#/runs/details/{run_id}"
 
 
+@pytest.mark.parametrize("command", [["retrain"], ["submit"], ["schedule", "--name", "weekly", "--cron", "@weekly"]],
+                         ids=lambda argv: argv[0])
+def test_when_data_changes_is_the_pipeline_parameter_and_sent_only_when_asked(kfp_api, cluster_config, capsys,
+                                                                              command):
+    base = [*command, "--host", kfp_api.url, "--config", str(cluster_config)]
+    code, _, err = kubetune(capsys, *base, "--when-data-changes")
+    assert code == 0, err
+    code, _, err = kubetune(capsys, *base)
+    assert code == 0, err
+    sent = [r.json for r in kfp_api.sent("POST", "/recurringruns" if command[0] == "schedule" else "/runs")]
+    assert parameters(sent[0])["when_data_changes"] is True and "when_data_changes" not in parameters(sent[1])
+    compiled = next(yaml.safe_load_all(compile_pipeline(cluster_config.with_name("p.yaml")).read_text()))
+    assert compiled["root"]["inputDefinitions"]["parameters"]["when_data_changes"]["defaultValue"] is False
+
+
 def test_schedule_creates_then_replaces_by_name(kfp_api, cluster_config, capsys):
     base = ["schedule", "--host", kfp_api.url, "--config", str(cluster_config), "--name", "nightly"]
     code, out, err = kubetune(capsys, *base, "--cron", "0 3 * * *")  # the CronJob's dialect

@@ -115,6 +115,30 @@ def test_wait_reads_the_error_line_from_mlflow_when_kfp_has_none(kfp_api, capsys
     assert code == 1 and "in stage train: no error line recorded" in err, err
 
 
+def test_wait_on_a_succeeded_run_says_what_it_registered_or_why_it_skipped(kfp_api, capsys, tmp_path):
+    """A when_data_changes run that found the champion's data succeeds in KFP (its later stages did
+    not run): the last line says it was skipped, from the MLflow run's kubetune.skipped tag."""
+    from mlflow import MlflowClient
+
+    skipped = run_of(kfp_api, [Snapshot("SUCCEEDED", tasks(1, then=["finish-run"]))])
+    trained = run_of(kfp_api, [Snapshot("SUCCEEDED", tasks(7, then=["finish-run"]))])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow = MlflowClient(uri)
+    experiment = mlflow.create_experiment("quotes")
+    reason = "skipped: data unchanged since version 2 (quotes-lora/2, the champion, was trained on the same data"
+    mlflow.create_run(experiment, tags={"kubetune.pipeline_run": skipped, "kubetune.skipped": reason})
+    mlflow.create_run(experiment, tags={"kubetune.pipeline_run": trained, "kubetune.registered_model": "quotes-lora",
+                                        "kubetune.registered_version": "3", "kubetune.champion": "yes"})
+    code, out, err = kubetune(capsys, "wait", skipped, "--host", kfp_api.url, *FAST, "--set", f"tracking.mlflow_uri={uri}")
+    assert code == 0 and out[-1].endswith(f": {reason}") and " SUCCEEDED " in out[-1], (out, err)
+    code, out, err = kubetune(capsys, "wait", trained, "--host", kfp_api.url, *FAST, "--set", f"tracking.mlflow_uri={uri}")
+    assert code == 0 and out[-1].endswith(": registered quotes-lora/3 (the new champion)"), (out, err)
+    code, out, err = kubetune(capsys, "runs", "--host", kfp_api.url, "--set", f"tracking.mlflow_uri={uri}")
+    assert code == 0, err
+    (skipped_row,) = [line for line in out if line.startswith(skipped)]
+    assert "skipped: same data" in skipped_row
+
+
 @pytest.mark.parametrize("final", ["CANCELED", "CANCELING"])
 def test_a_canceled_run_exits_3(kfp_api, capsys, final):
     run_id = run_of(kfp_api, [Snapshot("RUNNING", tasks(4)), Snapshot(final, tasks(4, "FAILED"))])

@@ -401,6 +401,7 @@ def test_cronjob_command_is_accepted_by_the_kubetune_cli(target):
     argv = [expand(target, retrain, arg) for arg in retrain["command"][1:] + retrain["args"]]
     args = build_parser().parse_args(argv)
     assert args.command == "retrain" and args.host.startswith("http")
+    assert args.when_data_changes, "a scheduled retrain on unchanged data ends after preflight"
     cfg = cluster.check_for_cluster(load_config(args.config, args.set))
     assert cfg.storage.uri.startswith("s3://") and cfg.tracking.mlflow_uri.startswith("http://mlflow.")
     connection = cluster.Connection.resolve(args.host, args.token, args.namespace)

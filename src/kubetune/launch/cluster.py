@@ -123,9 +123,11 @@ def parse_node_selector(items: list[str]) -> Optional[dict[str, str]]:
 # Checks before anything is sent.
 
 
-def run_parameters(cfg: RunConfig, accelerators: Accelerators) -> dict[str, Any]:
-    """The pipeline parameters of a run: the validated config as one JSON string, plus the GPUs."""
-    return {"config_json": json.dumps(cfg.to_dict()), **accelerators.parameters()}
+def run_parameters(cfg: RunConfig, accelerators: Accelerators, when_data_changes: bool = False) -> dict[str, Any]:
+    """The pipeline parameters of a run: the validated config as one JSON string, plus the GPUs, and
+    when_data_changes where asked (train only on data the champion was not trained on)."""
+    return {"config_json": json.dumps(cfg.to_dict()), **accelerators.parameters(),
+            **({"when_data_changes": True} if when_data_changes else {})}
 
 
 def run_name(cfg: RunConfig, prefix: str = "") -> str:
@@ -266,10 +268,10 @@ def _prepare(connection: Connection, experiment: str):
 
 def submit(connection: Connection, cfg: RunConfig, accelerators: Accelerators = Accelerators(),
            experiment: Optional[str] = None, name: Optional[str] = None, prefix: str = "",
-           service_account: Optional[str] = None) -> Submitted:
+           service_account: Optional[str] = None, when_data_changes: bool = False) -> Submitted:
     """One run of the pipeline on the cluster. `retrain` is this with prefix 'retrain-'."""
     check_for_cluster(cfg)
-    parameters = run_parameters(cfg, accelerators)
+    parameters = run_parameters(cfg, accelerators, when_data_changes)
     name = name or run_name(cfg, prefix)
     kfp_client, experiment_id, pipeline_id, version_id, version_name, uploaded = _prepare(
         connection, experiment or cfg.tracking.experiment)
@@ -296,7 +298,8 @@ def _recurring_runs_named(kfp_client, connection: Connection, name: str) -> list
 
 def schedule(connection: Connection, cfg: RunConfig, name: str, cron: str,
              accelerators: Accelerators = Accelerators(), experiment: Optional[str] = None,
-             max_concurrency: int = 1, service_account: Optional[str] = None) -> Submitted:
+             max_concurrency: int = 1, service_account: Optional[str] = None,
+             when_data_changes: bool = False) -> Submitted:
     """A recurring run named `name`; one that exists under the name is replaced (create, then delete)."""
     check_for_cluster(cfg)
     cron = check_cron(cron)
@@ -304,7 +307,7 @@ def schedule(connection: Connection, cfg: RunConfig, name: str, cron: str,
         raise ConfigError("--name", name, "name the recurring run, e.g. --name nightly-quotes")
     if max_concurrency < 1:
         raise ConfigError("--max-concurrency", max_concurrency, "allow at least 1 run at a time")
-    parameters = run_parameters(cfg, accelerators)
+    parameters = run_parameters(cfg, accelerators, when_data_changes)
     kfp_client, experiment_id, pipeline_id, version_id, version_name, uploaded = _prepare(
         connection, experiment or cfg.tracking.experiment)
     with api_errors(connection, f"list the recurring runs named {name!r}"):

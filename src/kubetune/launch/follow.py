@@ -158,13 +158,27 @@ def _outcome(run, run_id: str, mlflow_uri: Optional[str], out: TextIO, err: Text
     started, finished = kfp_runs.when(run.created_at), kfp_runs.when(run.finished_at)
     took = f" after {duration((finished - started).total_seconds())}" if started and finished else ""
     if run.state == "SUCCEEDED":
-        print(f"kubetune: run {name} SUCCEEDED{took}", file=out)
+        print(f"kubetune: run {name} SUCCEEDED{took}{_result(run_id, mlflow_uri)}", file=out)
     elif run.state == "FAILED":
         print(f"kubetune: run {name} FAILED{took}{_failure(run, run_id, mlflow_uri)}", file=err)
     else:
         being = " (being stopped)" if run.state == "CANCELING" else ""
         print(f"kubetune: run {name} {run.state}{being}{took}", file=err)
     return EXIT_CODES[run.state]
+
+
+def _result(run_id: str, mlflow_uri: Optional[str]) -> str:
+    """': registered quotes-lora/3 (the new champion)' or ': skipped: data unchanged since version 2
+    ...', from the run's MLflow run; '' where MLflow was not named or does not answer."""
+    if not mlflow_uri:
+        return ""
+    facts = kfp_runs.mlflow_facts(mlflow_uri, [run_id])[0].get(run_id, {})
+    if facts.get("skipped"):
+        return f": {facts['skipped']}"
+    if facts.get("registered"):
+        return f": registered {facts['registered']}" + (" (the new champion)" if facts.get("champion") == "yes"
+                                                        else " (not the champion)")
+    return ""
 
 
 def _failure(run, run_id: str, mlflow_uri: Optional[str]) -> str:

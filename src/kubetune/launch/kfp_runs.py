@@ -247,7 +247,9 @@ def print_runs(runs: list, facts: dict[str, dict[str, str]], out: Optional[TextI
             f"{duration((now - started).total_seconds())}+" if started else "-")
         mlflow = facts.get(run.run_id, {})
         print(row.format(run.run_id, run.state or "-", local_time(started, "%Y-%m-%d %H:%M"), took,
-                         mlflow.get("run_id") or "-", mlflow.get("registered") or "-", mlflow.get("champion") or "-",
+                         mlflow.get("run_id") or "-",
+                         mlflow.get("registered") or ("skipped: same data" if mlflow.get("skipped") else "-"),
+                         mlflow.get("champion") or "-",
                          run.display_name or ""), file=out)
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from kubetune.errors import ConfigError, ServiceError
-from kubetune.tracking import (INTERRUPTED, LAUNCH_TAG, PIPELINE_RUN_TAG, RunLogger, check_reachable, client, flatten,
-                               local_path)
+from kubetune.tracking import (INTERRUPTED, LAUNCH_TAG, PIPELINE_RUN_TAG, SKIPPED_TAG, RunLogger, check_reachable,
+                               client, flatten, local_path)
 
 def check_resumable(uri: str, experiment: str, run_id: str, config: dict[str, Any]):
     """The run `kubetune run --resume` continues: it must exist in this experiment, not have
@@ -109,10 +109,11 @@ def mark_interrupted(uri: str, run_id: str) -> str:
 
 def pipeline_run_facts(uri: str, pipeline_runs: list[str]) -> dict[str, dict[str, str]]:
     """What MLflow holds on these KFP runs, for `kubetune runs` and `--wait`: {KFP run id:
-    {run_id, registered (name/version), champion (yes/no at registration), failed_stage, error}}
-    from the MLflow run tagged with it (PIPELINE_RUN_TAG); a KFP run without one is left out.
-    ServiceError when the store does not answer: a server is asked /health first (a few seconds,
-    not the client's minutes of retries), a local store must exist (never created by a listing)."""
+    {run_id, registered (name/version), champion (yes/no at registration), skipped (why nothing
+    was trained), failed_stage, error}} from the MLflow run tagged with it (run_of_pipeline_run); a
+    KFP run without one is left out. ServiceError when the store does not answer: a server is asked
+    /health first (a few seconds, not the client's minutes of retries), a local store must exist
+    (never created by a listing)."""
     if uri.startswith(("http://", "https://")):
         check_reachable(uri)
     elif local_path(uri) is not None and not local_path(uri).exists():
@@ -121,19 +122,26 @@ def pipeline_run_facts(uri: str, pipeline_runs: list[str]) -> dict[str, dict[str
     experiments = [e.experiment_id for e in mlflow_client.search_experiments(max_results=1000)]
     facts = {}
     for pipeline_run in pipeline_runs:  # one search each: MLflow's filter has no IN for tags
-        if not experiments or "'" in pipeline_run:
-            continue
-        found = mlflow_client.search_runs(experiments, f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run}'",
-                                          max_results=1, order_by=["attributes.start_time DESC"])
-        if found:
-            tags = found[0].data.tags
+        found = _run_of_pipeline_run(mlflow_client, experiments, pipeline_run)
+        if found is not None:
+            tags = found.data.tags
             registered = (f"{tags['kubetune.registered_model']}/{tags['kubetune.registered_version']}"
                           if "kubetune.registered_version" in tags else "")
-            facts[pipeline_run] = {"run_id": found[0].info.run_id, "registered": registered,
+            facts[pipeline_run] = {"run_id": found.info.run_id, "registered": registered,
                                    "champion": tags.get("kubetune.champion", ""),
+                                   "skipped": tags.get(SKIPPED_TAG, ""),
                                    "failed_stage": tags.get("kubetune.failed_stage", ""),
                                    "error": tags.get("kubetune.error", "")}
     return facts
+
+
+def _run_of_pipeline_run(mlflow_client, experiments: list[str], pipeline_run: str):
+    """The newest MLflow run tagged with this KFP run id (a retried run may have opened two), or None."""
+    if not experiments or "'" in pipeline_run:  # an id with a quote would break the filter; KFP ids are UUIDs
+        return None
+    found = mlflow_client.search_runs(experiments, f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run}'",
+                                      max_results=1, order_by=["attributes.start_time DESC"])
+    return found[0] if found else None
 
 
 @dataclass(frozen=True)
@@ -149,15 +157,12 @@ class RunFacts:
 
 
 def run_of_pipeline_run(uri: str, pipeline_run: str) -> Optional[RunFacts]:
-    """The MLflow run tagged with this KFP pipeline run (the newest, should a retried run have
-    opened two), or None when preflight never opened one."""
+    """The MLflow run tagged with this KFP pipeline run, or None when preflight never opened one."""
     mlflow_client = client(uri)
     experiments = [e.experiment_id for e in mlflow_client.search_experiments(max_results=1000)]
-    runs = mlflow_client.search_runs(experiments, f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run}'",
-                                     order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
-    if not runs:
+    run = _run_of_pipeline_run(mlflow_client, experiments, pipeline_run)
+    if run is None:
         return None
-    run = runs[0]
     page = (f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
             if uri.startswith(("http://", "https://")) else "")
     return RunFacts(run.info.run_id, run.info.experiment_id, run.info.status, dict(run.data.tags),
