@@ -14,14 +14,12 @@ import re
 
 import pytest
 import yaml
-from kfp_stand_in import KfpApiStandIn
 
 from kubetune import __version__
 from kubetune.cli import main
 from kubetune.run_config import load_config
 from kubetune.pipelines.pipeline import PIPELINE_NAME, compile_pipeline
 
-__all__ = ["KfpApiStandIn"]  # tests/deploy/test_images_as_cluster.py imports it from here
 
 
 def kubetune(capsys, *argv: str) -> tuple[int, list[str], str]:

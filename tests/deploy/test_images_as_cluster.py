@@ -150,7 +150,7 @@ def postgres() -> Postgres:
 @pytest.fixture
 def kfp_api():
     """The KFP v2beta1 REST API stand-in of tests/deploy/test_cluster.py on a free loopback port."""
-    from test_cluster import KfpApiStandIn
+    from kfp_stand_in import KfpApiStandIn
 
     with KfpApiStandIn().serving() as stand_in:
         yield stand_in
