@@ -1,8 +1,8 @@
 """`kubetune submit | retrain | schedule` against a local stand-in for the KFP REST API.
 
-`KfpApiStandIn` (tests/deploy/kfp_stand_in.py) is NOT Kubeflow Pipelines: it answers the v2beta1
+`KfpApiStandIn` (tests/kfp_stand_in.py) is NOT Kubeflow Pipelines: it answers the v2beta1
 endpoints that kfp.Client 2.17.3 calls for these commands, records every request, and keeps just
-enough state to answer them; the fixtures are in tests/deploy/conftest.py. It checks no pipeline
+enough state to answer them; the fixtures are in tests/conftest.py. It checks no pipeline
 spec, cron expression or permission the way a real server would. Following, listing, logs and
 cancelling: tests/deploy/test_cluster_runs.py.
 """

@@ -1,6 +1,6 @@
 """`kubetune submit --wait | wait | runs | logs | cancel` against the KFP API stand-in.
 
-The stand-in (tests/deploy/kfp_stand_in.py, NOT Kubeflow) plays a scripted run: each GET of it
+The stand-in (tests/kfp_stand_in.py, NOT Kubeflow) plays a scripted run: each GET of it
 moves to the next Snapshot, with task_details shaped as the real server converts an Argo workflow
 (system nodes included). Outages are a SwitchableProxy (tests/tiny.py) between client and stand-in.
 MLflow is a real sqlite store, its runs tagged as the pipeline's stages tag them.
