@@ -254,7 +254,8 @@ def tokenize(config: Config, run_id: str, data_dir: str, out_dir: str) -> dict[s
 
 def _check_granted(accelerators: int, accelerator_type: str) -> None:
     """A GPU stage on a cluster first checks that its pod sees the GPUs the pipeline granted it
-    (kfp.local ignores GPU settings: not under `kubetune run`)."""
+    (kfp.local ignores GPU settings: not under `kubetune run`); inside the stage, so a refusal is
+    recorded on the MLflow run as the stage's error."""
     if accelerators and run_form.on_cluster():
         modeling.check_granted_gpus(accelerators, accelerator_type)
 
@@ -262,8 +263,8 @@ def _check_granted(accelerators: int, accelerator_type: str) -> None:
 def prepare_model(config: Config, run_id: str, tokenized_dir: str, out_dir: str, accelerators: int = 0,
                   accelerator_type: str = "") -> dict[str, Any]:
     cfg = _start(config)
-    _check_granted(accelerators, accelerator_type)
     with _stage(cfg, run_id, "prepare_model", out_dir) as logger:
+        _check_granted(accelerators, accelerator_type)
         source = describe_source(cfg.model.name_or_path, endpoint_url=cfg.storage.endpoint_url)
         plan = modeling.prepare_model(_model_dir(cfg), cfg.model, Path(out_dir), cfg.train.seed, source, cfg.task,
                                       artifacts.read_task_info(Path(tokenized_dir)))
@@ -283,8 +284,8 @@ def train(config: Config, run_id: str, tokenized_dir: str, prepared_dir: str, ou
     """Trains in this process, or with train.processes > 1 in that many data-parallel worker
     processes (kubetune.distributed, each running train_worker)."""
     cfg = _start(config)
-    _check_granted(accelerators, accelerator_type)
     with _stage(cfg, run_id, "train", out_dir) as logger, logger.system_metrics():
+        _check_granted(accelerators, accelerator_type)
         if cfg.train.processes > 1:
             arguments = {"config": config if isinstance(config, str) else json.dumps(config), "run_id": run_id,
                          "tokenized_dir": tokenized_dir, "prepared_dir": prepared_dir, "out_dir": out_dir}
@@ -328,9 +329,9 @@ def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, ou
     import matplotlib.pyplot as plt
 
     cfg = _start(config)
-    _check_granted(accelerators, accelerator_type)
     kind = get_task(cfg.task)
     with _stage(cfg, run_id, "evaluate", out_dir) as logger, logger.system_metrics():
+        _check_granted(accelerators, accelerator_type)
         model_dir = _model_dir(cfg)
         info = artifacts.read_task_info(Path(tokenized_dir))
         tokenizer = tokenization.load_tokenizer(artifacts.tokenizer_dir(Path(tokenized_dir)))

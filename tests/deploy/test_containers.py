@@ -246,7 +246,7 @@ def test_cli_prints_a_failed_stage_on_one_line(monkeypatch, capsys):
     import kubetune.launch.local
     from kubetune.cli import main
 
-    def failing_run(cfg, progress, runner, resume="", verbose=False):
+    def failing_run(cfg, progress, runner, resume="", verbose=False, when_data_changes=False):
         raise StageFailed("train", CPU_IMAGE, 1, "kubetune.errors.ModelError: model.quantization = '8bit': no")
 
     monkeypatch.setattr(kubetune.launch.local, "run_pipeline", failing_run)

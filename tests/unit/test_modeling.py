@@ -192,3 +192,19 @@ def test_unknown_model_type_without_code_and_known_types(tmp_path):
     # A known type passes, even where the folder also ships code (transformers then uses its own).
     modeling.check_model_type("m", _model_folder(tmp_path / "llama", {"model_type": "llama", "auto_map": {}},
                                                  {"modeling_llama.py": "raise SystemExit\n"}))
+
+
+def test_a_gpu_stage_in_a_pod_that_sees_fewer_gpus_than_granted_stops_at_once(monkeypatch):
+    """This machine has no GPU: a pod granted one must say so rather than train on its CPUs."""
+    import pytest
+
+    from kubetune import stages
+    from kubetune.errors import ConfigError
+
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # what every pod has
+    with pytest.raises(ConfigError, match=r"^accelerator_count = 1: this pod sees 0 of the 1 nvidia.com/gpu the "
+                                          r"pipeline granted it"):
+        stages._check_granted(1, "nvidia.com/gpu")
+    stages._check_granted(0, "nvidia.com/gpu")  # granted none: nothing to check
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
+    stages._check_granted(1, "nvidia.com/gpu")  # `kubetune run`: kfp.local grants nothing, whatever the parameter
