@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,13 +164,19 @@ def test_optional_pipeline_inputs_left_unset_reach_tasks_as_their_defaults(tmp_p
     """kfp.local fails on an unset optional pipeline input (kfp 2.17.3); under optional_inputs() the
     task gets its own default, as on KFP's backend, inside a nested DAG too, and set values arrive
     (0 included). When kfp fixes this, the first assertion fails: the seam can then go."""
-    script = tmp_path / "optional.py"
-    script.write_text(OPTIONAL_PIPELINE.replace("{root}", str(tmp_path / "root")))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env={**__import__("os").environ, "TMPDIR": str(tmp_path)})
-    output = done.stdout + done.stderr
-    lines = [line.strip() for line in output.splitlines() if line.strip().startswith(("WITHOUT", "GOT"))]
+    lines, output = _run_pipeline_script(OPTIONAL_PIPELINE, tmp_path, ("WITHOUT", "GOT"))
     assert lines == ["WITHOUT THE SEAM: ValueError", "GOT None None None", "GOT 0 'x' 0.5"], output
+
+
+def _run_pipeline_script(source: str, tmp_path: Path, marks: tuple[str, ...]) -> tuple[list[str], str]:
+    """Runs a kfp.local pipeline script in a fresh interpreter (kfp.local's state is per process);
+    returns its lines that start with one of marks, and all it printed."""
+    script = tmp_path / "pipeline_script.py"
+    script.write_text(source.replace("{root}", str(tmp_path / "root")))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+    output = done.stdout + done.stderr
+    return [line.strip() for line in output.splitlines() if line.strip().startswith(marks)], output
 
 
 CONDITION_PIPELINE = '''
@@ -211,10 +218,5 @@ def test_a_condition_on_a_named_output_is_evaluated_as_on_the_backend(tmp_path):
     """kfp.local 2.17.3 evaluates `dsl.If(task.outputs["name"] == ...)` as false (it cannot resolve a
     named output's channel) and skips the guarded tasks; under named_output_conditions() they run
     when the condition holds, and only then. When kfp fixes this, the first assertion fails."""
-    script = tmp_path / "condition.py"
-    script.write_text(CONDITION_PIPELINE.replace("{root}", str(tmp_path / "root")))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env={**__import__("os").environ, "TMPDIR": str(tmp_path)})
-    output = done.stdout + done.stderr
-    lines = [line.strip() for line in output.splitlines() if line.strip().startswith(("WITH", "GUARDED"))]
+    lines, output = _run_pipeline_script(CONDITION_PIPELINE, tmp_path, ("WITH", "GUARDED"))
     assert lines == ["WITHOUT THE SEAM", "WITH THE SEAM", "GUARDED RAN train"], output
