@@ -192,11 +192,10 @@ def kubetune_pipeline(
                                              tuned_model=trained.outputs["tuned_model"], accelerators=accelerator_count,
                                              accelerator_type=accelerator_type), "evaluate")
             _on_gpus(evaluated, accelerator_type, accelerator_count, gpu_node_selector)
-            registered = _on_cluster(register(config_json=config, run_id=run_id, lineage=checked.outputs["lineage"],
-                                              tokenized=tokens.outputs["tokenized"],
-                                              prepared_model=prepared.outputs["prepared_model"],
-                                              tuned_model=trained.outputs["tuned_model"],
-                                              evaluation=evaluated.outputs["evaluation"]), "register")
+            _on_cluster(register(config_json=config, run_id=run_id, lineage=checked.outputs["lineage"],
+                                 tokenized=tokens.outputs["tokenized"], prepared_model=prepared.outputs["prepared_model"],
+                                 tuned_model=trained.outputs["tuned_model"], evaluation=evaluated.outputs["evaluation"]),
+                        "register")
     # KFP cannot return an output from inside an exit handler: the registered version is register's
     # `registered_model` artifact, and the MLflow run's kubetune.registered_version tag.
 

@@ -26,6 +26,9 @@ from kubetune.tasks import get_task
 # importing the pipeline builds the DAG with kfp, about 1.5 s that `--help` or `config` need not pay.
 
 
+WHEN_DATA_CHANGES_HELP = ("train only when the data differs (sha256 of its content) from what the current champion was "
+                          "trained on; otherwise the run ends after preflight, recorded as skipped, no GPU asked for")
+
 
 def _run(args: argparse.Namespace) -> int:
     from kubetune.launch.local import browse_hint, run_pipeline
@@ -222,9 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "stages run again, training from the run's last stored checkpoint")
     run.add_argument("--run-name", help="the MLflow run's name, what chart legends show (default: the model name "
                                         "and the --set values, else the start time)")
-    run.add_argument("--when-data-changes", action="store_true",
-                     help="train only when the data differs (sha256 of its content) from what the current champion "
-                          "was trained on; otherwise end after preflight, recorded as skipped")
+    run.add_argument("--when-data-changes", action="store_true", help=WHEN_DATA_CHANGES_HELP)
     run.add_argument("--runner", choices=["process", "container"], default="process",
                      help="process: each stage a Python process in this environment (default); container: each "
                           "stage in its component's image, through podman (build them with make images-local)")
@@ -271,9 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "train gets one per training process: train.processes in the config")
         sub.add_argument("--gpu-node-selector", action="append", default=[], metavar="KEY=VALUE",
                          help="node label the GPU stages need; repeatable (default: nvidia.com/gpu.present=true)")
-        sub.add_argument("--when-data-changes", action="store_true",
-                         help="train only when the data differs (sha256 of its content) from what the current "
-                              "champion was trained on; otherwise the run ends after preflight as skipped, no GPU asked")
+        sub.add_argument("--when-data-changes", action="store_true", help=WHEN_DATA_CHANGES_HELP)
 
     def wait_args(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--wait", action="store_true",

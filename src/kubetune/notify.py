@@ -98,14 +98,10 @@ def _with(text: str, tail: str) -> str:
 
 
 def _before_after(previous: dict[str, str], metrics: dict[str, float], headline: Sequence[str]) -> str:
-    """`perplexity (held-out) 31.02 -> 29.71` for each tuned headline figure the old champion had too."""
-    pairs = []
-    for key in headline:
-        tuned = key.replace("/base_", "/tuned_") if "/base_" in key else key
-        if tuned in metrics and tuned in previous and tuned not in (p[0] for p in pairs):
-            pairs.append((tuned, f"{tuned.split('/')[-1].replace('tuned_', '').replace('_', ' ')} "
-                                 f"{number(float(previous[tuned]))} -> {number(metrics[tuned])}"))
-    return "; ".join(text for _, text in pairs)
+    """`perplexity 31.02 -> 29.71` for each tuned headline figure the old champion had too."""
+    tuned = dict.fromkeys(key.replace("base_", "tuned_") for key in headline if "base_" in key or "tuned_" in key)
+    return "; ".join(f"{key.split('/')[-1].replace('tuned_', '').replace('_', ' ')} {number(float(previous[key]))} -> "
+                     f"{number(metrics[key])}" for key in tuned if key in metrics and key in previous)
 
 
 def masked(text: str, environ: Optional[dict[str, str]] = None) -> str:

@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from kubetune import artifacts, modeling, retrieval, tracking
 from kubetune.config import RunConfig
@@ -25,6 +25,7 @@ from kubetune.data import prepare_data
 from kubetune.evaluation import retention_texts
 from kubetune.sources import head
 from kubetune.model_source import check_snapshot, describe_source, resolve_model
+from kubetune.registry import skip_reason
 from kubetune.storage import open_store
 from kubetune.tasks import get_task
 from kubetune.run_config import checked
@@ -235,18 +236,18 @@ def check_services(cfg: RunConfig) -> tuple[str, str]:
     return uri, store.uri()
 
 
-def preflight(cfg: RunConfig, train_gpus: Optional[bool] = None,
-              skip_when: Optional[Callable[[str, str], str]] = None) -> PreflightReport:
+def preflight(cfg: RunConfig, train_gpus: Optional[bool] = None, when_data_changes: bool = False) -> PreflightReport:
     """Cheap checks first: config, data, services, then the model's structure. train_gpus: whether
     the train stage gets GPUs (on a cluster, from the accelerator settings); None = this machine's.
-    skip_when(tracking URI, data sha256): a reason not to train (when_data_changes), asked once the
-    data is read; with one the model is not checked (nor fetched) and the report says why."""
+    when_data_changes: once the data is read (and hashed), the champion of register.model_name
+    trained on the same data means nothing to train; then the model is not checked (nor fetched)
+    and the report says why (registry.skip_reason)."""
     checked(cfg.validate())
     check_model_name(cfg.register.model_name)
     check_precision(cfg, train_gpus)
     data_facts, sample = check_data(cfg)
     tracking_uri, storage_uri = check_services(cfg)
-    skipped = skip_when(tracking_uri, data_facts["sha256"]) if skip_when else ""
+    skipped = skip_reason(tracking_uri, cfg.register.model_name, data_facts["sha256"]) if when_data_changes else ""
     if skipped:
         log.info("preflight: %s", skipped)
         return PreflightReport(tracking_uri=tracking_uri, data=data_facts, storage_uri=storage_uri, skipped=skipped)

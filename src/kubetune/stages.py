@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from kubetune import __version__, artifacts, console, data, distributed, evaluation, faults, modeling, registry, tracking
 from kubetune import preflight as checks
@@ -100,9 +100,10 @@ def preflight(config: Config, lineage_path: str, accelerator_count: Optional[int
     started = console.stage_started()
     cfg = _start(config)
     train_gpus = None if accelerator_count is None else accelerator_count > 0
-    skip_when = _unchanged_data(cfg) if when_data_changes and not resume_run_id else None
-    report = checks.passed_earlier(cfg, train_gpus) or checks.preflight(cfg, train_gpus, skip_when)
-    skipped = skip_when(report.tracking_uri, report.data["sha256"]) if skip_when else ""
+    # `kubetune run` passes its own preflight's report on (passed_earlier); it asked with the same flag.
+    ask = when_data_changes and not resume_run_id
+    report = checks.passed_earlier(cfg, train_gpus) or checks.preflight(cfg, train_gpus, ask)
+    skipped = report.skipped if ask else ""
     lineage = {"kubetune.task": cfg.task, "kubetune.base_model": cfg.model.name_or_path,
                registry.DATA_TAG: report.data["sha256"], "kubetune.version": __version__,
                "kubetune.storage": report.storage_uri, "kubetune.technique": cfg.model.technique()}
@@ -133,12 +134,6 @@ def preflight(config: Config, lineage_path: str, accelerator_count: Optional[int
         return run_id, run_form.SKIP
     console.summary(f"MLflow run {run_id} (experiment {cfg.tracking.experiment})")
     return run_id, run_form.TRAIN
-
-
-def _unchanged_data(cfg: RunConfig) -> Callable[[str, str], str]:
-    """when_data_changes: why not to train (the champion of register.model_name was trained on data
-    with this content hash), else ""."""
-    return lambda tracking_uri, data_sha256: registry.skip_reason(tracking_uri, cfg.register.model_name, data_sha256)
 
 
 def _accelerators(count: Optional[int], resource: str) -> str:

@@ -181,12 +181,17 @@ def api_errors(connection: Connection, doing: str) -> Iterator[None]:
                                f"Kubeflow Pipelines at {connection.host} refused to {doing} (HTTP {exc.status}): "
                                f"pass --token or set {TOKEN_ENV} to a token it accepts"
                                + ("" if connection.namespace else ", and --namespace for a multi-user cluster")) from None
-        body = (exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else str(exc.body or "")).strip()
+        body = response_body(exc)
         raise ServiceError("--host", connection.host, f"Kubeflow Pipelines refused to {doing}: HTTP {exc.status} "
                                                       f"{exc.reason}: {body[:300]}") from None
     except (urllib3.exceptions.HTTPError, TimeoutError, OSError) as exc:
         raise ServiceError("--host", connection.host, f"Kubeflow Pipelines does not answer ({type(exc).__name__}); "
                                                       "check the URL and that the API is reachable from here") from None
+
+
+def response_body(exc) -> str:
+    """The text of a refused request's answer (kfp_server_api.ApiException.body: bytes or str)."""
+    return (exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else str(exc.body or "")).strip()
 
 
 @contextlib.contextmanager

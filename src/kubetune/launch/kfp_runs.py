@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, TextIO
 
 from kubetune.errors import ConfigError, ServiceError, UserError
-from kubetune.launch.cluster import PAGE_SIZE, Connection, api_errors, name_filter
+from kubetune.launch.cluster import PAGE_SIZE, Connection, api_errors, name_filter, response_body
 from kubetune.pipelines import pipeline
 from kubetune.tracking.lifecycle import pipeline_run_facts
 
@@ -284,7 +284,7 @@ def print_log(kfp_client, connection: Connection, run_id: str, stage: Stage, out
                                                header_params={"Accept": "text/plain"}, auth_settings=["Bearer"],
                                                _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
             except kfp_server_api.ApiException as exc:
-                text = _body(exc)
+                text = response_body(exc)
                 if exc.status == 404 and text != "pod not found":
                     raise ServiceError("--host", connection.host, "serves no /k8s/pod/logs: stage logs come from the "
                                        "KFP UI's server, not the API server; point --host at the UI (e.g. `kubectl -n "
@@ -302,13 +302,8 @@ def print_log(kfp_client, connection: Connection, run_id: str, stage: Stage, out
             out.flush()
             return pod
     raise ServiceError("--stage", stage.name, f"KFP has no log of the stage's pod ({'; '.join(missing)}): the pod is "
-                       "gone and no log archive was found (ARGO_ARCHIVE_LOGS of ml-pipeline-ui); the MLflow run "
-                       "keeps logs/ of each stage")
-
-
-def _body(exc) -> str:
-    body = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else str(exc.body or "")
-    return body.strip()
+                       "gone and no log archive was found (ARGO_ARCHIVE_LOGS of ml-pipeline-ui); a failed stage's "
+                       "error line is its MLflow run's kubetune.error tag (`kubetune wait` shows it)")
 
 
 def cancel(kfp_client, connection: Connection, run_id: str) -> tuple[str, bool]:

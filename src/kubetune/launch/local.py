@@ -34,7 +34,6 @@ from kubetune.launch import warm as warm_start
 from kubetune.paths import STATE_ENV, checkout_root, state_dir
 from kubetune.pipelines.pipeline import kubetune_pipeline
 from kubetune.preflight import PASSED_ENV, passed_record, preflight
-from kubetune.registry import skip_reason
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +234,7 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process",
     report = None
     with _run_log(run_log_path, verbose) as run_log, _terminate_as_interrupt():
         try:
-            report = preflight(cfg, skip_when=_unchanged_data(cfg) if when_data_changes and not resume else None)
+            report = preflight(cfg, when_data_changes=when_data_changes and not resume)
             if resume:
                 lifecycle.check_resumable(report.tracking_uri, cfg.tracking.experiment, resume, cfg.to_dict())
             os.environ[PASSED_ENV] = passed_record(cfg, report)  # the preflight task need not check it all again
@@ -264,13 +263,6 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, runner: str = "process",
                 "wall_seconds": round(wall, 1), "log": str(run_log_path)}
     return {**summarize(cfg, lifecycle.registered_by(cfg.tracking.mlflow_uri, run), wall),
             "started_warm": started_warm, "log": str(run_log_path)}
-
-
-def _unchanged_data(cfg: RunConfig):
-    """when_data_changes, asked by this process's preflight before the model is checked: the same
-    question the pipeline's preflight task asks (kubetune.registry.skip_reason)."""
-    return lambda tracking_uri, data_sha256: skip_reason(tracking_uri, cfg.register.model_name, data_sha256)
-
 
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
