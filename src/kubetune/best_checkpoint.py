@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from kubetune import sharding
 from kubetune.config import TrainConfig
 from kubetune.errors import ServiceError
 
@@ -58,7 +59,8 @@ class BestKeeper:
 
     def consider(self, model, step: int, metrics: dict[str, float], save: bool = True) -> bool:
         """Records an evaluation; keeps the weights when it is the best so far. save: whether this
-        process writes (under DDP only the first does; every process tracks the same figures)."""
+        process writes (under torchrun only the first does; every process tracks the same figures and
+        joins in gathering sharded weights)."""
         loss = metrics["eval_loss"]
         min_delta = self.cfg.early_stopping.min_delta if self.cfg.early_stopping else 0.0
         if self.best is not None and not loss < self.best.loss - min_delta:
@@ -66,7 +68,8 @@ class BestKeeper:
         self.best = Best(step, float(loss), {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         if save:
             shutil.rmtree(self.folder, ignore_errors=True)
-            model.save_pretrained(self.folder)
+        sharding.write_weights(model, self.folder, save)
+        if save:
             (self.folder / RECORD).write_text(json.dumps(asdict(self.best)))
             if self.store is not None:
                 try:
@@ -82,12 +85,19 @@ class BestKeeper:
         self.stopped_at = step
         return True
 
-    def restore_into(self, model, final_step: int) -> None:
-        """Loads the best weights into model unless the last step was the best."""
-        if self.best is not None and self.best.step != final_step:
-            load_weights(model, self.folder)
-            log.info("the stage outputs the weights of step %d (validation loss %.4f), the best evaluation; "
-                     "training ended at step %d", self.best.step, self.best.loss, final_step)
+    def folder_if_better_than(self, final_step: int) -> Optional[Path]:
+        """The kept weights' folder when an evaluation before the last step was the best, else None."""
+        if self.best is None or self.best.step == final_step:
+            return None
+        log.info("the stage outputs the weights of step %d (validation loss %.4f), the best evaluation; "
+                 "training ended at step %d", self.best.step, self.best.loss, final_step)
+        return self.folder
+
+    def copy_weights(self, out_dir: Path) -> None:
+        """The kept weights as the stage's output, as save_pretrained wrote them."""
+        for path in self.folder.iterdir():
+            if path.is_file() and path.name != RECORD:
+                shutil.copy2(path, out_dir / path.name)
 
     def summary(self) -> dict[str, Any]:
         if self.best is None:

@@ -23,6 +23,7 @@ from kubetune.strict import build
 QUANTIZATIONS = ("none", "8bit", "4bit")
 LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+SHARDINGS = ("ddp", "fsdp")
 
 
 @dataclass
@@ -192,8 +193,16 @@ class TrainConfig:
     save_steps: int = _help("Save (and upload) a checkpoint every N optimizer steps; 0 = only at the end.", 20)
     keep_checkpoints: int = _help("Newest checkpoints kept, on local disk and in storage; older ones are deleted "
                                   "once a newer one is stored.", 2)
-    processes: int = _help("Data-parallel training processes on one node (DDP via torchrun): one per GPU; "
-                           "on the CPU they use the gloo backend.", 1)
+    processes: int = _help("Training processes per node (torchrun): one per GPU; on the CPU they use the gloo "
+                           "backend.", 1)
+    nodes: int = _help(
+        "Nodes to train on. Above 1, the train task submits a Kubeflow Trainer TrainJob (runtime "
+        "torch-distributed) of this many nodes, each running train.processes processes, and follows it; "
+        "needs a cluster with Kubeflow Trainer and s3:// storage, which every node reads and writes.", 1)
+    sharding: str = _help(
+        "ddp: every process holds the whole model and they average gradients; fsdp: FSDP2 shards the "
+        "weights, gradients and optimizer state across all processes of all nodes (about 1/N each), for "
+        "models that do not fit one GPU. fsdp needs model.quantization none or 4bit.", "ddp")
     schedule: str = _help("mixed: all tasks from the start; progressive: start from the general (replay) "
                           "data and ramp the new tasks in (the guide's schedule).", "mixed")
     logging_steps: int = _help("Log loss and learning rate every N optimizer steps.", 1)
@@ -208,7 +217,7 @@ class TrainConfig:
         _require(self.max_steps is None or self.epochs is None, "train.epochs", self.epochs,
                  f"a run is sized by steps or by epochs, not both: set train.max_steps (now {self.max_steps}) to "
                  "null, or train.epochs to null")
-        for name in ("batch_size", "gradient_accumulation_steps", "logging_steps", "processes"):
+        for name in ("batch_size", "gradient_accumulation_steps", "logging_steps", "processes", "nodes"):
             value = getattr(self, name)
             _require(value > 0, f"train.{name}", value, "must be a positive integer")
         _require(self.max_steps is None or self.max_steps > 0, "train.max_steps", self.max_steps,
@@ -232,14 +241,25 @@ class TrainConfig:
                  f"use one of {', '.join(PRECISIONS)}")
         _require(self.schedule in ("mixed", "progressive"), "train.schedule", self.schedule,
                  "use mixed or progressive")
+        _require(self.sharding in SHARDINGS, "train.sharding", self.sharding, f"use one of {', '.join(SHARDINGS)}")
+        _require(self.sharding != "fsdp" or self.world_size() > 1, "train.sharding", self.sharding,
+                 "one process has nothing to shard with: set train.processes or train.nodes above 1, or "
+                 "train.sharding: ddp")
         _require(0 <= self.seed < 2**32, "train.seed", self.seed, "must be 0 to 4294967295 (2**32 - 1), e.g. 42")
 
+    def world_size(self) -> int:
+        """Training processes in all: processes per node x nodes."""
+        return self.processes * self.nodes
+
+    def rows_per_step(self) -> int:
+        """Rows one optimizer step consumes: every process takes its own batches."""
+        return self.batch_size * self.gradient_accumulation_steps * self.world_size()
+
     def total_steps(self, train_rows: int) -> int:
-        """Optimizer steps of the run: max_steps, or epochs over train_rows (every process takes
-        its own batches, so one step consumes batch_size x accumulation x processes rows)."""
+        """Optimizer steps of the run: max_steps, or epochs over train_rows."""
         if self.max_steps is not None:
             return self.max_steps
-        per_step = self.batch_size * self.gradient_accumulation_steps * self.processes
+        per_step = self.rows_per_step()
         return max(1, math.ceil(self.epochs * math.ceil(train_rows / per_step)))
 
 
@@ -333,6 +353,11 @@ class RunConfig:
         for section in (self.model, self.data, self.train, self.evaluate, self.register, self.tracking,
                         self.storage, self.notify):
             section.validate()
+        # bitsandbytes keeps 8-bit weights as Int8Params with their scales beside them; FSDP2 shards
+        # plain tensors only (4-bit weights it can shard once they are stored in the compute dtype).
+        _require(self.train.sharding != "fsdp" or self.model.quantization != "8bit", "train.sharding",
+                 self.train.sharding, "FSDP cannot shard 8-bit (LLM.int8) weights: set model.quantization to 4bit "
+                 "(QLoRA) or none, or train.sharding to ddp")
         if self.tracking.experiment is None:  # resolved here, so every stage and the run's params agree
             self.tracking.experiment = self.register.model_name
         return self

@@ -143,7 +143,7 @@ MAX_GENERATED, WARN_GENERATED = 1_000_000, 100_000
 def check_run_size(cfg: RunConfig, train_rows: int, mean_tokens: float) -> dict[str, float]:
     """How long train and evaluate will run, logged; refused where absurd (the rules above)."""
     train = cfg.train
-    per_step = train.batch_size * train.gradient_accumulation_steps * train.processes
+    per_step = train.rows_per_step()
     steps = train.total_steps(train_rows)
     passes = steps * per_step / max(1, train_rows)
     tokens = steps * per_step * min(mean_tokens, cfg.data.max_length)

@@ -88,11 +88,14 @@ class Store(ABC):
     def delete_prefix(self, key_prefix: str) -> int:
         """Delete every file under key_prefix; returns how many."""
 
-    def upload_dir(self, local_dir: str | Path, key_prefix: str, last: Optional[str] = None) -> int:
+    def upload_dir(self, local_dir: str | Path, key_prefix: str, last: Optional[str] = None,
+                   without: Optional[str] = None) -> int:
         """Copy every file under local_dir to key_prefix/<relative path>; returns how many. Files named
-        `last` go after all others (a marker whose presence says the folder is complete)."""
+        `last` go after all others (a marker whose presence says the folder is complete); files named
+        `without` stay behind."""
         local_dir = Path(local_dir)
-        files = sorted((p for p in local_dir.rglob("*") if p.is_file()), key=lambda p: (p.name == last, p))
+        files = sorted((p for p in local_dir.rglob("*") if p.is_file() and p.name != without),
+                       key=lambda p: (p.name == last, p))
         for path in files:
             self.upload_file(path, _join(key_prefix, path.relative_to(local_dir).as_posix()))
         log.info("uploaded %d files from %s to %s", len(files), local_dir, self.uri(key_prefix))

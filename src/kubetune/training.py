@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from kubetune import artifacts
+from kubetune import artifacts, sharding
 from kubetune.best_checkpoint import BestKeeper, load_weights, make_callback
 from kubetune.config import TrainConfig
 from kubetune.errors import ConfigError, ServiceError
@@ -120,25 +120,46 @@ def make_callbacks(logger, store, prefix: str, keep: int, runtime: "Runtime", co
 
     class UploadCheckpoints(TrainerCallback):
         """Each checkpoint to storage. Storage that stays down past storage.retry_seconds costs a
-        warning, not the attempt: the checkpoint is on local disk and the next save uploads again."""
+        warning, not the attempt: the checkpoint is on local disk and the next save uploads again.
 
-        def on_save(self, args, state, control, **kwargs):
+        On several nodes each node wrote part of the checkpoint to its own disk (its processes' RNG
+        states; under FSDP their shards of weights and optimizer): every other node uploads its part
+        first, and the first node adds its own and the completion marker only when all parts are in.
+        Under FSDP the last checkpoint also gets the gathered weights, which a retry after training
+        finished takes as they are."""
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.global_step >= state.max_steps and model is not None and sharding.is_sharded(model):
+                sharding.write_weights(model, folder, state.is_world_process_zero)
+            node, nodes = sharding.node_layout()
+            stored = True
+            if store is not None and nodes > 1 and node > 0 and args.local_process_index == 0:
+                stored = _try_store(lambda: store.upload_dir(folder, f"{prefix}/{CHECKPOINTS}/{folder.name}",
+                                                             without=COMPLETE_MARKER), folder.name)
+            if nodes > 1:
+                stored = sharding.all_agree(stored)
             if not state.is_world_process_zero:
                 return
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             runtime.write(folder)
-            if store is None:
+            if store is None or not stored:
                 return
-            try:
-                count = store_checkpoint(store, folder, prefix, keep)
-            except ServiceError as exc:
-                log.warning("checkpoint %s could not be stored (%s); training goes on and the next save "
-                            "uploads again", folder.name, exc)
-                return
-            log.info("checkpoint %s: %d files -> %s", folder.name, count,
-                     store.uri(f"{prefix}/{CHECKPOINTS}/{folder.name}"))
+            count = _try_store(lambda: store_checkpoint(store, folder, prefix, keep), folder.name)
+            if count:
+                log.info("checkpoint %s: %d files -> %s", folder.name, count,
+                         store.uri(f"{prefix}/{CHECKPOINTS}/{folder.name}"))
 
     return [MlflowSteps(), Throughput(), UploadCheckpoints()]
+
+
+def _try_store(upload, name: str):
+    """upload()'s result, or None (and a warning) when storage stays down."""
+    try:
+        return upload()
+    except ServiceError as exc:
+        log.warning("checkpoint %s could not be stored (%s); training goes on and the next save uploads again",
+                    name, exc)
+        return None
 
 
 class TokenCounter:
@@ -238,7 +259,7 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
 
     Under torchrun every worker process calls this; only the first writes, logs and uploads."""
     import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     work_dir.mkdir(parents=True, exist_ok=True)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -275,9 +296,10 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
         disable_tqdm=not progress,
         dataloader_num_workers=0,
         use_cpu=not any(p.is_cuda for p in model.parameters()),
-        # Data-parallel workers (train.processes > 1, started by torchrun): NCCL on GPUs, gloo on CPUs.
+        # Workers started by torchrun (train.processes or train.nodes > 1): NCCL on GPUs, gloo on CPUs.
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
         ddp_find_unused_parameters=False,
+        **sharding.trainer_arguments(cfg.sharding, model),
         **precision_flags(cfg.precision),
     )
     resume_from = None
@@ -301,7 +323,7 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
     keeper = BestKeeper(cfg, work_dir, store, prefix) if evaluating else None
     if keeper is not None:
         callbacks.append(make_callback(keeper, logger, logged_through(logger)))
-    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+    trainer = sharding.trainer_class(cfg.sharding)(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                       eval_dataset=eval_dataset if evaluating else None, compute_metrics=compute_metrics,
                       callbacks=callbacks)
     if resume_from is not None and _completed(Path(resume_from), total_steps):
@@ -314,12 +336,16 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
     loop_seconds = time.monotonic() - loop_started
     counting.remove()
 
-    if keeper is not None:
-        keeper.restore_into(model, trainer.state.global_step)
-    if not trainer.is_world_process_zero():
+    main = trainer.is_world_process_zero()
+    held = sharding.parameter_bytes(trainer.model)
+    best = keeper.folder_if_better_than(trainer.state.global_step) if keeper is not None else None
+    if best is None:
+        sharding.write_weights(trainer.model, out_dir, main)  # every process: sharded weights are gathered
+    if not main:
         return {}
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    if best is not None:
+        keeper.copy_weights(out_dir)
     tokenizer.save_pretrained(out_dir)
     history = [row for row in trainer.state.log_history if "loss" in row or "eval_loss" in row]
     losses = [row["loss"] for row in history if "loss" in row]
@@ -332,6 +358,7 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
                # this attempt's loop (per process): what the batches held and how fast they went
                "tokens": counter.tokens, "tokens_per_s": round(counter.tokens / loop_seconds, 2) if counter.tokens else None,
                "padding_share": round(1 - counter.tokens / counter.positions, 4) if counter.positions else None,
+               "sharding": cfg.sharding, "parameter_mb_per_process": round(held / 2**20, 3),
                **(keeper.summary() if keeper is not None else {}), **peak_memory_mb()}
     artifacts.write_training_summary(out_dir, summary, history)
     if logger is not None and history:

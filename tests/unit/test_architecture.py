@@ -32,7 +32,7 @@ LAYERS = [
     ("data and tokens", ["kubetune.data", "kubetune.tokenization", "kubetune.retrieval"]),
     ("model", ["kubetune.modeling"]),
     ("scoring, evaluation, training", ["kubetune.headline", "kubetune.scoring", "kubetune.evaluation", "kubetune.training", "kubetune.report", "kubetune.best_checkpoint",
-                                       "kubetune.distributed"]),
+                                       "kubetune.distributed", "kubetune.sharding"]),
     ("preflight, registry and export", ["kubetune.preflight", "kubetune.registry", "kubetune.export", "kubetune.notify"]),
     ("stages", ["kubetune.stages", "kubetune.train_worker"]),
     ("KFP", ["kubetune.components*", "kubetune.pipelines*"]),

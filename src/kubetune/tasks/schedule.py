@@ -91,7 +91,7 @@ def training_order(names: list[str], codes: np.ndarray, task_weights: dict[str, 
     small integer a row, as Arrow's dictionary encoding gives them); task_weights: weight by task
     name (1.0 when absent).
 
-    Enough rows for the whole run: its steps x batch x accumulation x train.processes."""
+    Enough rows for the whole run: its steps x batch x accumulation x processes x nodes."""
     import numpy as np
 
     progressive = cfg.train.schedule == "progressive"
@@ -103,8 +103,7 @@ def training_order(names: list[str], codes: np.ndarray, task_weights: dict[str, 
         raise DataError("data.task_weights", cfg.data.task_weights, "every training task has weight 0; give "
                         "at least one a positive weight")
     rows = len(codes)
-    length = (cfg.train.total_steps(rows) * cfg.train.batch_size * cfg.train.gradient_accumulation_steps
-              * cfg.train.processes)
+    length = cfg.train.total_steps(rows) * cfg.train.rows_per_step()
     rng = random.Random(cfg.train.seed)
     is_general = codes == names.index(GENERAL_TASK) if GENERAL_TASK in names else np.zeros(rows, dtype=bool)
     general = np.flatnonzero(is_general & (weights > 0))
