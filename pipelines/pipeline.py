@@ -21,6 +21,7 @@ from kfp import compiler, dsl, kubernetes
 from kubetune.components import evaluate, finish_run, preflight, prepare_data, prepare_model, register, tokenize, train
 from kubetune.config import default_config
 from kubetune.config_outputs import WEBHOOK_ENV
+from kubetune.images import CUDA_IMAGE
 from kubetune.run_form import EMPTY_HELP, RUN_FORM, TRAIN, cluster_defaults
 
 PIPELINE_NAME = "kubetune"
@@ -84,6 +85,18 @@ STAGES = {
     # predicting it (an 8-bit 6.7B base is about 7 GB).
     "register": Stage(cpu=("4", "8"), memory=("32Gi", "32Gi"), timeout_minutes=60, cache=False),
     "finish_run": Stage(cpu=("100m", "1"), memory=("1Gi", "2Gi"), timeout_minutes=10, cache=False),
+}
+# train.nodes > 1: the pods of the TrainJob's nodes (kubetune.trainjob.NodeSettings). Each node is
+# sized like the train task and gets the same endpoints and credentials; its GPUs (train.processes of
+# accelerator_type) and the GPU pool's node selector come from the run's parameters, the toleration
+# here. The train task itself then only follows the job.
+TRAIN_NODES = {
+    "image": CUDA_IMAGE,
+    "cpu": STAGES["train"].cpu[1],
+    "memory": STAGES["train"].memory[1],
+    "tolerations": [GPU_TOLERATION],
+    "config_maps": {ENDPOINTS_CONFIG_MAP: ENDPOINT_KEYS},
+    "secrets": SECRETS_AS_ENV,
 }
 RETRY_BACKOFF = {"backoff_duration": "30s", "backoff_factor": 2.0, "backoff_max_duration": "3600s"}
 
@@ -186,7 +199,8 @@ def kubetune_pipeline(
             trained = _on_cluster(train(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],
                                         prepared_model=prepared.outputs["prepared_model"],
                                         accelerators=checked.outputs["train_accelerators"],
-                                        accelerator_type=accelerator_type), "train")
+                                        accelerator_type=accelerator_type, node_settings=TRAIN_NODES,
+                                        node_selector=gpu_node_selector), "train")
             _on_gpus(trained, accelerator_type, checked.outputs["train_accelerators"], gpu_node_selector)
             evaluated = _on_cluster(evaluate(config_json=config, run_id=run_id, tokenized=tokens.outputs["tokenized"],
                                              tuned_model=trained.outputs["tuned_model"], accelerators=accelerator_count,

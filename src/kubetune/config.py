@@ -202,7 +202,7 @@ class TrainConfig:
     sharding: str = _help(
         "ddp: every process holds the whole model and they average gradients; fsdp: FSDP2 shards the "
         "weights, gradients and optimizer state across all processes of all nodes (about 1/N each), for "
-        "models that do not fit one GPU. fsdp needs model.quantization none or 4bit.", "ddp")
+        "models that do not fit one GPU. fsdp needs model.quantization none (LoRA or full fine-tuning).", "ddp")
     schedule: str = _help("mixed: all tasks from the start; progressive: start from the general (replay) "
                           "data and ramp the new tasks in (the guide's schedule).", "mixed")
     logging_steps: int = _help("Log loss and learning rate every N optimizer steps.", 1)
@@ -353,11 +353,15 @@ class RunConfig:
         for section in (self.model, self.data, self.train, self.evaluate, self.register, self.tracking,
                         self.storage, self.notify):
             section.validate()
-        # bitsandbytes keeps 8-bit weights as Int8Params with their scales beside them; FSDP2 shards
-        # plain tensors only (4-bit weights it can shard once they are stored in the compute dtype).
-        _require(self.train.sharding != "fsdp" or self.model.quantization != "8bit", "train.sharding",
-                 self.train.sharding, "FSDP cannot shard 8-bit (LLM.int8) weights: set model.quantization to 4bit "
-                 "(QLoRA) or none, or train.sharding to ddp")
+        # bitsandbytes keeps 8-bit weights as Int8Params with their scales beside them, which FSDP2
+        # cannot shard. 4-bit weights it can shard only when bitsandbytes stores them in the compute
+        # dtype and every other weight has that dtype too (the QLoRA-FSDP recipe): not built here.
+        if self.train.sharding == "fsdp" and self.model.quantization != "none":
+            reason = ("FSDP cannot shard bitsandbytes' 8-bit (LLM.int8) weights" if self.model.quantization == "8bit"
+                      else "kubetune does not yet shard 4-bit weights (QLoRA with FSDP)")
+            raise ConfigError("train.sharding", self.train.sharding, f"{reason}: set model.quantization to none "
+                              f"(the weights in 16/32-bit, sharded), or train.sharding to ddp to keep "
+                              f"{self.model.quantization} weights whole on every GPU")
         if self.tracking.experiment is None:  # resolved here, so every stage and the run's params agree
             self.tracking.experiment = self.register.model_name
         return self

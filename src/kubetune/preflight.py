@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from kubetune import artifacts, modeling, retrieval, tracking
+from kubetune import artifacts, modeling, retrieval, tracking, trainjob
 from kubetune.config import RunConfig
 from kubetune.errors import ConfigError
 from kubetune.data import prepare_data
 from kubetune.evaluation import retention_texts
+from kubetune.images import CUDA_IMAGE
 from kubetune.sources import head
 from kubetune.model_source import check_snapshot, describe_source, resolve_model
 from kubetune.registry import skip_reason
@@ -236,6 +237,23 @@ def check_services(cfg: RunConfig) -> tuple[str, str]:
     return uri, store.uri()
 
 
+def check_nodes(cfg: RunConfig, train_gpus: Optional[bool]) -> None:
+    """train.nodes > 1: storage every node can reach, GPUs for the nodes where the pipeline grants
+    none, and a cluster that accepts a TrainJob (kubetune.trainjob.check_available)."""
+    nodes = cfg.train.nodes
+    if nodes == 1:
+        return
+    if not (cfg.storage.uri or "").startswith("s3://"):
+        raise ConfigError("storage.uri", cfg.storage.uri, f"train.nodes is {nodes}: the nodes exchange the data, the "
+                          "checkpoints and the adapter through storage, and no node can read another's disk; give "
+                          "s3://bucket/prefix")
+    if train_gpus is False:
+        raise ConfigError("train.nodes", nodes, "the pipeline grants no GPUs (accelerator_count 0), so every node "
+                          "would train on CPUs: set accelerator_count to 1 or more (each node then asks for "
+                          "train.processes GPUs of accelerator_type), or train.nodes to 1")
+    trainjob.check_available(nodes, cfg.train.processes, CUDA_IMAGE)
+
+
 def preflight(cfg: RunConfig, train_gpus: Optional[bool] = None, when_data_changes: bool = False) -> PreflightReport:
     """Cheap checks first: config, data, services, then the model's structure. train_gpus: whether
     the train stage gets GPUs (on a cluster, from the accelerator settings); None = this machine's.
@@ -247,6 +265,7 @@ def preflight(cfg: RunConfig, train_gpus: Optional[bool] = None, when_data_chang
     check_precision(cfg, train_gpus)
     data_facts, sample = check_data(cfg)
     tracking_uri, storage_uri = check_services(cfg)
+    check_nodes(cfg, train_gpus)
     skipped = skip_reason(tracking_uri, cfg.register.model_name, data_facts["sha256"]) if when_data_changes else ""
     if skipped:
         log.info("preflight: %s", skipped)

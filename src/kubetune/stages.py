@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from kubetune import __version__, artifacts, console, data, distributed, evaluation, faults, modeling, registry, tracking
+from kubetune import __version__, artifacts, console, data, distributed, evaluation, faults, modeling, nodes, registry, tracking
 from kubetune import preflight as checks
 from kubetune import headline, notify, report, run_form, tokenization, training
 from kubetune.config import RunConfig
@@ -201,11 +201,12 @@ def _notify(settings: dict[str, Any], uri: str, pipeline_run: str, state: str, e
 
 def train_accelerators(config: Config, accelerator_count: int) -> int:
     """The GPUs the train task asks for: one per training process (train.processes, the only place
-    that number is set), none where the GPU stages get none (accelerator_count 0)."""
+    that number is set), none where the GPU stages get none (accelerator_count 0) or where the
+    training runs on the nodes of a TrainJob (train.nodes > 1: each node asks for its own)."""
     if accelerator_count < 0:
         raise ConfigError("accelerator_count", accelerator_count, "give the GPUs per GPU stage: 0 or more")
-    return config_from(json.loads(config) if isinstance(config, str) else config).train.processes \
-        if accelerator_count > 0 else 0
+    train = config_from(json.loads(config) if isinstance(config, str) else config).train
+    return train.processes if accelerator_count > 0 and train.nodes == 1 else 0
 
 
 def prepare_data(config: Config, run_id: str, out_dir: str) -> dict[str, Any]:
@@ -275,13 +276,21 @@ def prepare_model(config: Config, run_id: str, tokenized_dir: str, out_dir: str,
 
 
 def train(config: Config, run_id: str, tokenized_dir: str, prepared_dir: str, out_dir: str,
-          accelerators: int = 0, accelerator_type: str = "") -> dict:
-    """Trains in this process, or with train.processes > 1 in that many data-parallel worker
-    processes (kubetune.distributed, each running train_worker)."""
+          accelerators: int = 0, accelerator_type: str = "", node_settings: Optional[dict[str, Any]] = None,
+          node_selector: Optional[dict[str, str]] = None) -> dict:
+    """Trains in this process; with train.processes > 1 in that many worker processes
+    (kubetune.distributed, each running train_worker); with train.nodes > 1 as a Kubeflow Trainer
+    TrainJob (kubetune.nodes) whose nodes' pods look as node_settings says, each with
+    train.processes GPUs of accelerator_type ("": none) on the nodes node_selector picks."""
     cfg = _start(config)
     with _stage(cfg, run_id, "train", out_dir) as logger, logger.system_metrics():
         _check_granted(accelerators, accelerator_type)
-        if cfg.train.processes > 1:
+        if cfg.train.nodes > 1:
+            summary = nodes.train_on_nodes(cfg, config if isinstance(config, str) else json.dumps(config), run_id,
+                                           run_prefix(run_id), _store(cfg), Path(tokenized_dir), Path(prepared_dir),
+                                           Path(out_dir), {**(node_settings or {}), "accelerator_type": accelerator_type,
+                                                           "node_selector": node_selector or {}})
+        elif cfg.train.processes > 1:
             arguments = {"config": config if isinstance(config, str) else json.dumps(config), "run_id": run_id,
                          "tokenized_dir": tokenized_dir, "prepared_dir": prepared_dir, "out_dir": out_dir}
             distributed.launch(cfg.train.processes, "kubetune.train_worker", arguments)
@@ -289,8 +298,9 @@ def train(config: Config, run_id: str, tokenized_dir: str, prepared_dir: str, ou
         else:
             summary = train_worker(config, run_id, tokenized_dir, prepared_dir, out_dir)
         logger.metrics({f"train/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and k != "processes"})
-        if cfg.train.processes > 1:
-            logger.tags({"kubetune.train_processes": cfg.train.processes})
+        if cfg.train.world_size() > 1:
+            logger.tags({"kubetune.train_processes": cfg.train.world_size(), "kubetune.train_nodes": cfg.train.nodes,
+                         "kubetune.train_sharding": cfg.train.sharding})
         if "best_step" in summary:
             stopped = summary.get("stopped_early_at")
             logger.tags({"kubetune.best_step": summary["best_step"],
@@ -317,6 +327,13 @@ def train_worker(config: Config, run_id: str, tokenized_dir: str, prepared_dir: 
                           logger=_logger(cfg, run_id), store=_store(cfg), prefix=run_prefix(run_id),
                           progress=console.progress(), order=kind.train_order(dataset, cfg),
                           eval_dataset=validation, compute_metrics=kind.training_metrics())
+
+
+def train_node(config: Config, run_id: str, attempt: str) -> None:
+    """One node of a TrainJob (kubetune.train_node runs it in each node's pod)."""
+    cfg = _start(config)
+    nodes.run_node(cfg, config if isinstance(config, str) else json.dumps(config), run_id, attempt,
+                   run_prefix(run_id), _store(cfg))
 
 
 def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, out_dir: str, accelerators: int = 0,

@@ -268,7 +268,9 @@ def test_roles_are_least_privilege(target):
         for rule in role["rules"]:
             for key in ("apiGroups", "resources", "verbs"):
                 assert not any("*" in value for value in rule[key]), f"{role['metadata']['name']}: a wildcard in {key}"
-            assert not set(rule["verbs"]) & {"delete", "deletecollection", "escalate", "bind", "impersonate"}, rule
+            assert not set(rule["verbs"]) & {"deletecollection", "escalate", "bind", "impersonate"}, rule
+            # delete only what kubetune itself creates: the TrainJob of a cancelled or retried train task
+            assert "delete" not in rule["verbs"] or rule["resources"] == ["trainjobs"], rule
             if "secrets" in rule["resources"]:
                 assert set(rule["verbs"]) == {"get"} and rule.get("resourceNames"), f"secrets by name, get only: {rule}"
                 assert set(rule["resourceNames"]) <= SECRET_NAMES | {"mlpipeline-minio-artifact"}, rule
@@ -277,6 +279,15 @@ def test_roles_are_least_privilege(target):
         for subject in binding["subjects"]:
             assert subject["kind"] == "ServiceAccount" and subject["namespace"] == NAMESPACE, subject
             assert one(target, "ServiceAccount", subject["name"])
+
+
+def test_the_pipeline_may_call_exactly_what_kubetune_trainjob_calls():
+    """The TrainJob verbs in the Role are the custom-object calls kubetune.trainjob makes, no more."""
+    source = (Path(__file__).resolve().parents[2] / "src" / "kubetune" / "trainjob.py").read_text()
+    called = set(re.findall(r"\.(create|get|delete|patch|list|replace)_namespaced_custom_object\(", source))
+    rules = [rule for rule in one("base", "Role", "kubetune-pipeline")["rules"]
+             if "trainer.kubeflow.org" in rule["apiGroups"]]
+    assert len(rules) == 1 and rules[0]["resources"] == ["trainjobs"] and set(rules[0]["verbs"]) == called
 
 
 # ---- Secrets ----------------------------------------------------------------------------------------

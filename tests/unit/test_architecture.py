@@ -1,7 +1,7 @@
 """The layering of docs/ARCHITECTURE.md, checked on the source: imports point one way, with no cycle
 (function-local imports counted), internal imports sit at module top, no module outgrows a page,
 and each outside library with a seam is imported behind it alone: mlflow in kubetune.tracking,
-boto3 in kubetune.storage, kfp.local's private modules in kubetune.launch.kfp_local (that one in
+boto3 in kubetune.storage, kubernetes in kubetune.trainjob, kfp.local's private modules in kubetune.launch.kfp_local (that one in
 tests/unit/test_kfp_local_seam.py).
 
 Read from the files with `ast`, so nothing is imported and the check takes milliseconds.
@@ -26,15 +26,16 @@ LAYERS = [
     ("serving", ["kubetune_serving*"]),
     ("foundation", ["kubetune", "kubetune.errors", "kubetune.faults", "kubetune.paths", "kubetune.strict", "kubetune.overrides", "kubetune.config_fields", "kubetune.config_outputs", "kubetune.config", "kubetune.config_reference",
                     "kubetune.images"]),
-    ("I/O", ["kubetune.storage", "kubetune.build_cache", "kubetune.tracking*", "kubetune.model_source", "kubetune.shards", "kubetune.sources", "kubetune.disk_shuffle",
+    ("I/O", ["kubetune.storage", "kubetune.trainjob", "kubetune.build_cache", "kubetune.tracking*", "kubetune.model_source", "kubetune.shards", "kubetune.sources", "kubetune.disk_shuffle",
              "kubetune.artifacts", "kubetune.console", "kubetune.containers", "kubetune.services"]),
     ("tasks", ["kubetune.tasks*", "kubetune.run_config", "kubetune.run_form"]),
     ("data and tokens", ["kubetune.data", "kubetune.tokenization", "kubetune.retrieval"]),
     ("model", ["kubetune.modeling"]),
     ("scoring, evaluation, training", ["kubetune.headline", "kubetune.scoring", "kubetune.evaluation", "kubetune.training", "kubetune.report", "kubetune.best_checkpoint",
                                        "kubetune.distributed", "kubetune.sharding"]),
-    ("preflight, registry and export", ["kubetune.preflight", "kubetune.registry", "kubetune.export", "kubetune.notify"]),
-    ("stages", ["kubetune.stages", "kubetune.train_worker"]),
+    ("preflight, registry and export", ["kubetune.preflight", "kubetune.registry", "kubetune.export", "kubetune.notify",
+                                        "kubetune.nodes"]),
+    ("stages", ["kubetune.stages", "kubetune.train_worker", "kubetune.train_node"]),
     ("KFP", ["kubetune.components*", "kubetune.pipelines*"]),
     ("launch", ["kubetune.launch*"]),
     ("command line", ["kubetune.cli"]),
@@ -194,6 +195,12 @@ def test_only_storage_imports_boto3():
     importers = sorted(name for name, path in MODULES.items()
                        if {"boto3", "botocore"} & _third_party_imports(path) and name != "kubetune.storage")
     assert not importers, f"{importers} import boto3/botocore; go through kubetune.storage"
+
+
+def test_only_trainjob_imports_kubernetes():
+    importers = sorted(name for name, path in MODULES.items()
+                       if "kubernetes" in _third_party_imports(path) and name != "kubetune.trainjob")
+    assert not importers, f"{importers} import kubernetes; go through kubetune.trainjob"
 
 
 def test_only_tracking_imports_mlflow():

@@ -1,0 +1,127 @@
+"""The TrainJob kubetune submits, checked against Kubeflow Trainer's own API files in
+../shared/k8s/kubeflow-trainer/ (the CRD's openAPIV3Schema, the torch-distributed runtime), and how
+its status is read. No cluster: the schema is what the API server would validate against."""
+
+import json
+
+import pytest
+
+from kubetune import distributed, nodes, trainjob
+from kubetune.errors import ConfigError
+from kubetune.pipelines.pipeline import GPU_NODE_SELECTOR, TRAIN_NODES
+from trainer_stand_in import runtime_names, validate_trainjob
+
+
+def pipeline_manifest(**overrides) -> dict:
+    settings = trainjob.NodeSettings.from_dict({**TRAIN_NODES, "accelerator_type": "nvidia.com/gpu",
+                                                "node_selector": GPU_NODE_SELECTOR})
+    command, args = nodes.node_command(json.dumps({"task": "causal_lm"}), "0f" * 16, "a1b2c3d4")
+    arguments = {"name": trainjob.job_name("0f" * 16), "settings": settings, "nodes": 4, "processes": 8,
+                 "command": command, "args": args, "service_account": "kubetune-pipeline", **overrides}
+    return trainjob.manifest(**arguments)
+
+
+def test_the_pipelines_trainjob_is_valid_against_the_crd_and_names_an_installed_runtime():
+    body = pipeline_manifest()
+    assert validate_trainjob(body) == []
+    assert body["spec"]["runtimeRef"]["name"] in runtime_names() == {"torch-distributed"}
+    trainer = body["spec"]["trainer"]
+    assert trainer["numNodes"] == 4 and trainer["numProcPerNode"] == 8
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 8
+    assert trainer["command"] == ["python", "-m", "kubetune.train_node"]
+    assert json.loads(trainer["args"][0])["attempt"] == "a1b2c3d4"
+    pod = body["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    assert pod["name"] == "node"  # the runtime's replicated job
+    assert pod["template"]["spec"]["template"]["spec"]["serviceAccountName"] == "kubetune-pipeline"
+
+
+def test_the_nodes_get_the_train_tasks_endpoints_and_secrets():
+    from kubetune.pipelines.pipeline import ENDPOINT_KEYS, SECRETS_AS_ENV
+
+    env = {entry["name"]: entry["valueFrom"] for entry in pipeline_manifest()["spec"]["trainer"]["env"]}
+    assert set(env) == set(ENDPOINT_KEYS) | {key for keys in SECRETS_AS_ENV.values() for key in keys}
+    assert all(env[key]["configMapKeyRef"]["name"] == "kubetune-endpoints" for key in ENDPOINT_KEYS)
+    assert env["AWS_ACCESS_KEY_ID"]["secretKeyRef"] == {"name": "kubetune-s3", "key": "AWS_ACCESS_KEY_ID",
+                                                        "optional": True}
+
+
+def test_a_cpu_job_asks_for_no_gpu_and_the_schema_catches_a_broken_body():
+    body = pipeline_manifest(settings=trainjob.NodeSettings(image="kubetune-cpu:1"), service_account=None)
+    assert "limits" not in body["spec"]["trainer"]["resourcesPerNode"] and "runtimePatches" not in body["spec"]
+    assert validate_trainjob(body) == []
+    body["spec"]["trainer"]["numNodes"] = "4"
+    body["spec"]["trainer"]["nodes"] = 4
+    problems = validate_trainjob(body)
+    assert any("numNodes" in p for p in problems) and "unknown field spec.trainer.nodes" in problems
+
+
+@pytest.mark.parametrize("run_id", ["0123456789abcdef0123456789abcdef", "RUN_with.Odd-chars", "9" * 80])
+def test_job_names_are_dns_labels_for_any_run_id(run_id):
+    name = trainjob.job_name(run_id)
+    assert validate_trainjob({**pipeline_manifest(), "metadata": {"name": name}}) == []
+    assert trainjob.job_name(run_id) == name  # a retried task finds its predecessor by it
+
+
+def test_node_settings_refuse_unknown_keys():
+    with pytest.raises(ConfigError, match="node_settings"):
+        trainjob.NodeSettings.from_dict({**TRAIN_NODES, "gpus": 8})
+
+
+@pytest.mark.parametrize("status, expected", [
+    ({}, ("Pending", "")),
+    ({"jobsStatus": [{"name": "node", "active": 1, "ready": 0, "succeeded": 0, "failed": 0, "suspended": 0}]},
+     ("Running", "")),
+    ({"conditions": [{"type": "Complete", "status": "True", "message": "jobset completed"}]},
+     ("Complete", "jobset completed")),
+    ({"conditions": [{"type": "Complete", "status": "False"},
+                     {"type": "Failed", "status": "True", "reason": "JobSetFailed"}]}, ("Failed", "JobSetFailed")),
+    ({"conditions": [{"type": "Suspended", "status": "True", "message": "suspended by Kueue"}]},
+     ("Suspended", "suspended by Kueue")),
+])
+def test_state_reads_the_conditions(status, expected):
+    assert trainjob.state({"status": status}) == expected
+
+
+def test_no_kubernetes_api_configured_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    with pytest.raises(ConfigError) as refused:
+        trainjob.Cluster("train.nodes", 2)
+    message = str(refused.value)
+    assert message.startswith("train.nodes = 2: ") and "no Kubernetes API is configured here" in message
+    assert "\n" not in message and "set train.nodes to 1" in message
+
+
+def test_a_node_runs_torchrun_with_no_rendezvous_flags(monkeypatch):
+    """Everything about the other nodes reaches torchrun through the PET_* variables Trainer sets."""
+    seen = {}
+
+    class Finished:
+        def __init__(self, command, **kwargs):
+            seen["command"] = command
+            self.stdout, self.returncode = iter(["step 1\n"]), 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", Finished)
+    distributed.launch_node("kubetune.train_worker", {"a": 1})
+    command = seen["command"]
+    assert command[1:4] == ["-m", "torch.distributed.run", "-m"] and command[4] == "kubetune.train_worker"
+    assert not [part for part in command if part.startswith("--")]
+
+
+@pytest.mark.parametrize("lines, expected", [
+    (["Traceback (most recent call last):", '  File "x.py"', "kubetune.errors.DataError: data.path = 'x': no",
+      "[rank0]: torch.distributed.elastic.multiprocessing.errors.ChildFailedError:", "====="],
+     "kubetune.errors.DataError: data.path = 'x': no"),
+    (["RuntimeError: [gloo] Connection closed by peer", "E1207 12:00:00 failed"],
+     "RuntimeError: [gloo] Connection closed by peer"),
+    (["starting", "Killed", ""], "Killed"),
+    (["[rank1]: ValueError: bad shape", "[rank1]: more"], "ValueError: bad shape"),
+])
+def test_error_line_is_the_workers_last_exception(lines, expected):
+    assert distributed.error_line(lines) == expected
