@@ -39,6 +39,11 @@ runs, each a fresh process: imports, loading and quantizing the base (twice for 
 prepare and train stages do), 30 steps, saving the adapter (kubetune's train stage also saves the
 tokenizer, 0.7 s here), 50 held-out scores. Too slow on another GPU: lower --steps.
 
+Sharded runs: with 2 or more GPUs, bench/sharding.py then trains the last model asked for (LoRA,
+no quantization, as train.sharding: fsdp takes it) with one process per GPU, DDP and then FSDP, and
+the report adds FSDP's seconds per step, tokens/s, peak GPU memory and parameters per process over
+DDP's. With one GPU that part is skipped and the report says so (NCCL allows one process per GPU).
+
 Without a CUDA GPU it refuses, before loading anything. `--smoke` runs the same code on the CPU
 (any GPU hidden) with a tiny random Llama, 2 steps, 8-bit and 4-bit (bitsandbytes 0.50 runs both
 on the CPU), and writes to a temp folder instead of bench/results: plumbing only, its timings mean
@@ -53,6 +58,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -130,6 +136,29 @@ def mfu(params: int, tokens: int, seconds: float, peak: Optional[float]) -> Opti
     return round(6 * params * tokens / (seconds * peak), 4) if peak else None
 
 
+def sharded_runs(model_dir: Path, processes: int, steps: int, work: Path) -> dict:
+    """bench/sharding.py over `processes` GPUs (or CPU processes): FSDP's figures against DDP's."""
+    out = work / "sharding.json"
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("sharding.py")), "--model", str(model_dir),
+                           "--processes", str(processes), "--steps", str(steps), "--out", str(out)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        return {"error": (done.stdout + done.stderr)[-3000:]}
+    return json.loads(out.read_text())
+
+
+def sharding_lines(sharding: dict) -> list[str]:
+    if "runs" not in sharding:
+        return ["", f"Sharded runs: {sharding.get('skipped') or 'failed: ' + sharding['error'].strip().splitlines()[-1]}"]
+    lines = ["", f"Sharded runs ({sharding['model']}, LoRA, no quantization, {sharding['processes']} processes):", "",
+             "| sharding | s/step | tokens/s | peak GPU MB (first process) | parameter MB per process |",
+             "|---|---|---|---|---|"]
+    for name, run in sharding["runs"].items():
+        lines.append(f"| {name} | {run['seconds_per_step']} | {run['tokens_per_s']} | {run['peak_gpu_mb'] or '-'} | "
+                     f"{run['parameter_mb_per_process']} |")
+    return lines + ["", f"FSDP / DDP: {json.dumps(sharding['fsdp_vs_ddp'])}"]
+
+
 def environment(smoke: bool) -> dict:
     import bitsandbytes
     import peft
@@ -192,6 +221,7 @@ def markdown(report: dict) -> str:
     for key, pair in report["ratios"].items():
         lines.append(f"| {key} | {pair['tokens_per_s_vs_plain']} | {pair['seconds_per_step_vs_plain']} | "
                      f"{pair.get('peak_gpu_memory_vs_plain', '-')} |")
+    lines += sharding_lines(report["sharding"])
     return "\n".join(lines) + "\n"
 
 
@@ -264,12 +294,22 @@ def main() -> None:
                 runs.append(record)
                 print(f"[{len(runs)}/{total}] {progress_line(record)}; {time.monotonic() - started:.0f} s so far "
                       f"of the {BUDGET_SECONDS} s budget", flush=True)
+        import torch
+
+        gpus = 2 if args.smoke else torch.cuda.device_count()  # smoke: 2 CPU processes (gloo)
+        if gpus >= 2:
+            sharding = {"model": models[-1], "processes": gpus,
+                        **sharded_runs(model_dirs[models[-1]], gpus, steps, work)}
+            print(f"sharded runs: {sharding.get('fsdp_vs_ddp') or 'FAILED'}; {time.monotonic() - started:.0f} s so far",
+                  flush=True)
+        else:
+            sharding = {"skipped": f"{gpus} GPU: FSDP against DDP needs 2 or more (one process per GPU)"}
 
     elapsed = time.monotonic() - started
     report = {"date": datetime.date.today().isoformat(), "smoke": args.smoke, "environment": env,
               "peak_tflops": peak / 1e12 if peak else None, "steps": steps, "max_length": args.max_length,
               "settings": {**SETTINGS, "max_length": args.max_length}, "models": info, "runs": runs,
-              "ratios": ratios(runs), "total_seconds": round(elapsed, 1)}
+              "ratios": ratios(runs), "sharding": sharding, "total_seconds": round(elapsed, 1)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu-latest.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "gpu-latest.md").write_text(markdown(report))
@@ -277,6 +317,7 @@ def main() -> None:
     print(f"wrote {out / 'gpu-latest.json'} and gpu-latest.md; {elapsed:.0f} s in all"
           + (f", OVER the {BUDGET_SECONDS} s budget: lower --steps" if elapsed > BUDGET_SECONDS else ""))
     failed = [f"{r['model']} {r['quantization']} {r['side']}" for r in runs if "error" in r]
+    failed += ["sharded runs"] if "error" in sharding else []
     if failed:
         sys.exit(f"failed: {', '.join(failed)} (their output is above and in gpu-latest.json)")
 

@@ -19,7 +19,8 @@ What it answers (the calls kubernetes' Python client 30 makes for kubetune.train
 Each node process gets: the job's env with configMapKeyRef/secretKeyRef resolved from the
 stand-in's `config_maps` and `secrets` (a missing optional Secret leaves the variable out), then
 PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR=127.0.0.1 and PET_MASTER_PORT,
-plus `base_env` and a PATH on which `python` is the test's own interpreter (the image's).
+plus `base_env`. A node is a process with a PATH on which `python` is the test's own interpreter, or
+with `podman` set, a container of the job's image on the host network (`podman run --rm`).
 """
 
 from __future__ import annotations
@@ -101,8 +102,10 @@ def _free_port() -> int:
 
 
 class Job:
-    def __init__(self, body: dict[str, Any], processes: list[subprocess.Popen], logs: list[Path]):
+    def __init__(self, body: dict[str, Any], processes: list[subprocess.Popen], logs: list[Path],
+                 containers: list[str], podman=None):
         self.body, self.processes, self.logs = body, processes, logs
+        self.containers, self.podman = containers, podman
         self.failed_node: Optional[int] = None
         self.stopped = False
 
@@ -127,6 +130,8 @@ class Job:
         return {"conditions": conditions, "jobsStatus": [job]}
 
     def stop(self) -> None:
+        for name in self.containers:  # the podman client is not the container: remove the container itself
+            self.podman.run("rm", "--force", "--ignore", "--time", "0", name, check=False, timeout=120)
         for process in self.processes:
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -143,6 +148,7 @@ class TrainerStandIn:
         self.config_maps: dict[str, dict[str, str]] = {}
         self.secrets: dict[str, dict[str, str]] = {}
         self.base_env: dict[str, str] = {}
+        self.podman = None  # a kubetune.containers.Podman: each node its own container of the job's image
         self.lock = threading.Lock()
 
     # ---- what a test does ----------------------------------------------------------------------
@@ -156,8 +162,12 @@ class TrainerStandIn:
         return path
 
     def kill_node(self, name: str, rank: int) -> None:
-        """SIGKILL one node's process group, as a lost machine or an OOM kill would end it."""
-        os.killpg(self.jobs[name].processes[rank].pid, signal.SIGKILL)
+        """SIGKILL one node, as a lost machine or an OOM kill would end it."""
+        job = self.jobs[name]
+        if job.containers:
+            self.podman.run("kill", "--signal", "KILL", job.containers[rank], check=False, timeout=60)
+        else:
+            os.killpg(job.processes[rank].pid, signal.SIGKILL)
 
     def node_log(self, name: str, rank: int) -> str:
         return self.jobs[name].logs[rank].read_text(errors="replace")
@@ -177,8 +187,7 @@ class TrainerStandIn:
 
     # ---- the API -------------------------------------------------------------------------------
     def _env(self, body: dict[str, Any], rank: int, port: int) -> dict[str, str]:
-        # The image's `python` is the one running the tests (in the images: /opt/venv/bin first on PATH).
-        env = {**self.base_env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        env = dict(self.base_env)
         for entry in body["spec"]["trainer"].get("env", []):
             if "value" in entry:
                 env[entry["name"]] = entry["value"]
@@ -201,15 +210,24 @@ class TrainerStandIn:
         port = _free_port()
         folder = self.work / body["metadata"]["name"] / uuid.uuid4().hex[:6]
         folder.mkdir(parents=True)
-        processes, logs = [], []
+        processes, logs, containers = [], [], []
         for rank in range(trainer["numNodes"]):
             log_path = folder / f"node-{rank}.log"
+            env = self._env(body, rank, port)
+            command = trainer["command"] + trainer.get("args", [])
+            if self.podman is not None:
+                containers.append(f"{body['metadata']['name']}-{folder.name}-node-{rank}")
+                command = self.podman.argv("run", "--rm", "--name", containers[-1], "--network", "host",
+                                           *self.podman.ulimit_args(), *[f"--env={k}={v}" for k, v in env.items()],
+                                           trainer["image"], *command)
+                env = dict(os.environ)  # the podman client's own
+            else:  # the image's `python` is the one running the tests (in the images: /opt/venv/bin on PATH)
+                env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
             with log_path.open("w") as log_file:
-                processes.append(subprocess.Popen(trainer["command"] + trainer.get("args", []), cwd=folder,
-                                                  env=self._env(body, rank, port), stdout=log_file,
+                processes.append(subprocess.Popen(command, cwd=folder, env=env, stdout=log_file,
                                                   stderr=subprocess.STDOUT, start_new_session=True))
             logs.append(log_path)
-        return Job(body, processes, logs)
+        return Job(body, processes, logs, containers, self.podman)
 
     def _handler(self):
         stand_in = self

@@ -360,7 +360,7 @@ class RunConfig:
             reason = ("FSDP cannot shard bitsandbytes' 8-bit (LLM.int8) weights" if self.model.quantization == "8bit"
                       else "kubetune does not yet shard 4-bit weights (QLoRA with FSDP)")
             raise ConfigError("train.sharding", self.train.sharding, f"{reason}: set model.quantization to none "
-                              f"(the weights in 16/32-bit, sharded), or train.sharding to ddp to keep "
+                              f"(unquantized weights, sharded), or train.sharding to ddp to keep "
                               f"{self.model.quantization} weights whole on every GPU")
         if self.tracking.experiment is None:  # resolved here, so every stage and the run's params agree
             self.tracking.experiment = self.register.model_name

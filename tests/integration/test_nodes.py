@@ -236,3 +236,14 @@ def test_preflight_asks_the_cluster_with_a_dry_run(prepared, trainer, mode, says
     with pytest.raises(ConfigError) as refused:
         preflight.check_nodes(cfg, train_gpus=True)
     assert str(refused.value).startswith("train.nodes = 2: ") and says in str(refused.value)
+
+
+def test_preflight_refuses_nodes_when_the_pipeline_grants_no_gpus(prepared):
+    """accelerator_count 0 on a cluster: the nodes would train on CPUs; refused before asking the cluster."""
+    from kubetune import preflight
+    from kubetune.config import RunConfig
+
+    cfg = RunConfig.from_dict({**prepared["config"], "train": {**prepared["config"]["train"], "nodes": 3}})
+    with pytest.raises(ConfigError) as refused:
+        preflight.check_nodes(cfg, train_gpus=False)
+    assert str(refused.value).startswith("train.nodes = 3: the pipeline grants no GPUs (accelerator_count 0)")

