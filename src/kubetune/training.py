@@ -137,7 +137,7 @@ def make_callbacks(logger, store, prefix: str, keep: int, runtime: "Runtime", co
             if store is not None and nodes > 1 and node > 0 and args.local_process_index == 0:
                 stored = _try_store(lambda: store.upload_dir(folder, f"{prefix}/{CHECKPOINTS}/{folder.name}",
                                                              without=COMPLETE_MARKER), folder.name)
-            if nodes > 1:
+            if args.world_size > 1:  # also a barrier: every process has written its part before rank 0 uploads
                 stored = sharding.all_agree(stored)
             if not state.is_world_process_zero:
                 return

@@ -153,11 +153,11 @@ class Cluster:
             return ConfigError(self.field_name, self.value, f"this cluster has no TrainJob API ({GROUP}/{VERSION}): "
                                "install Kubeflow Trainer (its CRDs and the torch-distributed runtime), or set "
                                "train.nodes to 1")
-        if exc.status == 403:
+        if exc.status == 403 and "admission webhook" not in reason:  # a webhook's denial is a 403 too
             return ConfigError(self.field_name, self.value, f"{what} was refused ({reason}): grant the pipeline's "
                                f"ServiceAccount create, get and delete on trainjobs.{GROUP} in namespace "
                                f"{self.namespace} (kustomize/base/pipeline-rbac.yaml does)")
-        if exc.status in (400, 404, 422):
+        if exc.status in (400, 403, 404, 422):
             return ConfigError(self.field_name, self.value, f"{what} was refused by the cluster: {reason}")
         return ServiceError("Kubernetes API", what, f"HTTP {exc.status}: {reason}")
 

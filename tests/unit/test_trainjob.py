@@ -125,3 +125,16 @@ def test_a_node_runs_torchrun_with_no_rendezvous_flags(monkeypatch):
 ])
 def test_error_line_is_the_workers_last_exception(lines, expected):
     assert distributed.error_line(lines) == expected
+
+
+def test_an_admission_webhooks_denial_is_not_taken_for_rbac():
+    """Trainer's webhook refuses (HTTP 403 by Kubernetes' default) a TrainJob whose runtime is missing."""
+    from kubernetes.client.exceptions import ApiException
+
+    cluster = trainjob.Cluster.__new__(trainjob.Cluster)
+    cluster.field_name, cluster.value, cluster.namespace = "train.nodes", 2, "kubetune"
+    denial = ApiException(status=403, reason="Forbidden")
+    denial.body = json.dumps({"message": 'admission webhook "validator.trainjob.trainer.kubeflow.org" denied the '
+                                        'request: ClusterTrainingRuntime "torch-distributed" not found'})
+    message = str(cluster._refusal("create TrainJob x", denial))
+    assert "was refused by the cluster: admission webhook" in message and "grant" not in message
