@@ -117,10 +117,10 @@ def test_a_checkpoint_upload_that_fails_does_not_fail_training(tmp_path, caplog)
 
     store = Flaky(tmp_path / "store")
     *_, upload = make_callbacks(None, store, "runs/r", keep=2, runtime=Runtime(None), counter=TokenCounter())
-    args = SimpleNamespace(output_dir=str(tmp_path / "work"))
+    args = SimpleNamespace(output_dir=str(tmp_path / "work"), world_size=1, local_process_index=0)
     for step in (2, 4):
         checkpoint(tmp_path / "work", step)
-        upload.on_save(args, SimpleNamespace(global_step=step, is_world_process_zero=True), None)
+        upload.on_save(args, SimpleNamespace(global_step=step, max_steps=4, is_world_process_zero=True), None)
     assert any("checkpoint-2 could not be stored" in r.getMessage() for r in caplog.records)
     assert latest_checkpoint(store, "runs/r") == "runs/r/checkpoints/checkpoint-4"
     assert json.loads(store.read_bytes("runs/r/checkpoints/checkpoint-4/kubetune_runtime.json"))["train_seconds"] >= 0

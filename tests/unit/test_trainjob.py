@@ -8,6 +8,7 @@ import pytest
 
 from kubetune import distributed, nodes, trainjob
 from kubetune.errors import ConfigError
+from kubetune.images import CPU_IMAGE
 from kubetune.pipelines.pipeline import GPU_NODE_SELECTOR, TRAIN_NODES
 from trainer_stand_in import runtime_names, validate_trainjob
 
@@ -46,7 +47,7 @@ def test_the_nodes_get_the_train_tasks_endpoints_and_secrets():
 
 
 def test_a_cpu_job_asks_for_no_gpu_and_the_schema_catches_a_broken_body():
-    body = pipeline_manifest(settings=trainjob.NodeSettings(image="kubetune-cpu:1"), service_account=None)
+    body = pipeline_manifest(settings=trainjob.NodeSettings(image=CPU_IMAGE), service_account=None)
     assert "limits" not in body["spec"]["trainer"]["resourcesPerNode"] and "runtimePatches" not in body["spec"]
     assert validate_trainjob(body) == []
     body["spec"]["trainer"]["numNodes"] = "4"
