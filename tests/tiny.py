@@ -172,6 +172,31 @@ def run_stages(config: dict, root: Path, through: str = "evaluate") -> dict:
     return out
 
 
+def train_again(prepared: dict, storage_uri: str, node_settings: Optional[dict] = None, **train_settings) -> dict:
+    """The train component as the pipeline calls it, on prepared's (run_stages') tokenized data and
+    prepared model, with train_settings over prepared["config"]'s and storage at storage_uri; returns
+    its training summary, with the tuned model's folder as "path". node_settings: a TrainJob's nodes
+    (CPU ones: no accelerator type)."""
+    from kfp import dsl
+
+    from kubetune import components
+
+    config = json.loads(json.dumps(prepared["config"]))
+    config["train"].update(train_settings)
+    config["storage"]["uri"] = storage_uri
+    tuned = dsl.Model(name="tuned", uri=str(prepared["root"] / f"tuned-{time.monotonic_ns()}"), metadata={})
+    components.train.python_func(config_json=json.dumps(config), run_id=prepared["run_id"],
+                                 tokenized=prepared["tokenized"], prepared_model=prepared["prepared"], tuned_model=tuned,
+                                 accelerator_type="", node_settings=node_settings or {})
+    summary = json.loads((Path(tuned.path) / "training_summary.json").read_text())
+    return {**summary, "path": Path(tuned.path)}
+
+
+def losses(summary: dict) -> list[float]:
+    """The training loss per logged step of a training summary."""
+    return [row["loss"] for row in summary["history"] if "loss" in row]
+
+
 # ---- classification: a tiny three-class sentiment set and a 2-block BERT ----------------------------
 
 NEGATIVE = ["bad", "awful", "terrible", "poor", "boring", "broken"]

@@ -8,28 +8,21 @@ checkpoints and adapter (S3, moto) and the MLflow server over the network, with 
 credentials the TrainJob's env names. Marked `containers` (`make test-containers`).
 """
 
-import json
 import os
-import time
 from pathlib import Path
 
 import pytest
-from kfp import dsl
 
-from kubetune import components, containers
+from kubetune import containers
 from kubetune.images import CPU_IMAGE
 from kubetune.pipelines.pipeline import TRAIN_NODES
-from tiny import run_stages, tiny_run_config
+from tiny import losses, run_stages, tiny_run_config, train_again
 from trainer_stand_in import TrainerStandIn, validate_trainjob
 
 pytestmark = pytest.mark.containers
 
 TOLERANCE = 1e-4
 BUCKET = "kubetune-nodes-containers"
-
-
-def artifact(kind, root: Path, name: str):
-    return kind(name=name, uri=str(root / name), metadata={})
 
 
 @pytest.fixture(scope="module")
@@ -53,21 +46,6 @@ def prepared(cpu_image, tiny_model_dir, quotes_file, tmp_path_factory, s3_server
         os.environ.pop("AWS_ENDPOINT_URL", None)
 
 
-def train(prepared, name: str, node_settings: dict, **train_settings) -> dict:
-    config = json.loads(json.dumps(prepared["config"]))
-    config["train"].update(train_settings)
-    config["storage"]["uri"] = f"s3://{BUCKET}/{name}"
-    tuned = artifact(dsl.Model, prepared["root"], f"tuned-{name}-{time.monotonic_ns()}")
-    components.train.python_func(config_json=json.dumps(config), run_id=prepared["run_id"],
-                                 tokenized=prepared["tokenized"], prepared_model=prepared["prepared"], tuned_model=tuned,
-                                 accelerator_type="", node_settings=node_settings)
-    return json.loads((Path(tuned.path) / "training_summary.json").read_text())
-
-
-def losses(summary: dict) -> list[float]:
-    return [row["loss"] for row in summary["history"] if "loss" in row]
-
-
 def test_two_nodes_as_two_containers_train_like_two_processes(prepared, tmp_path, monkeypatch, s3_server,
                                                               mlflow_server):
     with TrainerStandIn(tmp_path / "nodes").serving() as stand_in:
@@ -78,10 +56,11 @@ def test_two_nodes_as_two_containers_train_like_two_processes(prepared, tmp_path
         stand_in.base_env = {"MLFLOW_DISABLE_TELEMETRY": "true"}  # no outside network from here
         monkeypatch.setenv("KUBECONFIG", str(stand_in.kubeconfig(tmp_path / "kubeconfig")))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-        in_containers = train(prepared, "containers", {**TRAIN_NODES, "image": CPU_IMAGE}, nodes=2, processes=1)
+        in_containers = train_again(prepared, f"s3://{BUCKET}/containers", {**TRAIN_NODES, "image": CPU_IMAGE}, nodes=2,
+                                    processes=1)
         (_, _, body), = [r for r in stand_in.requests if r[0] == "POST"]
         node_log = "\n".join(stand_in.node_log(body["metadata"]["name"], rank) for rank in (0, 1))
     assert validate_trainjob(body) == [] and body["spec"]["trainer"]["image"] == CPU_IMAGE
-    in_process = train(prepared, "processes", {}, processes=2)
+    in_process = train_again(prepared, f"s3://{BUCKET}/processes", processes=2)
     assert in_containers["steps"] == 4 and len(losses(in_containers)) == 4, node_log[-3000:]
     assert losses(in_containers) == pytest.approx(losses(in_process), rel=TOLERANCE)

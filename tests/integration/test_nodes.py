@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from kfp import dsl
 
-from kubetune import components, tracking
+from kubetune import tracking
 from kubetune.errors import ConfigError
 from kubetune.pipelines.pipeline import TRAIN_NODES
 from kubetune.trainjob import TrainJobFailed, job_name
-from tiny import run_stages, tiny_run_config
+from tiny import losses, run_stages, tiny_run_config, train_again
 from trainer_stand_in import TrainerStandIn, validate_trainjob
 
 TOLERANCE = 1e-4
@@ -77,29 +77,15 @@ def trainer(tmp_path, monkeypatch, s3_server, prepared):
         yield stand_in
 
 
-def train(prepared, name: str, **train_settings) -> Path:
-    config = json.loads(json.dumps(prepared["config"]))
-    config["train"].update(train_settings)
-    config["storage"]["uri"] = f"{prepared['config']['storage']['uri'].rsplit('/', 1)[0]}/{name}"
-    tuned = artifact(dsl.Model, prepared["root"], f"tuned-{name}-{time.monotonic_ns()}")
-    components.train.python_func(config_json=json.dumps(config), run_id=prepared["run_id"],
-                                 tokenized=prepared["tokenized"], prepared_model=prepared["prepared"], tuned_model=tuned,
-                                 accelerator_type="", node_settings=TRAIN_NODES)
-    return Path(tuned.path)
-
-
-def summary_of(tuned: Path) -> dict:
-    return json.loads((tuned / "training_summary.json").read_text())
-
-
-def losses(summary: dict) -> list[float]:
-    return [row["loss"] for row in summary["history"] if "loss" in row]
+def train(prepared, name: str, **train_settings) -> dict:
+    storage = f"{prepared['config']['storage']['uri'].rsplit('/', 1)[0]}/{name}"
+    return train_again(prepared, storage, TRAIN_NODES, **train_settings)
 
 
 def test_two_nodes_train_like_one_node_of_two_processes_and_like_one_process(prepared, trainer):
-    two_nodes = summary_of(train(prepared, "two-nodes", nodes=2, processes=1, batch_size=4))
-    one_node = summary_of(train(prepared, "one-node", processes=2, batch_size=4))
-    single = summary_of(train(prepared, "single", batch_size=8))
+    two_nodes = train(prepared, "two-nodes", nodes=2, processes=1, batch_size=4)
+    one_node = train(prepared, "one-node", processes=2, batch_size=4)
+    single = train(prepared, "single", batch_size=8)
     assert two_nodes["processes"] == 2 and two_nodes["steps"] == 6
     for step, (nodes, processes, one) in enumerate(zip(losses(two_nodes), losses(one_node), losses(single)), start=1):
         assert nodes == pytest.approx(processes, rel=TOLERANCE), f"step {step}: 2 nodes {nodes} vs 1 node {processes}"
@@ -120,8 +106,8 @@ def test_two_nodes_train_like_one_node_of_two_processes_and_like_one_process(pre
 
 def test_sharded_across_two_nodes(prepared, trainer):
     """FSDP over 2 nodes x 1 process: the weights split across machines, the loss as DDP's."""
-    sharded = summary_of(train(prepared, "fsdp-nodes", nodes=2, processes=1, batch_size=4, sharding="fsdp"))
-    ddp = summary_of(train(prepared, "ddp-nodes-ref", processes=2, batch_size=4))
+    sharded = train(prepared, "fsdp-nodes", nodes=2, processes=1, batch_size=4, sharding="fsdp")
+    ddp = train(prepared, "ddp-nodes-ref", processes=2, batch_size=4)
     assert losses(sharded) == pytest.approx(losses(ddp), rel=TOLERANCE)
     assert sharded["parameter_mb_per_process"] / ddp["parameter_mb_per_process"] == pytest.approx(0.5, abs=0.05)
 
@@ -153,7 +139,7 @@ def test_a_killed_node_fails_the_task_and_a_retry_resumes(prepared, trainer, s3_
     assert killed.is_set()
     message = str(failure.value)
     assert message.startswith(f"TrainJob {name} failed: ") and "node" in message and "\n" not in message
-    retried = summary_of(train(prepared, "kill", **settings))
+    retried = train(prepared, "kill", **settings)
     assert ("DELETE", f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/kubetune/trainjobs/{name}") in \
         [(method, path.split("?")[0]) for method, path, _ in trainer.requests]
     assert retried["resumed_from"] and retried["steps"] == 60

@@ -8,22 +8,14 @@ process differs in the 7th digit; the tolerance below (1e-4 relative) is well ab
 what a wrong batch or a missed gradient step moves (the loss moves by 1e-2 a step here).
 """
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
-from kfp import dsl
 from safetensors.torch import load_file
 
-from kubetune import components
-from tiny import run_stages, tiny_run_config
+from tiny import losses, run_stages, tiny_run_config, train_again
 
 TOLERANCE = 1e-4
-
-
-def artifact(kind, root: Path, name: str):
-    return kind(name=name, uri=str(root / name), metadata={})
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +30,7 @@ def prepared(tiny_model_dir, quotes_file, tmp_path_factory):
 
 
 def train(prepared, name: str, **train_settings) -> dict:
-    config = json.loads(json.dumps(prepared["config"]))
-    config["train"].update(train_settings)
-    config["storage"]["uri"] = str(prepared["root"] / f"storage-{name}")
-    tuned = artifact(dsl.Model, prepared["root"], f"tuned-{name}")
-    components.train.python_func(config_json=json.dumps(config), run_id=prepared["run_id"],
-                                 tokenized=prepared["tokenized"], prepared_model=prepared["prepared"], tuned_model=tuned)
-    summary = json.loads((Path(tuned.path) / "training_summary.json").read_text())
-    summary["path"] = Path(tuned.path)
-    return summary
-
-
-def losses(summary: dict) -> list[float]:
-    return [row["loss"] for row in summary["history"] if "loss" in row]
+    return train_again(prepared, str(prepared["root"] / f"storage-{name}"), **train_settings)
 
 
 @pytest.fixture(scope="module")
