@@ -1,8 +1,8 @@
 """Sharded against replicated training, kubetune's own loop: `python bench/sharding.py --model DIR
 --processes N --out FILE.json` trains the same LoRA (or with --full, every weight) on the same
 random-token batches twice, train.sharding ddp then fsdp, each in N torchrun processes, and writes
-per run: seconds per step, tokens/s, the first process's peak GPU memory (torch's max allocated)
-and the parameters it holds, and the loss per step; then FSDP's figures over DDP's.
+per run: seconds per step, tokens/s, the first process's peak GPU memory (torch's max allocated),
+its peak RSS and the parameters it holds, and the loss per step; then FSDP's figures over DDP's.
 
 Why: FSDP is for models that do not fit one GPU whole; what it buys per GPU (memory) and costs
 (the all-gathers, time) is only seen on several GPUs. bench/gpu.py runs this when it finds 2 or
@@ -80,7 +80,7 @@ def worker(args) -> None:
                   "seconds_per_step": round(seconds / summary["steps"], 4),
                   "tokens_per_s": round(summary["tokens"] * summary["processes"] / seconds, 1),
                   "parameter_mb_per_process": summary["parameter_mb_per_process"],
-                  "peak_gpu_mb": summary.get("peak_gpu_mb"),
+                  "peak_gpu_mb": summary.get("peak_gpu_mb"), "peak_rss_mb": summary.get("peak_rss_mb"),
                   "losses": [row["loss"] for row in artifacts.read_training_history(args.scratch / f"out-{args.sharding}")
                              if "loss" in row]}
         (args.scratch / f"result-{args.sharding}.json").write_text(json.dumps(result))
@@ -89,7 +89,8 @@ def worker(args) -> None:
 def compare(results: dict) -> dict:
     ddp, fsdp = results["ddp"], results["fsdp"]
     ratio = {key: round(fsdp[key] / ddp[key], 3) for key in ("seconds_per_step", "tokens_per_s",
-                                                              "parameter_mb_per_process", "peak_gpu_mb")
+                                                              "parameter_mb_per_process", "peak_gpu_mb",
+                                                              "peak_rss_mb")
              if fsdp.get(key) and ddp.get(key)}
     ratio["largest_loss_difference"] = max(abs(a - b) for a, b in zip(ddp["losses"], fsdp["losses"]))
     return ratio

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from kubetune import __version__, artifacts, console, data, distributed, evaluation, faults, modeling, nodes, registry, tracking
+from kubetune import __version__, artifacts, console, data, distributed, evaluation, faults, modeling, registry, tracking
 from kubetune import preflight as checks
-from kubetune import headline, notify, report, run_form, tokenization, training
+from kubetune import headline, nodes, notify, report, run_form, tokenization, training
 from kubetune.config import RunConfig
 from kubetune.config_outputs import NotifyConfig
 from kubetune.errors import ConfigError, DataError
