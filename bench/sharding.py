@@ -67,7 +67,8 @@ def worker(args) -> None:
     from kubetune.tasks import get_task
 
     cfg = config(args.model, args.steps, int(os.environ["WORLD_SIZE"]), args.sharding, args.full)
-    model = modeling.load_for_training(args.model, args.scratch / "prepared", cfg.model, get_task("causal_lm"), {})
+    model = modeling.load_for_training(args.model, args.scratch / "prepared", cfg.model, get_task("causal_lm"), {},
+                                       sharded=args.sharding == "fsdp")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     rows = datasets.load_from_disk(str(args.scratch / "rows"))
     started = time.monotonic()

@@ -68,9 +68,12 @@ def _kind(task) -> TaskKind:
     return task if isinstance(task, TaskKind) else get_task(task or "causal_lm")
 
 
-def load_base_model(model_dir: Path, quantization: str, task=None, info: Optional[dict[str, Any]] = None):
+def load_base_model(model_dir: Path, quantization: str, task=None, info: Optional[dict[str, Any]] = None,
+                    sharded: bool = False):
     """The task's model class at model_dir (a causal LM unless the task says otherwise), quantized
-    as asked, on the GPU if there is one. A freshly initialised head stays out of quantization."""
+    as asked, on this process's GPU if there is one. A freshly initialised head stays out of
+    quantization. sharded: the model will be FSDP-sharded, which moves each process's shard to its
+    GPU; it stays on the CPU until then, so no GPU ever holds the whole model."""
     import torch
 
     kind = _kind(task)
@@ -84,8 +87,9 @@ def load_base_model(model_dir: Path, quantization: str, task=None, info: Optiona
         gpu = int(os.environ.get("LOCAL_RANK", 0))
         kwargs.update(quantization_config=bnb, device_map={"": gpu if device_kind() == "cuda" else "cpu"})
     model = kind.auto_model_class().from_pretrained(model_dir, **kwargs)
-    if bnb is None:
-        model.to(device_kind())
+    if bnb is None and not sharded:
+        # under torchrun, this worker's own GPU (a bare "cuda" is GPU 0 for every worker)
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if device_kind() == "cuda" else "cpu")
     if quantization == "4bit" and device_kind() == "cpu":
         _cpu_4bit_workaround(model)
     return model
@@ -336,9 +340,10 @@ def prepare_model(model_dir: Path, cfg: ModelConfig, out_dir: Path, seed: int,
 
 
 def load_for_training(model_dir: Path, prepared_dir: Path, cfg: ModelConfig, task=None,
-                      info: Optional[dict[str, Any]] = None):
-    """The model exactly as prepare_model left it: same quantization, frozen set and LoRA init."""
-    model = load_base_model(model_dir, cfg.quantization, task, info)
+                      info: Optional[dict[str, Any]] = None, sharded: bool = False):
+    """The model exactly as prepare_model left it: same quantization, frozen set and LoRA init.
+    sharded: see load_base_model."""
+    model = load_base_model(model_dir, cfg.quantization, task, info, sharded)
     if cfg.lora is None:
         return prepare_for_training(model, cfg, cfg.quantization, task)
     from peft import PeftModel

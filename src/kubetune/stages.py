@@ -315,7 +315,7 @@ def train_worker(config: Config, run_id: str, tokenized_dir: str, prepared_dir: 
     cfg = _start(config)
     kind = get_task(cfg.task)
     model = modeling.load_for_training(_model_dir(cfg), Path(prepared_dir), cfg.model, kind,
-                                       artifacts.read_task_info(Path(tokenized_dir)))
+                                       artifacts.read_task_info(Path(tokenized_dir)), sharded=cfg.train.sharding == "fsdp")
     tokenizer = tokenization.load_tokenizer(artifacts.tokenizer_dir(Path(tokenized_dir)))
     dataset = artifacts.read_tokenized(Path(tokenized_dir), "train")
     validation = None

@@ -295,7 +295,7 @@ def train(model, collator, tokenizer, train_dataset, cfg: TrainConfig, work_dir:
         report_to=[],
         disable_tqdm=not progress,
         dataloader_num_workers=0,
-        use_cpu=not any(p.is_cuda for p in model.parameters()),
+        use_cpu=not torch.cuda.is_available(),  # a model to be sharded may still be on the CPU
         # Workers started by torchrun (train.processes or train.nodes > 1): NCCL on GPUs, gloo on CPUs.
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
         ddp_find_unused_parameters=False,
