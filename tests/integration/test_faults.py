@@ -312,15 +312,11 @@ def test_a_tracking_store_made_read_only_mid_run_ends_with_one_line_and_resumes(
                             str(tmp_path / "run.yaml")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
     _wait_for(lambda: list(storage.glob("runs/*/checkpoints/checkpoint-10/trainer_state.json")), run, "a checkpoint")
-    for path in store.iterdir():
-        path.chmod(0o444)
-    store.chmod(0o555)
+    _set_modes(store, files=0o444, folder=0o555)
     try:
         output, _ = run.communicate(timeout=300)
     finally:
-        store.chmod(0o755)
-        for path in store.iterdir():
-            path.chmod(0o644)
+        _set_modes(store, files=0o644, folder=0o755)
     assert run.returncode == 2, output[-3000:]
     errors = [line for line in output.splitlines() if line.startswith("kubetune: error:")]
     assert len(errors) == 1 and errors[0].startswith(f"kubetune: error: tracking.mlflow_uri = '{uri}': the tracking "
@@ -331,3 +327,14 @@ def test_a_tracking_store_made_read_only_mid_run_ends_with_one_line_and_resumes(
     output, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, output[-3000:]
     assert tracking.client(uri).get_run(run_id).info.status == "FINISHED"
+
+
+def _set_modes(store: Path, files: int, folder: int) -> None:
+    """Modes for the store's files, then its folder. sqlite's rollback journal (mlflow.db-journal)
+    comes and goes with each write while the run goes on, so a file listed may be gone at its chmod."""
+    for path in store.iterdir():
+        try:
+            path.chmod(files)
+        except FileNotFoundError:
+            pass
+    store.chmod(folder)
