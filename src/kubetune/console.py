@@ -89,6 +89,25 @@ class OursAndProblems(logging.Filter):
         return record.levelno >= logging.WARNING or record.name.startswith("kubetune")
 
 
+class WithoutTracebacks(logging.Formatter):
+    """The quiet console's format around a handler's own: a record that carries an exception shows
+    the first line of its message only. MLflow logs a traceback for every store error before it
+    raises it again, and kubetune reports that error itself in one line; the run's log keeps it all.
+    The record is copied, not changed: other handlers (the run log) format the same one."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not (record.exc_info or record.exc_text or record.stack_info):
+            return self.inner.format(record)
+        lines = record.getMessage().strip().splitlines()
+        shown = logging.makeLogRecord({**record.__dict__, "msg": lines[0] if lines else "", "args": (),
+                                       "exc_info": None, "exc_text": None, "stack_info": None})
+        return self.inner.format(shown)
+
+
 class StageLines:
     """What a quiet `kubetune run` shows of its stage processes: one line as each stage starts and
     one as it ends (its seconds and its summary line), the progress bar in place on a terminal, and

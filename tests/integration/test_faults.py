@@ -4,6 +4,7 @@ is tests/integration/test_components.py; an S3 outage during an upload, test_sto
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -229,7 +230,11 @@ def test_an_interrupted_run_is_marked_killed_and_continues_with_resume(tiny_mode
                              train={"max_steps": 400, "save_steps": 10, "eval_steps": 0, "batch_size": 8})
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "KUBETUNE_HOME": str(tmp_path / "home")}
-    run = kubetune("run", "--no-progress", "--config", str(tmp_path / "run.yaml"), env=env)
+    # A process started in the background by a shell without job control (`make test &`) inherits
+    # SIGINT ignored, and Python keeps it ignored: `kubetune run` then rightly goes on, as any
+    # background job does. What is tested is a run that Ctrl-C can reach.
+    run = kubetune("run", "--no-progress", "--config", str(tmp_path / "run.yaml"), env=env,
+                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for(lambda: list(storage.glob("runs/*/checkpoints/checkpoint-10/trainer_state.json")), run, "a checkpoint")
     run.send_signal(signal.SIGINT)
     output, _ = run.communicate(timeout=120)
@@ -312,11 +317,11 @@ def test_a_tracking_store_made_read_only_mid_run_ends_with_one_line_and_resumes(
                             str(tmp_path / "run.yaml")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
     _wait_for(lambda: list(storage.glob("runs/*/checkpoints/checkpoint-10/trainer_state.json")), run, "a checkpoint")
-    _set_modes(store, files=0o444, folder=0o555)
+    _make_read_only(store)
     try:
         output, _ = run.communicate(timeout=300)
     finally:
-        _set_modes(store, files=0o644, folder=0o755)
+        _make_writable(store)
     assert run.returncode == 2, output[-3000:]
     errors = [line for line in output.splitlines() if line.startswith("kubetune: error:")]
     assert len(errors) == 1 and errors[0].startswith(f"kubetune: error: tracking.mlflow_uri = '{uri}': the tracking "
@@ -329,12 +334,22 @@ def test_a_tracking_store_made_read_only_mid_run_ends_with_one_line_and_resumes(
     assert tracking.client(uri).get_run(run_id).info.status == "FINISHED"
 
 
-def _set_modes(store: Path, files: int, folder: int) -> None:
-    """Modes for the store's files, then its folder. sqlite's rollback journal (mlflow.db-journal)
-    comes and goes with each write while the run goes on, so a file listed may be gone at its chmod."""
+def _make_read_only(store: Path) -> None:
+    """The store frozen in the middle of a write where it can be: once sqlite's rollback journal
+    (mlflow.db-journal, there while a write is under way) exists, the folder first, so the journal
+    stays behind as a hot journal that every reader must roll back and cannot. That is the harder
+    case: the run's own process then cannot even read the store. If no write comes within 30 s, the
+    store is frozen between writes."""
+    deadline = time.monotonic() + 30
+    while not (store / "mlflow.db-journal").exists() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    store.chmod(0o555)  # from here no file comes or goes
     for path in store.iterdir():
-        try:
-            path.chmod(files)
-        except FileNotFoundError:
-            pass
-    store.chmod(folder)
+        path.chmod(0o444)
+
+
+def _make_writable(store: Path) -> None:
+    store.chmod(0o755)
+    for path in store.iterdir():
+        with contextlib.suppress(FileNotFoundError):  # the run may still be writing (a timeout): the journal comes and goes
+            path.chmod(0o644)

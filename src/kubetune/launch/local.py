@@ -27,7 +27,8 @@ from kubetune import tracking
 from kubetune.tracking import lifecycle
 from kubetune.config import INPUT, RunConfig
 from kubetune.overrides import locations, with_value
-from kubetune.console import LOCAL_RUN_ENV, LOG_FORMAT, PROGRESS_ENV, OursAndProblems, StageLines, die_with_parent
+from kubetune.console import (LOCAL_RUN_ENV, LOG_FORMAT, PROGRESS_ENV, OursAndProblems, StageLines, WithoutTracebacks,
+                              die_with_parent)
 from kubetune.errors import ConfigError, Interrupted, StageFailed, redacted
 from kubetune.launch import container_runner, kfp_local
 from kubetune.launch import warm as warm_start
@@ -300,7 +301,8 @@ def _interrupted(cfg: RunConfig, launch: str, resume: str, started: bool) -> Int
 @contextlib.contextmanager
 def _run_log(path: Path, verbose: bool) -> Iterator[Any]:
     """The run's whole log: this process's log records and every stage's lines. Unless verbose,
-    the console keeps kubetune's own records and others' warnings (console.OursAndProblems)."""
+    the console keeps kubetune's own records and others' warnings (console.OursAndProblems), without
+    tracebacks (console.WithoutTracebacks)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     with path.open("w", buffering=1) as log_file:
@@ -313,16 +315,19 @@ def _run_log(path: Path, verbose: bool) -> Iterator[Any]:
             # preflight loads tokenizers and the retrieval model here: their load bars are no stage's progress
             transformers_logging.disable_progress_bar()
         quiet = [] if verbose else [h for h in (*root.handlers, *tracking.mlflow_log_handlers()) if h is not handler]
+        formats = {console_handler: console_handler.formatter for console_handler in quiet}
         for console_handler in quiet:
             console_handler.addFilter(OursAndProblems())
+            console_handler.setFormatter(WithoutTracebacks(console_handler.formatter))
         try:
             yield log_file
         finally:
             root.removeHandler(handler)
             if not verbose:
                 transformers_logging.enable_progress_bar()
-            for console_handler in quiet:
+            for console_handler, own_format in formats.items():
                 console_handler.filters = [f for f in console_handler.filters if not isinstance(f, OursAndProblems)]
+                console_handler.setFormatter(own_format)
 
 
 def _keep_log(cfg: RunConfig, path: Path, log_file, launch: str, resume: str) -> None:
