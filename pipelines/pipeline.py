@@ -89,7 +89,8 @@ STAGES = {
 # train.nodes > 1: the pods of the TrainJob's nodes (kubetune.trainjob.NodeSettings). Each node is
 # sized like the train task and gets the same endpoints and credentials; its GPUs (train.processes of
 # accelerator_type) and the GPU pool's node selector come from the run's parameters, the toleration
-# here. The train task itself then only follows the job.
+# here. The train task itself then only follows the job; the job's deadline is the task's, so nodes
+# whose task was killed outright (and so could not delete the job) stop when it would have.
 TRAIN_NODES = {
     "image": CUDA_IMAGE,
     "cpu": STAGES["train"].cpu[1],
@@ -97,6 +98,7 @@ TRAIN_NODES = {
     "tolerations": [GPU_TOLERATION],
     "config_maps": {ENDPOINTS_CONFIG_MAP: ENDPOINT_KEYS},
     "secrets": SECRETS_AS_ENV,
+    "deadline_seconds": STAGES["train"].timeout_minutes * 60,  # per attempt, as the task's own timeout
 }
 RETRY_BACKOFF = {"backoff_duration": "30s", "backoff_factor": 2.0, "backoff_max_duration": "3600s"}
 

@@ -13,6 +13,8 @@ What it answers (the calls kubernetes' Python client 30 makes for kubetune.train
 - GET .../trainjobs/{name}: status.conditions (Complete or Failed, status "True", with a message,
   when every node exited 0 or when one failed, after which the others are stopped, as the
   JobSet's default failure policy does) and status.jobsStatus for the `node` job.
+- spec.activeDeadlineSeconds: once past it (counted from creation), the nodes are stopped and the
+  job is Failed with reason DeadlineExceeded (Trainer's reason; the message is the stand-in's).
 - DELETE .../trainjobs/{name}: stops the nodes (SIGKILL to each process group), forgets the job.
 - mode "absent": no Trainer (404 on trainjobs); "forbidden": RBAC refuses (403).
 
@@ -34,6 +36,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -56,22 +59,26 @@ def runtime_names() -> set[str]:
             if doc and doc.get("kind") == "ClusterTrainingRuntime"}
 
 
-def _unknown_fields(value: Any, schema: dict[str, Any], path: str) -> list[str]:
-    """Fields the structural schema does not declare (the API server drops or, strictly, refuses them)."""
+def _structural_problems(value: Any, schema: dict[str, Any], path: str) -> list[str]:
+    """Fields the structural schema does not declare (the API server drops or, strictly, refuses
+    them), and numbers with a decimal point where it says integer (jsonschema takes 86400.0 as an
+    integer; Trainer's Go types, int32 and int64, do not)."""
     found = []
+    if schema.get("type") == "integer" and isinstance(value, float):
+        found.append(f"{path.lstrip('.')}: {value!r} is not an integer")
     if isinstance(value, dict) and schema.get("type") == "object" and not schema.get("x-kubernetes-preserve-unknown-fields"):
         properties = schema.get("properties")
         extra = schema.get("additionalProperties")
         for key, item in value.items():
             if properties is not None and key in properties:
-                found += _unknown_fields(item, properties[key], f"{path}.{key}")
+                found += _structural_problems(item, properties[key], f"{path}.{key}")
             elif isinstance(extra, dict):
-                found += _unknown_fields(item, extra, f"{path}.{key}")
+                found += _structural_problems(item, extra, f"{path}.{key}")
             elif properties is not None:
-                found.append(f"{path}.{key}".lstrip("."))
+                found.append("unknown field " + f"{path}.{key}".lstrip("."))
     elif isinstance(value, list) and isinstance(schema.get("items"), dict):
         for index, item in enumerate(value):
-            found += _unknown_fields(item, schema["items"], f"{path}[{index}]")
+            found += _structural_problems(item, schema["items"], f"{path}[{index}]")
     return found
 
 
@@ -82,7 +89,7 @@ def validate_trainjob(body: dict[str, Any]) -> list[str]:
     schema = crd_schema()
     problems = [f"{'.'.join(map(str, error.absolute_path))}: {error.message}"
                 for error in jsonschema.Draft7Validator(schema).iter_errors(body)]
-    problems += [f"unknown field {name}" for name in _unknown_fields(body, schema, "")]
+    problems += _structural_problems(body, schema, "")
     name = (body.get("metadata") or {}).get("name", "")
     if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) or len(name) > 63:  # the CRD's CEL rules
         problems.append(f"metadata.name {name!r} must be an RFC 1035 label of at most 63 characters")
@@ -108,16 +115,27 @@ class Job:
         self.containers, self.podman = containers, podman
         self.failed_node: Optional[int] = None
         self.stopped = False
+        self.started = time.monotonic()
+        self.past_deadline = False
 
     def status(self) -> dict[str, Any]:
         codes = [p.poll() for p in self.processes]
+        deadline = self.body["spec"].get("activeDeadlineSeconds")
+        finished = self.failed_node is not None or all(code == 0 for code in codes)
+        if deadline and not finished and not self.past_deadline and time.monotonic() - self.started > deadline:
+            self.past_deadline = True
+            self.stop()
         failed = next((rank for rank, code in enumerate(codes) if code not in (None, 0)), None)
-        if failed is not None and self.failed_node is None:
+        if failed is not None and self.failed_node is None and not self.past_deadline:
             self.failed_node = failed
             self.stop()  # the JobSet fails as a whole: the other nodes are stopped
+        codes = [p.poll() for p in self.processes]
         running = sum(code is None for code in codes)
         conditions = []
-        if self.failed_node is not None:
+        if self.past_deadline:  # Trainer's reason (its KEP-2899); the message is the stand-in's own
+            conditions.append({"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+                               "message": f"TrainJob ran past activeDeadlineSeconds {deadline}"})
+        elif self.failed_node is not None:
             code = self.processes[self.failed_node].poll()
             conditions.append({"type": "Failed", "status": "True", "reason": "JobSetFailed",
                                "message": f"jobset failed: node-{self.failed_node} pod exited with {code}"})
@@ -126,7 +144,7 @@ class Job:
                                "message": "jobset completed"})
         job = {"name": "node", "active": 1 if running else 0, "ready": 1 if running else 0,
                "succeeded": 1 if conditions and conditions[0]["type"] == "Complete" else 0,
-               "failed": 1 if self.failed_node is not None else 0, "suspended": 0}
+               "failed": 1 if self.failed_node is not None or self.past_deadline else 0, "suspended": 0}
         return {"conditions": conditions, "jobsStatus": [job]}
 
     def stop(self) -> None:

@@ -8,7 +8,9 @@ itself needs no GPU. A failed job fails the task with each failed node's last er
 node wrote to `<run>/node-errors/<attempt>/` (the TrainJob's own condition names only the pod). A
 retried task deletes its predecessor's job first (one job name per run), and training resumes from the
 last checkpoint in storage as on one node. A task stopped from outside (KFP cancel, the pod's
-deadline: SIGTERM) deletes its job on the way out, so no GPUs keep training for a run nobody follows.
+deadline: SIGTERM) deletes its job on the way out, so no GPUs keep training for a run nobody follows;
+a task killed outright cannot, and the job's activeDeadlineSeconds (NodeSettings.deadline_seconds)
+bounds that case.
 
 Each node (run_node, started by the TrainJob's command `python -m kubetune.train_node ARGS`) fetches
 the inputs to its own disk once and runs torchrun, which reads the PET_* rendezvous variables.

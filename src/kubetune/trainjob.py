@@ -32,6 +32,7 @@ GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", 
 RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Kubeflow Trainer installs for PyTorch
 NODE_JOB = "node"  # the runtime's replicated job (and container) that runs the training nodes
 PATCH_MANAGER = "kubetune.io/train"
+DEADLINE_REASON = "DeadlineExceeded"  # a Failed condition's reason past activeDeadlineSeconds (Trainer's KEP-2899)
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -53,6 +54,10 @@ class NodeSettings:
     config_maps: dict[str, list[str]] = field(default_factory=dict)  # ConfigMap: keys, each an env var
     secrets: dict[str, list[str]] = field(default_factory=dict)  # Secret: keys (optional), each an env var
     runtime: str = RUNTIME
+    # The job's activeDeadlineSeconds (0: none). The train task deletes its job when it is stopped
+    # (SIGTERM); a task that dies without a word (a lost node, an OOM kill) cannot, and this bounds
+    # how long the GPUs then go on training for nobody.
+    deadline_seconds: int = 0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "NodeSettings":
@@ -60,7 +65,13 @@ class NodeSettings:
         unknown = set(data) - known
         if unknown or "image" not in data:
             raise ConfigError("node_settings", sorted(unknown) or data, f"give image and any of {sorted(known)}")
-        return cls(**data)
+        deadline = data.get("deadline_seconds", 0)
+        # KFP hands a dict parameter over as a protobuf Struct, whose numbers are doubles (86400.0);
+        # the API server and Trainer's Go types take only an integer for activeDeadlineSeconds.
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or deadline < 0 \
+                or deadline != int(deadline):
+            raise ConfigError("node_settings.deadline_seconds", deadline, "give whole seconds, 0 for no deadline")
+        return cls(**{**data, "deadline_seconds": int(deadline)})
 
 
 def job_name(run_id: str) -> str:
@@ -96,6 +107,7 @@ def manifest(name: str, settings: NodeSettings, nodes: int, processes: int, comm
     if settings.tolerations:
         pod["tolerations"] = [dict(t) for t in settings.tolerations]
     spec: dict[str, Any] = {
+        **({"activeDeadlineSeconds": settings.deadline_seconds} if settings.deadline_seconds else {}),
         "runtimeRef": {"name": settings.runtime},
         "trainer": {"image": settings.image, "command": command, "args": args, "numNodes": nodes,
                     "numProcPerNode": processes, "env": environment(settings),
@@ -229,6 +241,9 @@ def state(job: dict[str, Any]) -> tuple[str, str]:
                   if c.get("status") == "True"}
     for kind in ("Failed", "Complete", "Suspended"):
         if kind in conditions:
+            if conditions[kind].get("reason") == DEADLINE_REASON:
+                seconds = (job.get("spec") or {}).get("activeDeadlineSeconds")
+                return kind, f"stopped at its activeDeadlineSeconds ({seconds} s)"
             return kind, conditions[kind].get("message") or conditions[kind].get("reason") or ""
     jobs = (job.get("status") or {}).get("jobsStatus") or []
     return ("Running" if any(j.get("ready") or j.get("active") for j in jobs) else "Pending"), ""

@@ -146,6 +146,22 @@ def test_a_killed_node_fails_the_task_and_a_retry_resumes(prepared, trainer, s3_
     assert int(retried["resumed_from"].rsplit("-", 1)[1]) >= 5
 
 
+def test_a_job_past_its_deadline_is_stopped_and_fails_the_task_with_one_line(prepared, trainer):
+    """A train task that dies without a word (a lost node, an OOM kill) cannot delete its job; the
+    job's activeDeadlineSeconds (pipelines/ sets the train task's timeout) then stops the nodes. Here
+    2 s, long before 200 steps are done."""
+    storage = f"{prepared['config']['storage']['uri'].rsplit('/', 1)[0]}/deadline"
+    with pytest.raises(TrainJobFailed) as failure:
+        train_again(prepared, storage, {**TRAIN_NODES, "deadline_seconds": 2}, nodes=2, processes=1, batch_size=4,
+                    max_steps=200)
+    name = job_name(prepared["run_id"])
+    assert str(failure.value).startswith(f"TrainJob {name} failed: ")
+    assert "stopped at its activeDeadlineSeconds (2 s)" in str(failure.value) and "\n" not in str(failure.value)
+    body = [body for method, _, body in trainer.requests if method == "POST"][-1]
+    assert body["spec"]["activeDeadlineSeconds"] == 2
+    assert all(node.poll() is not None for node in trainer.jobs[name].processes), "a node outlived its deadline"
+
+
 def test_a_node_that_fails_names_its_error_line(prepared, trainer):
     """A node whose training raises leaves its error line for the task (the Trainer's condition names
     only the pod); bf16 on CPU nodes is refused by the workers themselves."""

@@ -5,11 +5,12 @@ its status is read. No cluster: the schema is what the API server would validate
 import json
 
 import pytest
+import yaml
 
 from kubetune import distributed, nodes, trainjob
 from kubetune.errors import ConfigError
 from kubetune.images import CPU_IMAGE
-from kubetune.pipelines.pipeline import GPU_NODE_SELECTOR, TRAIN_NODES
+from kubetune.pipelines.pipeline import COMPILED, GPU_NODE_SELECTOR, STAGES, TRAIN_NODES
 from trainer_stand_in import runtime_names, validate_trainjob
 
 
@@ -34,6 +35,8 @@ def test_the_pipelines_trainjob_is_valid_against_the_crd_and_names_an_installed_
     pod = body["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     assert pod["name"] == "node"  # the runtime's replicated job
     assert pod["template"]["spec"]["template"]["spec"]["serviceAccountName"] == "kubetune-pipeline"
+    # a task that dies without deleting its job: the job stops when the task's own attempt would have
+    assert body["spec"]["activeDeadlineSeconds"] == STAGES["train"].timeout_minutes * 60
 
 
 def test_the_nodes_get_the_train_tasks_endpoints_and_secrets():
@@ -52,8 +55,10 @@ def test_a_cpu_job_asks_for_no_gpu_and_the_schema_catches_a_broken_body():
     assert validate_trainjob(body) == []
     body["spec"]["trainer"]["numNodes"] = "4"
     body["spec"]["trainer"]["nodes"] = 4
+    body["spec"]["activeDeadlineSeconds"] = 86400.0  # what a protobuf Struct makes of 86400
     problems = validate_trainjob(body)
     assert any("numNodes" in p for p in problems) and "unknown field spec.trainer.nodes" in problems
+    assert "spec.activeDeadlineSeconds: 86400.0 is not an integer" in problems
 
 
 @pytest.mark.parametrize("run_id", ["0123456789abcdef0123456789abcdef", "RUN_with.Odd-chars", "9" * 80])
@@ -61,6 +66,27 @@ def test_job_names_are_dns_labels_for_any_run_id(run_id):
     name = trainjob.job_name(run_id)
     assert validate_trainjob({**pipeline_manifest(), "metadata": {"name": name}}) == []
     assert trainjob.job_name(run_id) == name  # a retried task finds its predecessor by it
+
+
+def test_the_deadline_reaches_the_api_as_an_integer_when_kfp_hands_it_over_as_a_double():
+    """The compiled pipeline stores node_settings as a protobuf Struct: 86400 becomes 86400.0."""
+    def constants(node):  # every node_settings value the compiled pipeline passes as a constant
+        if isinstance(node, dict):
+            if "node_settings" in node and "runtimeValue" in node["node_settings"]:
+                yield node["node_settings"]["runtimeValue"]["constant"]
+            for value in node.values():
+                yield from constants(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from constants(value)
+
+    [settings] = list(constants(list(yaml.safe_load_all(COMPILED.read_text()))))
+    assert settings["deadline_seconds"] == 86400.0
+    body = pipeline_manifest(settings=trainjob.NodeSettings.from_dict(settings))
+    assert '"activeDeadlineSeconds": 86400,' in json.dumps(body)
+    for bad in (-1, 1.5, "1d", True):
+        with pytest.raises(ConfigError, match="node_settings.deadline_seconds"):
+            trainjob.NodeSettings.from_dict({**TRAIN_NODES, "deadline_seconds": bad})
 
 
 def test_node_settings_refuse_unknown_keys():
@@ -78,9 +104,11 @@ def test_node_settings_refuse_unknown_keys():
                      {"type": "Failed", "status": "True", "reason": "JobSetFailed"}]}, ("Failed", "JobSetFailed")),
     ({"conditions": [{"type": "Suspended", "status": "True", "message": "suspended by Kueue"}]},
      ("Suspended", "suspended by Kueue")),
+    ({"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "deadline"}]},
+     ("Failed", "stopped at its activeDeadlineSeconds (86400 s)")),
 ])
 def test_state_reads_the_conditions(status, expected):
-    assert trainjob.state({"status": status}) == expected
+    assert trainjob.state({"spec": {"activeDeadlineSeconds": 86400}, "status": status}) == expected
 
 
 def test_no_kubernetes_api_configured_is_one_line(tmp_path, monkeypatch):
