@@ -68,8 +68,8 @@ class NodeSettings:
         deadline = data.get("deadline_seconds", 0)
         # KFP hands a dict parameter over as a protobuf Struct, whose numbers are doubles (86400.0);
         # the API server and Trainer's Go types take only an integer for activeDeadlineSeconds.
-        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or deadline < 0 \
-                or deadline != int(deadline):
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0 <= deadline < 2 ** 63 \
+                or deadline % 1:
             raise ConfigError("node_settings.deadline_seconds", deadline, "give whole seconds, 0 for no deadline")
         return cls(**{**data, "deadline_seconds": int(deadline)})
 
@@ -243,7 +243,8 @@ def state(job: dict[str, Any]) -> tuple[str, str]:
         if kind in conditions:
             if conditions[kind].get("reason") == DEADLINE_REASON:
                 seconds = (job.get("spec") or {}).get("activeDeadlineSeconds")
-                return kind, f"stopped at its activeDeadlineSeconds ({seconds} s)"
+                limit = f"{seconds} s" if seconds else "the runtime's default"
+                return kind, f"stopped at its activeDeadlineSeconds ({limit})"
             return kind, conditions[kind].get("message") or conditions[kind].get("reason") or ""
     jobs = (job.get("status") or {}).get("jobsStatus") or []
     return ("Running" if any(j.get("ready") or j.get("active") for j in jobs) else "Pending"), ""

@@ -351,5 +351,6 @@ def _make_read_only(store: Path) -> None:
 def _make_writable(store: Path) -> None:
     store.chmod(0o755)
     for path in store.iterdir():
-        with contextlib.suppress(FileNotFoundError):  # the run may still be writing (a timeout): the journal comes and goes
+        # the run may still be writing (after a timeout): the journal comes and goes
+        with contextlib.suppress(FileNotFoundError):
             path.chmod(0o644)

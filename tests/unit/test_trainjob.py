@@ -84,7 +84,7 @@ def test_the_deadline_reaches_the_api_as_an_integer_when_kfp_hands_it_over_as_a_
     assert settings["deadline_seconds"] == 86400.0
     body = pipeline_manifest(settings=trainjob.NodeSettings.from_dict(settings))
     assert '"activeDeadlineSeconds": 86400,' in json.dumps(body)
-    for bad in (-1, 1.5, "1d", True):
+    for bad in (-1, 1.5, "1d", True, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="node_settings.deadline_seconds"):
             trainjob.NodeSettings.from_dict({**TRAIN_NODES, "deadline_seconds": bad})
 
