@@ -16,6 +16,7 @@ shows) and status.jobsStatus (active, ready, succeeded, failed per replicated jo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -34,6 +35,7 @@ NODE_JOB = "node"  # the runtime's replicated job (and container) that runs the 
 PATCH_MANAGER = "kubetune.io/train"
 DEADLINE_REASON = "DeadlineExceeded"  # a Failed condition's reason past activeDeadlineSeconds (Trainer's KEP-2899)
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+_REFUSED = object()  # Cluster._call's default: a 404 is a refusal like any other
 
 
 class TrainJobFailed(Exception):
@@ -147,13 +149,17 @@ class Cluster:
         self.custom = client.CustomObjectsApi()
         self.core = client.CoreV1Api()
 
-    def _call(self, what: str, operation: Callable[[], Any]) -> Any:
+    def _call(self, what: str, operation: Callable[[], Any], when_missing: Any = _REFUSED) -> Any:
+        """operation(), with its refusals as one-line errors and an unreachable API as ServiceError
+        (which follow() waits out); a 404 returns when_missing where absence is an answer."""
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
         try:
             return operation()
         except ApiException as exc:
+            if exc.status == 404 and when_missing is not _REFUSED:
+                return when_missing
             raise self._refusal(what, exc) from None
         except (HTTPError, OSError) as exc:
             raise ServiceError("Kubernetes API", what, f"no answer ({type(exc).__name__}: {exc}); check that "
@@ -180,27 +186,18 @@ class Cluster:
                                                                               body, **kwargs))
 
     def get(self, name: str) -> Optional[dict[str, Any]]:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise self._refusal(f"read TrainJob {name}", exc) from None
+        """The job; None when there is none."""
+        return self._call(f"read TrainJob {name}", lambda: self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name), when_missing=None)
 
     def delete(self, name: str) -> bool:
         """Deletes the job and (foreground) its pods; False when there was none."""
-        from kubernetes.client.exceptions import ApiException
-
-        try:
+        def request() -> bool:
             self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name,
                                                         propagation_policy="Foreground")
             return True
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise self._refusal(f"delete TrainJob {name}", exc) from None
+
+        return self._call(f"delete TrainJob {name}", request, when_missing=False)
 
     def own_service_account(self) -> Optional[str]:
         """The ServiceAccount of the pod this runs in (the nodes get the same identity, say for S3);
@@ -227,8 +224,6 @@ def check_available(nodes: int, processes: int, image: str) -> None:
 
 
 def _api_message(exc) -> str:
-    import json
-
     try:
         return json.loads(exc.body).get("message") or exc.reason
     except (TypeError, ValueError, AttributeError):

@@ -3,15 +3,17 @@
 its status is read. No cluster: the schema is what the API server would validate against."""
 
 import json
+import socket
+import time
 
 import pytest
 import yaml
 
 from kubetune import distributed, nodes, trainjob
-from kubetune.errors import ConfigError
+from kubetune.errors import ConfigError, ServiceError
 from kubetune.images import CPU_IMAGE
 from kubetune.pipelines.pipeline import COMPILED, GPU_NODE_SELECTOR, STAGES, TRAIN_NODES
-from trainer_stand_in import runtime_names, validate_trainjob
+from trainer_stand_in import TrainerStandIn, runtime_names, validate_trainjob
 
 
 def pipeline_manifest(**overrides) -> dict:
@@ -119,6 +121,27 @@ def test_no_kubernetes_api_configured_is_one_line(tmp_path, monkeypatch):
     message = str(refused.value)
     assert message.startswith("train.nodes = 2: ") and "no Kubernetes API is configured here" in message
     assert "\n" not in message and "set train.nodes to 1" in message
+
+
+def test_an_unreachable_api_is_a_service_error_for_every_call_and_follow_waits_it_out(tmp_path, monkeypatch):
+    """Nothing listens where the kubeconfig points (the stand-in's kubeconfig, the stand-in not serving):
+    every call is a ServiceError, which is what follow() retries until outage_seconds have passed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    silent = TrainerStandIn(tmp_path)
+    silent.url = f"http://127.0.0.1:{port}"
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(silent.kubeconfig(tmp_path / "kubeconfig")))
+    cluster = trainjob.Cluster("train.nodes", 2)
+    for call in (lambda: cluster.get("x"), lambda: cluster.delete("x"), lambda: cluster.create(pipeline_manifest())):
+        with pytest.raises(ServiceError, match="Kubernetes API"):
+            call()
+    said = []
+    started = time.monotonic()
+    with pytest.raises(ServiceError):
+        trainjob.follow(cluster, "x", poll_seconds=0.2, say=said.append, outage_seconds=1)
+    assert time.monotonic() - started >= 1 and said == []
 
 
 def test_a_node_runs_torchrun_with_no_rendezvous_flags(monkeypatch):
