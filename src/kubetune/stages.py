@@ -40,6 +40,11 @@ def _start(config: Config) -> RunConfig:
     return config_from(json.loads(config) if isinstance(config, str) else config)
 
 
+def _as_json(config: Config) -> str:
+    """The config as the pipeline passes it, for what this stage hands on (workers, nodes)."""
+    return config if isinstance(config, str) else json.dumps(config)
+
+
 def _logger(cfg: RunConfig, run_id: str) -> tracking.RunLogger:
     return tracking.RunLogger(tracking.resolve_uri(cfg.tracking.mlflow_uri), run_id)
 
@@ -286,13 +291,13 @@ def train(config: Config, run_id: str, tokenized_dir: str, prepared_dir: str, ou
     with _stage(cfg, run_id, "train", out_dir) as logger, logger.system_metrics():
         _check_granted(accelerators, accelerator_type)
         if cfg.train.nodes > 1:
-            summary = nodes.train_on_nodes(cfg, config if isinstance(config, str) else json.dumps(config), run_id,
-                                           run_prefix(run_id), _store(cfg), Path(tokenized_dir), Path(prepared_dir),
-                                           Path(out_dir), {**(node_settings or {}), "accelerator_type": accelerator_type,
-                                                           "node_selector": node_selector or {}})
+            summary = nodes.train_on_nodes(cfg, _as_json(config), run_id, run_prefix(run_id), _store(cfg),
+                                           Path(tokenized_dir), Path(prepared_dir), Path(out_dir),
+                                           {**(node_settings or {}), "accelerator_type": accelerator_type,
+                                            "node_selector": node_selector or {}})
         elif cfg.train.processes > 1:
-            arguments = {"config": config if isinstance(config, str) else json.dumps(config), "run_id": run_id,
-                         "tokenized_dir": tokenized_dir, "prepared_dir": prepared_dir, "out_dir": out_dir}
+            arguments = {"config": _as_json(config), "run_id": run_id, "tokenized_dir": tokenized_dir,
+                         "prepared_dir": prepared_dir, "out_dir": out_dir}
             distributed.launch(cfg.train.processes, "kubetune.train_worker", arguments)
             summary = artifacts.read_training_summary(Path(out_dir))
         else:
@@ -332,8 +337,7 @@ def train_worker(config: Config, run_id: str, tokenized_dir: str, prepared_dir: 
 def train_node(config: Config, run_id: str, attempt: str) -> None:
     """One node of a TrainJob (kubetune.train_node runs it in each node's pod)."""
     cfg = _start(config)
-    nodes.run_node(cfg, config if isinstance(config, str) else json.dumps(config), run_id, attempt,
-                   run_prefix(run_id), _store(cfg))
+    nodes.run_node(cfg, _as_json(config), run_id, attempt, run_prefix(run_id), _store(cfg))
 
 
 def evaluate(config: Config, run_id: str, tokenized_dir: str, tuned_dir: str, out_dir: str, accelerators: int = 0,
